@@ -1,0 +1,1 @@
+"""The FedFM Kubernetes operator (kopf) and the Python side of its CRDs."""

