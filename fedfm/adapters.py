@@ -1,0 +1,197 @@
+"""Adapter files: LoRA state as safetensors, with the metadata a federation needs, and their validation.
+
+A file holds either the *global* adapter of a round or one client's *update* (the difference between
+the client's locally trained adapter and the global adapter it started from). Its safetensors header
+carries: the format tag, kind, base-model fingerprint, PEFT config, round, sample count, client,
+free-form metrics, and a sha256 over the tensor content that :func:`load_adapter` verifies.
+
+Tensors are stored as float32 under PEFT's own state-dict names (``get_peft_model_state_dict``), so a
+global adapter converts to a ``PeftModel.from_pretrained`` directory without renaming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from fedfm import storage
+from fedfm.errors import AdapterError, AdapterValidationError, StorageError
+
+FORMAT = "fedfm-adapter/1"
+
+Kind = Literal["global", "update"]
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class AdapterMeta:
+    kind: Kind
+    base_model: str
+    peft_config: dict[str, Any]
+    round: int
+    samples: int = 0
+    client: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+    def to_header(self) -> dict[str, str]:
+        header = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "base_model": self.base_model,
+            "peft_config": json.dumps(self.peft_config, sort_keys=True),
+            "round": str(self.round),
+            "samples": str(self.samples),
+            "metrics": json.dumps(self.metrics, sort_keys=True),
+            "sha256": self.sha256,
+        }
+        if self.client is not None:
+            header["client"] = self.client
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, str] | None, where: str) -> AdapterMeta:
+        header = header or {}
+        if header.get("format") != FORMAT:
+            raise AdapterError(f"{where} is not a FedFM adapter file (format {header.get('format')!r}, "
+                               f"expected {FORMAT!r})")
+        try:
+            return cls(
+                kind=header["kind"],  # type: ignore[arg-type]
+                base_model=header["base_model"],
+                peft_config=json.loads(header["peft_config"]),
+                round=int(header["round"]),
+                samples=int(header["samples"]),
+                client=header.get("client"),
+                metrics=json.loads(header["metrics"]),
+                sha256=header["sha256"],
+            )
+        except (KeyError, ValueError) as exc:
+            raise AdapterError(f"{where} has a damaged FedFM header ({exc})") from None
+
+
+@dataclass
+class Adapter:
+    tensors: Tensors
+    meta: AdapterMeta
+
+
+def content_sha256(tensors: Tensors) -> str:
+    """A digest of names, dtypes, shapes and values, independent of file layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter(uri: str | os.PathLike, tensors: Tensors, meta: AdapterMeta, *, overwrite: bool = False) -> str:
+    """Write an adapter file atomically; returns the content sha256 it recorded."""
+    tensors = {name: value.detach().to("cpu", torch.float32).contiguous() for name, value in tensors.items()}
+    meta.sha256 = content_sha256(tensors)
+    storage.write_bytes(uri, safetensors_save(tensors, metadata=meta.to_header()), overwrite=overwrite)
+    return meta.sha256
+
+
+def read_meta(uri: str | os.PathLike) -> AdapterMeta:
+    """The header alone (cheap: no tensor data is read for local files)."""
+    where = os.fspath(uri)
+    if "://" not in where:
+        try:
+            with safe_open(where, framework="pt") as handle:
+                return AdapterMeta.from_header(handle.metadata(), where)
+        except FileNotFoundError:
+            raise AdapterError(f"adapter file {where} does not exist") from None
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(f"{where} is not a readable safetensors file: {exc}") from None
+    return load_adapter(uri).meta
+
+
+def load_adapter(uri: str | os.PathLike, *, who: str | None = None) -> Adapter:
+    """Read and integrity-check an adapter file. ``who`` (e.g. ``client tenant-1``) prefixes errors."""
+    where = f"{who}'s adapter {os.fspath(uri)}" if who else f"adapter {os.fspath(uri)}"
+    try:
+        data = storage.read_bytes(uri)
+    except StorageError as exc:
+        raise AdapterError(f"cannot read {where}: {exc}") from None
+    try:
+        tensors = safetensors_load(data)
+        header = _header_of(data)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{where} is not a valid safetensors file (truncated or corrupt?): {exc}") from None
+    meta = AdapterMeta.from_header(header, where)
+    if content_sha256(tensors) != meta.sha256:
+        raise AdapterError(f"{where} fails its sha256 check: the tensor data was altered or damaged")
+    return Adapter(tensors=tensors, meta=meta)
+
+
+def _header_of(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise ValueError("file shorter than a safetensors header")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise ValueError("header length exceeds file size")
+    return json.loads(data[8 : 8 + length]).get("__metadata__", {})
+
+
+def validate_update(update: Adapter, reference: Adapter, *, client: str, round_index: int) -> None:
+    """Check one client's update against the round's global adapter; raise naming the client and tensor.
+
+    Checks, in order: it is an update for this round, trained on the same base model, with exactly the
+    global adapter's tensors and shapes, and every value finite.
+    """
+    meta = update.meta
+    if meta.kind != "update":
+        raise AdapterValidationError(f"client {client} sent a {meta.kind!r} adapter, not an update", client=client)
+    if meta.round != round_index:
+        raise AdapterValidationError(
+            f"client {client} sent an update for round {meta.round}, but this is round {round_index}", client=client
+        )
+    if meta.base_model != reference.meta.base_model:
+        raise AdapterValidationError(
+            f"client {client} trained on another base model: fingerprint {meta.base_model[:16]}… differs from the "
+            f"federation's {reference.meta.base_model[:16]}…",
+            client=client,
+        )
+    if meta.samples <= 0:
+        raise AdapterValidationError(f"client {client} reports {meta.samples} training samples", client=client)
+    expected, got = reference.tensors, update.tensors
+    for name in sorted(expected):
+        if name not in got:
+            raise AdapterValidationError(f"client {client}'s update lacks tensor {name}", client=client, tensor=name)
+    for name in sorted(got):
+        if name not in expected:
+            raise AdapterValidationError(
+                f"client {client}'s update has tensor {name}, which the global adapter does not", client=client,
+                tensor=name,
+            )
+    for name in sorted(expected):
+        if tuple(got[name].shape) != tuple(expected[name].shape):
+            raise AdapterValidationError(
+                f"client {client}'s tensor {name} has shape {tuple(got[name].shape)}; the global adapter's is "
+                f"{tuple(expected[name].shape)}",
+                client=client,
+                tensor=name,
+            )
+    for name in sorted(got):
+        bad = int((~torch.isfinite(got[name])).sum())
+        if bad:
+            raise AdapterValidationError(
+                f"client {client}'s tensor {name} has {bad} non-finite value{'s' if bad > 1 else ''} (NaN/inf)",
+                client=client,
+                tensor=name,
+            )
+
+
+def l2_norm(tensors: Tensors) -> float:
+    return math.sqrt(sum(float(value.double().pow(2).sum()) for value in tensors.values()))

@@ -1,0 +1,308 @@
+"""The federation config: one pydantic model for the CLI, the pipeline parameters and (later) the CRDs.
+
+A config is plain data (JSON/YAML); :func:`load_config` reads a file, :meth:`FederationConfig.with_overrides`
+applies CLI flags on top, and :meth:`FederationConfig.as_dict` is what the compiled pipeline carries as its
+``config`` parameter. Validation errors become :class:`~fedfm.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedfm.errors import ConfigError
+
+# Names become Kubernetes object names and label values in cluster mode, so they follow RFC 1123.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_PARTITION = re.compile(r"^(iid|dirichlet:(?P<alpha>[0-9.eE+-]+)|column:(?P<column>.+))$")
+
+Task = Literal["classification", "causal-lm"]
+
+DEFAULT_LOCAL_STEPS = 20
+
+# The pooled pseudo-client of a centralized run (the baseline federated quality is judged against).
+CENTRALIZED_CLIENT = "centralized"
+
+
+def _dns_label(value: str, what: str) -> str:
+    if not _DNS_LABEL.match(value):
+        raise ValueError(f"{what} {value!r} must be a lowercase RFC 1123 label (a-z, 0-9, '-')")
+    return value
+
+
+def parse_partition(scheme: str) -> tuple[str, float | str | None]:
+    """``("iid", None)``, ``("dirichlet", alpha)`` or ``("column", name)``; ValueError for anything else."""
+    match = _PARTITION.match(scheme or "")
+    if not match:
+        raise ValueError(f"partition {scheme!r} is not one of iid, dirichlet:ALPHA, column:NAME")
+    if match.group("alpha") is not None:
+        try:
+            alpha = float(match.group("alpha"))
+        except ValueError:
+            raise ValueError(f"partition {scheme!r}: ALPHA must be a number") from None
+        if not alpha > 0 or alpha == float("inf"):
+            raise ValueError(f"partition {scheme!r}: ALPHA must be a positive number")
+        return "dirichlet", alpha
+    if match.group("column") is not None:
+        return "column", match.group("column")
+    return "iid", None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The base model. ``name_or_path`` is a Hugging Face hub id or a local directory."""
+
+    name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    max_length: int = Field(128, ge=8, le=32768, description="tokens per example after truncation")
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how they map onto the task.
+
+    ``source`` is a CSV / JSONL / Parquet file, a Hugging Face ``datasets`` id (``hf:`` prefix optional),
+    or ``builtin:topics`` (a dataset the project generates). When clients have no data of their own,
+    the source is split among them by ``partition`` — the simulation of tenants.
+    """
+
+    source: str = "builtin:topics"
+    split: str = "train"
+    subset: str | None = Field(None, description="HF dataset config name")
+    text_column: list[str] = Field(default_factory=lambda: ["text"], description="joined with a space")
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    labels: list[str] | None = Field(None, description="label vocabulary; read from the data when absent")
+    partition: str = "dirichlet:0.5"
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    max_samples: int | None = Field(None, ge=1, description="use at most this many rows of the source")
+
+    @field_validator("text_column", mode="before")
+    @classmethod
+    def _split_columns(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("partition")
+    @classmethod
+    def _check_partition(cls, value: str) -> str:
+        parse_partition(value)
+        return value
+
+
+class ClientConfig(_Section):
+    """One tenant. Without ``train``, its data is its share of ``data.source`` (simulation)."""
+
+    name: str
+    train: str | None = Field(None, description="the tenant's own training data (file or HF id)")
+    eval: str | None = Field(None, description="the tenant's own evaluation data")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _dns_label(value, "client name")
+
+
+class LoRAConfig(_Section):
+    """PEFT LoRA settings. ``target_modules`` None uses PEFT's default for the model family."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+
+
+class TrainingConfig(_Section):
+    """One client's local fine-tune per round, run through DeepSpeed.
+
+    ``batch_size`` is the global batch of one optimizer step: it is split over ``world_size`` processes
+    and ``gradient_accumulation_steps`` micro-steps, so results do not depend on the process count.
+    """
+
+    local_steps: int | None = Field(None, ge=1, description=f"default {DEFAULT_LOCAL_STEPS} unless local_epochs is set")
+    local_epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    bf16: bool = False
+    world_size: int = Field(1, ge=1, description="DeepSpeed processes per client")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainingConfig:
+        if self.local_steps is None and self.local_epochs is None:
+            self.local_steps = DEFAULT_LOCAL_STEPS
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("set only one of training.local_steps and training.local_epochs")
+        per_step = self.world_size * self.gradient_accumulation_steps
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"training.batch_size {self.batch_size} must be a multiple of world_size × "
+                f"gradient_accumulation_steps = {per_step}"
+            )
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // (self.world_size * self.gradient_accumulation_steps)
+
+
+class StrategyConfig(_Section):
+    """The server's aggregation rule, by name (see ``fedfm.strategies``), with its parameters."""
+
+    name: str = "fedavg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FederationConfig(_Section):
+    """A federated fine-tune: who takes part, on what, for how long, and how updates are combined."""
+
+    name: str = "fedfm"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: Task = "classification"
+    data: DataConfig = Field(default_factory=DataConfig)
+    clients: list[ClientConfig] = Field(default_factory=lambda: _numbered_clients(4))
+    rounds: int = Field(3, ge=1, le=1000)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    seed: int = 0
+    parallelism: int = Field(2, ge=1, description="clients trained at once in one round")
+    centralized: bool = Field(
+        False,
+        description="pool every tenant's training data into one client with the same total optimizer "
+        "steps: the non-federated baseline",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _dns_label(value, "federation name")
+
+    @field_validator("clients", mode="before")
+    @classmethod
+    def _expand_clients(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError("clients must be at least 1")
+            return _numbered_clients(value)
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_federation(self) -> FederationConfig:
+        names = [client.name for client in self.clients]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"client names must be unique; repeated: {', '.join(duplicates)}")
+        if CENTRALIZED_CLIENT in names:
+            raise ValueError(f"client name {CENTRALIZED_CLIENT!r} is reserved for centralized runs")
+        own_data = [client.name for client in self.clients if client.train]
+        if self.centralized and own_data:
+            raise ValueError("centralized runs pool a simulated partition; clients with their own data "
+                             f"cannot be pooled here: {', '.join(own_data)}")
+        return self
+
+    # --- views -----------------------------------------------------------------------------------
+
+    @property
+    def client_names(self) -> list[str]:
+        return [client.name for client in self.clients]
+
+    @property
+    def training_clients(self) -> list[str]:
+        """Who trains each round: every tenant, or the single pooled client of a centralized run."""
+        return [CENTRALIZED_CLIENT] if self.centralized else self.client_names
+
+    def client(self, name: str) -> ClientConfig:
+        for client in self.clients:
+            if client.name == name:
+                return client
+        raise ConfigError(f"client {name!r} is not in this federation (clients: {', '.join(self.client_names)})")
+
+    def local_steps_for(self, client: str) -> int | None:
+        """Optimizer steps for ``client`` per round; a pooled client does every tenant's steps."""
+        steps = self.training.local_steps
+        if steps is not None and client == CENTRALIZED_CLIENT:
+            return steps * len(self.clients)
+        return steps
+
+    # --- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], *, source: str = "config") -> FederationConfig:
+        """Validate ``data``; errors list every bad field by its dotted path."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+    def with_overrides(self, overrides: dict[str, Any]) -> FederationConfig:
+        """A copy with dotted-path overrides (``{"training.local_steps": 5}``) applied and re-validated."""
+        data = self.as_dict()
+        for path, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = path.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+            # The two training budgets are exclusive: choosing one through an override clears the other.
+            if path == "training.local_steps":
+                data["training"].pop("local_epochs", None)
+            elif path == "training.local_epochs":
+                data["training"].pop("local_steps", None)
+        return FederationConfig.parse(data, source="config with overrides")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON data that parses back to an equal config; unset (None) fields are left out,
+        because a KFP struct parameter cannot hold null."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+
+def _numbered_clients(count: int) -> list[ClientConfig]:
+    return [ClientConfig(name=f"tenant-{index}") for index in range(count)]
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid {source}:"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> FederationConfig:
+    """Read a federation config from a YAML or JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return FederationConfig.parse(data, source=f"config file {path}")

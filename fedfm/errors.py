@@ -1,0 +1,48 @@
+"""Errors FedFM raises on bad input.
+
+Every failure a user can cause (a config, a dataset, a model path, an adapter file, a client) surfaces
+as a :class:`FedFMError` subclass whose message names the offending input, so that a pipeline step's
+log says what to fix instead of ending in a traceback from inside torch or safetensors.
+"""
+
+from __future__ import annotations
+
+
+class FedFMError(Exception):
+    """Base class of every error FedFM raises on purpose."""
+
+
+class ConfigError(FedFMError):
+    """A federation config (file, flags or pipeline parameter) is invalid."""
+
+
+class DataError(FedFMError):
+    """A dataset cannot be read, lacks a column, or leaves a tenant without data."""
+
+
+class ModelError(FedFMError):
+    """A base model or tokenizer cannot be loaded or does not fit the task."""
+
+
+class StorageError(FedFMError):
+    """A URI cannot be read or written."""
+
+
+class AdapterError(FedFMError):
+    """An adapter file is unreadable or does not belong to this federation."""
+
+
+class AdapterValidationError(AdapterError):
+    """A client's update does not match the global adapter.
+
+    ``client`` and ``tensor`` name what failed, for callers that quarantine or report it.
+    """
+
+    def __init__(self, message: str, *, client: str | None = None, tensor: str | None = None):
+        super().__init__(message)
+        self.client = client
+        self.tensor = tensor
+
+
+class TrainingError(FedFMError):
+    """Local fine-tuning of a client failed."""

@@ -1,0 +1,58 @@
+"""Progress events from pipeline steps to whoever watches the run.
+
+A step wraps its work in :func:`step`; when ``FEDFM_EVENTS`` names a file (``fedfm run`` sets it for
+the local runner's progress display), each step appends JSON lines to it: ``started``, then
+``finished`` with the step's figures or ``failed`` with the error message. Lines are short single
+``write`` calls on an ``O_APPEND`` file, so concurrent steps never interleave. Without the variable,
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ENV = "FEDFM_EVENTS"
+
+
+def emit(kind: str, **fields: Any) -> None:
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    line = json.dumps({"event": kind, "time": time.time(), **fields}, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def step(name: str, **where: Any) -> Iterator[dict[str, Any]]:
+    """Report a step's start and end; figures the body puts into the yielded dict go with ``finished``."""
+    figures: dict[str, Any] = {}
+    emit("started", step=name, **where)
+    try:
+        yield figures
+    except Exception as exc:
+        emit("failed", step=name, error=f"{type(exc).__name__}: {exc}", **where)
+        raise
+    emit("finished", step=name, **where, **figures)
+
+
+def read(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Events appended since ``offset`` (a byte position), and the new offset."""
+    path = Path(path)
+    if not path.exists():
+        return [], offset
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
+    events = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+    return events, offset + len(complete)

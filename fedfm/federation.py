@@ -1,0 +1,139 @@
+"""The server's side of a round: the initial adapter, aggregation, the round record, the final export.
+
+These are the operations the pipeline's init, aggregate, evaluate and export steps run; each reads
+its inputs by URI and writes new outputs, never touching an input.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from fedfm import storage
+from fedfm.adapters import Adapter, AdapterMeta, load_adapter, read_meta, save_adapter, validate_update
+from fedfm.config import FederationConfig
+from fedfm.errors import AdapterValidationError, FedFMError
+from fedfm.strategies import build_strategy
+
+# Per-client figures copied from each update into the round record.
+_CLIENT_FIELDS = ("samples", "steps", "train_loss", "loss_first", "loss_last", "seconds", "setup_seconds",
+                  "step_seconds", "bytes_down", "update_norm", "started_at", "finished_at")
+
+
+def step_config(config: dict[str, Any]) -> FederationConfig:
+    """The config a pipeline step runs with: the run's ``config`` parameter, validated, with the label
+    vocabulary read from the data when the parameter leaves it out (every step derives the same one)."""
+    from fedfm.data import resolve_labels
+
+    return resolve_labels(FederationConfig.parse(config, source="pipeline parameter 'config'"))
+
+
+def initialize(cfg: FederationConfig, global_out: str) -> AdapterMeta:
+    """Build the base model with fresh LoRA weights and save them as round 0's global adapter.
+
+    Every client starts from this file, so LoRA's random A matrices and any new task head are the
+    same everywhere.
+    """
+    from fedfm.modeling import adapter_tensors, build_model, peft_config_dict
+
+    loaded = build_model(cfg)
+    meta = AdapterMeta(kind="global", base_model=loaded.fingerprint, peft_config=peft_config_dict(loaded.model),
+                       round=0, metrics={"clients": {}, "created_at": time.time()})
+    save_adapter(global_out, adapter_tensors(loaded.model), meta)
+    return meta
+
+
+def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, updates: Iterable[tuple[str, str]],
+                    global_out: str) -> AdapterMeta:
+    """Validate every update (``(client, uri)`` pairs) against ``global_uri``, combine them with the
+    configured strategy, and write the next global adapter to ``global_out``. Any invalid update fails
+    the round before anything is written; the previous global adapter is never modified.
+    """
+    started = time.time()
+    current = load_adapter(global_uri, who="the federation")
+    if current.meta.kind != "global":
+        raise FedFMError(f"{global_uri} is a client update, not a global adapter")
+    strategy = build_strategy(cfg.strategy)
+    clients: dict[str, dict[str, Any]] = {}
+    aggregate = strategy.aggregate(current.tensors, _validated(cfg, round_index, current, updates, clients),
+                                   state={})
+    meta = AdapterMeta(
+        kind="global", base_model=current.meta.base_model, peft_config=current.meta.peft_config,
+        round=round_index, samples=aggregate.samples,
+        metrics={"clients": clients, "strategy": strategy.name, "aggregate_seconds": time.time() - started},
+    )
+    save_adapter(global_out, aggregate.tensors, meta)
+    return meta
+
+
+def _validated(cfg: FederationConfig, round_index: int, current: Adapter, updates: Iterable[tuple[str, str]],
+               clients: dict[str, dict[str, Any]]) -> Iterator[Adapter]:
+    """Load, check and yield one update at a time, recording each client's figures in ``clients``."""
+    expected = set(cfg.training_clients)
+    for client, uri in updates:
+        if client not in expected:
+            raise AdapterValidationError(f"an update for round {round_index} comes from {client!r}, which is not a "
+                                         f"client of this federation ({', '.join(sorted(expected))})", client=client)
+        if client in clients:
+            raise AdapterValidationError(f"client {client} sent two updates for round {round_index}", client=client)
+        update = load_adapter(uri, who=f"client {client}")
+        if update.meta.client != client:
+            raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
+                                         client=client)
+        validate_update(update, current, client=client, round_index=round_index)
+        figures = {key: update.meta.metrics[key] for key in _CLIENT_FIELDS if key in update.meta.metrics}
+        figures["samples"] = update.meta.samples
+        figures["bytes_up"] = storage.size(uri)
+        clients[client] = figures
+        yield update
+
+
+def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: float) -> dict[str, Any]:
+    """One round's line of ``metrics.json``: clients' training figures, traffic, timings and evaluation."""
+    meta = read_meta(adapter_uri)
+    clients = meta.metrics.get("clients", {})
+    record: dict[str, Any] = {
+        "round": meta.round,
+        "eval": evaluation,
+        "clients": clients,
+        "samples": meta.samples,
+        "bytes_up": sum(client.get("bytes_up", 0) for client in clients.values()),
+        "bytes_down": sum(client.get("bytes_down", 0) for client in clients.values()),
+        "aggregate_seconds": meta.metrics.get("aggregate_seconds", 0.0),
+        "eval_seconds": eval_seconds,
+        "adapter_sha256": meta.sha256,
+    }
+    starts = [client["started_at"] for client in clients.values() if "started_at" in client]
+    if starts:
+        record["round_seconds"] = time.time() - min(starts)
+    if clients:
+        record["train_loss"] = _weighted_mean(clients, "train_loss")
+    return record
+
+
+def _weighted_mean(clients: dict[str, dict[str, Any]], key: str) -> float:
+    weights = [(client["samples"], client[key]) for client in clients.values() if key in client]
+    total = sum(weight for weight, _ in weights)
+    return sum(weight * value for weight, value in weights) / total if total else float("nan")
+
+
+def append_history(history_in: str | None, record: dict[str, Any], history_out: str) -> list[dict[str, Any]]:
+    """The run's rounds so far plus ``record``, written to ``history_out`` (a JSON list)."""
+    history = json.loads(storage.read_bytes(history_in)) if history_in else []
+    history.append(record)
+    storage.write_bytes(history_out, json.dumps(history, indent=1).encode())
+    return history
+
+
+def export(cfg: FederationConfig, global_uri: str, directory: str) -> dict[str, Any]:
+    """Write the global adapter as a PEFT directory (``PeftModel.from_pretrained`` loads it)."""
+    from fedfm.modeling import export_peft_directory
+
+    adapter = load_adapter(global_uri, who="the federation")
+    provenance = {"federation": cfg.name, "rounds": adapter.meta.round, "base_model_fingerprint": adapter.meta.base_model,
+                  "adapter_sha256": adapter.meta.sha256, "strategy": cfg.strategy.name,
+                  "clients": cfg.training_clients}
+    export_peft_directory(directory, adapter.tensors, adapter.meta.peft_config, cfg, provenance)
+    return provenance

@@ -1,0 +1,61 @@
+"""``metrics.json`` and ``report.png``: what a run leaves behind for people and for CI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedfm import storage
+
+
+def write_metrics(path: Path, config: dict[str, Any], history: list[dict[str, Any]], run: dict[str, Any]) -> None:
+    data = {"config": config, "run": run, "rounds": history}
+    storage.write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode(), overwrite=True)
+
+
+def quality_metric(task: str) -> str:
+    """The figure a run is judged by: accuracy for classification, perplexity for causal LM."""
+    return "accuracy" if task == "classification" else "perplexity"
+
+
+def plot_report(path: Path, task: str, history: list[dict[str, Any]], title: str) -> None:
+    """Curves per round: the global quality metric, evaluation loss (global and per client), and each
+    client's training loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = quality_metric(task)
+    rounds = [record["round"] for record in history]
+    figure, (quality_axis, eval_axis, train_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
+    quality_axis.plot(rounds, [record["eval"]["global"][metric] for record in history], marker="o", color="black")
+    quality_axis.set_title(f"global {metric}")
+
+    eval_axis.plot(rounds, [record["eval"]["global"]["loss"] for record in history], marker="o", color="black",
+                   label="global", linewidth=2)
+    for client in history[0]["eval"]["clients"]:
+        eval_axis.plot(rounds, [record["eval"]["clients"][client]["loss"] for record in history], marker=".",
+                       alpha=0.6, label=client)
+    eval_axis.set_title("evaluation loss")
+
+    trained = [record for record in history if record.get("clients")]
+    for client in sorted({name for record in trained for name in record["clients"]}):
+        points = [(record["round"], record["clients"][client]["train_loss"]) for record in trained
+                  if client in record["clients"]]
+        train_axis.plot(*zip(*points), marker=".", alpha=0.8, label=client)
+    train_axis.set_title("local training loss (mean over the round's steps)")
+
+    for axis in (quality_axis, eval_axis, train_axis):
+        axis.set_xlabel("round")
+        axis.set_xticks(rounds)
+        axis.grid(alpha=0.3)
+    for axis in (eval_axis, train_axis):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,102 @@
+"""The one way bytes move: read and write files by path or fsspec URI.
+
+Writes are atomic: a reader sees the old object or the new one, never a half-written file. On local
+disks that is write-to-temp, fsync, then link/rename in the same directory; object stores (s3, gs,
+minio) publish an object only once its upload completes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import fsspec
+
+from fedfm.errors import StorageError
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    uri = os.fspath(uri)
+    try:
+        if _is_local(uri):
+            return _local_path(uri).read_bytes()
+        with fsspec.open(uri, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri} does not exist") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from None
+
+
+def size(uri: str | os.PathLike) -> int:
+    """Bytes stored at ``uri`` (what moving it over the network costs)."""
+    uri = os.fspath(uri)
+    try:
+        if _is_local(uri):
+            return _local_path(uri).stat().st_size
+        fs, path = fsspec.core.url_to_fs(uri)
+        return int(fs.size(path))
+    except FileNotFoundError:
+        raise StorageError(f"{uri} does not exist") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise StorageError(f"cannot stat {uri}: {exc}") from None
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> None:
+    """Write ``data`` to ``uri`` atomically. Without ``overwrite``, an existing object is an error."""
+    uri = os.fspath(uri)
+    if _is_local(uri):
+        _write_local(_local_path(uri), data, overwrite)
+        return
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not overwrite and fs.exists(path):
+            raise StorageError(f"{uri} already exists; refusing to overwrite it")
+        fs.pipe_file(path, data)
+    except StorageError:
+        raise
+    except (OSError, ValueError, ImportError) as exc:
+        raise StorageError(f"cannot write {uri}: {exc}") from None
+
+
+def _write_local(path: Path, data: bytes, overwrite: bool) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # link() fails if the target exists, so a concurrent writer cannot be clobbered either.
+            os.link(tmp, path)
+        _fsync_dir(path.parent)
+    except FileExistsError:
+        raise StorageError(f"{path} already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

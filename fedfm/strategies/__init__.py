@@ -1,0 +1,31 @@
+"""Server-side aggregation strategies, one file per rule, selected by name from the config."""
+
+from __future__ import annotations
+
+import inspect
+
+from fedfm.config import StrategyConfig
+from fedfm.errors import ConfigError
+from fedfm.strategies.base import Aggregate, Strategy
+from fedfm.strategies.fedavg import FedAvg
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+
+
+def build_strategy(config: StrategyConfig) -> Strategy:
+    """The strategy ``config.name`` with ``config.params``; unknown names or parameters are config errors."""
+    try:
+        cls = STRATEGIES[config.name]
+    except KeyError:
+        raise ConfigError(f"strategy.name {config.name!r} is unknown; choose one of {', '.join(sorted(STRATEGIES))}") from None
+    accepted = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(config.params) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"strategy {config.name!r} takes no parameter {', '.join(unknown)}"
+            + (f" (it takes: {', '.join(sorted(accepted))})" if accepted else " (it takes none)")
+        )
+    return cls(**config.params)
+
+
+__all__ = ["STRATEGIES", "Aggregate", "Strategy", "build_strategy"]

@@ -1,0 +1,314 @@
+"""One client's local fine-tune: PEFT LoRA on a Hugging Face model, trained through DeepSpeed.
+
+:func:`train_client` is the whole client step: read the global adapter, train on the client's own
+data for the configured steps, write the update (local − global) with its metadata. With
+``training.world_size > 1`` it runs ``world_size`` data-parallel DeepSpeed processes under
+``torch.distributed.run``; each process executes :func:`run_rank`, rank 0 writes the update.
+
+The global batch (``training.batch_size``) is split over processes and accumulation micro-steps, and
+every rank draws its slice of the same seeded batch order, so a run with 2 processes sees the same
+examples per optimizer step as a run with 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedfm import storage
+from fedfm.adapters import AdapterMeta, l2_norm, load_adapter, save_adapter
+from fedfm.config import FederationConfig
+from fedfm.errors import FedFMError, TrainingError
+
+_TORCHRUN_LOG_TAIL = 40
+
+
+@dataclass
+class TrainResult:
+    client: str
+    round: int
+    samples: int
+    steps: int
+    loss_history: list[float] = field(default_factory=list)
+    train_loss: float = float("nan")
+    seconds: float = 0.0
+    setup_seconds: float = 0.0
+    step_seconds: float = 0.0
+    bytes_down: int = 0
+    update_norm: float = 0.0
+    sha256: str = ""
+
+    def metrics(self) -> dict:
+        """What the update file and the round record keep (the per-step history is left out)."""
+        data = asdict(self)
+        history = data.pop("loss_history")
+        data["loss_first"] = history[0] if history else float("nan")
+        data["loss_last"] = history[-1] if history else float("nan")
+        return data
+
+
+def train_client(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
+                 update_out: str) -> TrainResult:
+    """Fine-tune ``client`` from ``global_adapter`` and write its update to ``update_out``."""
+    if cfg.training.world_size == 1:
+        with single_process_group():
+            return run_rank(cfg, client, round_index, global_adapter, update_out)
+    return _launch_ranks(cfg, client, round_index, global_adapter, update_out)
+
+
+def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
+             update_out: str) -> TrainResult:
+    """The training loop of one DeepSpeed process (rank); rank 0 writes the update.
+
+    Runs inside a process group: :func:`single_process_group` for one process, or the group that
+    :func:`_rank_main` joins under ``torch.distributed.run``.
+    """
+    from fedfm.data import load_client_data
+    from fedfm.modeling import build_model, load_adapter_tensors, peft_config_dict
+    from fedfm.tasks import collate, encode
+
+    started = time.time()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world != cfg.training.world_size:
+        raise TrainingError(f"client {client}: launched with {world} processes, config asks for "
+                            f"training.world_size={cfg.training.world_size}")
+
+    global_state = load_adapter(global_adapter, who="the federation")
+    loaded = build_model(cfg)
+    if global_state.meta.base_model != loaded.fingerprint:
+        raise TrainingError(
+            f"client {client}: the local base model {cfg.model.name_or_path!r} (fingerprint "
+            f"{loaded.fingerprint[:16]}…) is not the federation's ({global_state.meta.base_model[:16]}…)"
+        )
+    load_adapter_tensors(loaded.model, global_state.tensors, where=f"global adapter {global_adapter}")
+
+    train = load_client_data(cfg, client).train
+    examples = encode(train, loaded.tokenizer, cfg)
+    if not examples:
+        raise TrainingError(f"client {client} has no training examples")
+    steps = _optimizer_steps(cfg, client, len(examples))
+    order = _batch_order(cfg, client, round_index, len(examples), steps)
+
+    torch.manual_seed(_client_seed(cfg, client, round_index))  # dropout
+    engine = deepspeed_engine(cfg, loaded.model, client)
+    setup_seconds = time.time() - started
+
+    micro = cfg.training.micro_batch_size
+    accumulation = cfg.training.gradient_accumulation_steps
+    losses: list[float] = []
+    engine.train()
+    loop_started = time.time()
+    for step in range(steps):
+        batch_indices = order[step * cfg.training.batch_size : (step + 1) * cfg.training.batch_size]
+        step_loss = torch.zeros(1)
+        for accumulation_step in range(accumulation):
+            slot = accumulation_step * world + rank
+            indices = batch_indices[slot * micro : (slot + 1) * micro]
+            batch = collate([examples[i] for i in indices], loaded.tokenizer.pad_token_id)
+            batch = {name: value.to(engine.device) for name, value in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().float().cpu() / accumulation
+        if world > 1:
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= world
+        if not math.isfinite(float(step_loss)):
+            raise TrainingError(f"client {client}: training loss became {float(step_loss)} at step {step + 1}; "
+                                "lower training.learning_rate")
+        losses.append(float(step_loss))
+    loop_seconds = time.time() - loop_started
+
+    local_state = _full_precision_adapter(engine)
+    result = TrainResult(
+        client=client, round=round_index, samples=len(examples), steps=steps, loss_history=losses,
+        train_loss=float(np.mean(losses)), seconds=loop_seconds, setup_seconds=setup_seconds,
+        step_seconds=loop_seconds / steps, bytes_down=storage.size(global_adapter),
+    )
+    if rank == 0:
+        delta = {name: local_state[name] - global_state.tensors[name] for name in global_state.tensors}
+        result.update_norm = l2_norm(delta)
+        meta = AdapterMeta(
+            kind="update", base_model=loaded.fingerprint, peft_config=peft_config_dict(loaded.model),
+            round=round_index, samples=len(examples), client=client,
+            metrics=dict(result.metrics(), started_at=started, finished_at=time.time(),
+                         world_size=world, zero_stage=cfg.training.zero_stage, bf16=cfg.training.bf16),
+        )
+        result.sha256 = save_adapter(update_out, delta, meta)
+    return result
+
+
+def _optimizer_steps(cfg: FederationConfig, client: str, examples: int) -> int:
+    steps = cfg.local_steps_for(client)
+    if steps is None:
+        steps = math.ceil(cfg.training.local_epochs * examples / cfg.training.batch_size)
+    return max(1, steps)
+
+
+def _client_seed(cfg: FederationConfig, client: str, round_index: int) -> int:
+    return (cfg.seed * 1_000_003 + round_index * 10_007 + zlib.crc32(client.encode())) % (2**31)
+
+
+def _batch_order(cfg: FederationConfig, client: str, round_index: int, examples: int, steps: int) -> np.ndarray:
+    """Example indices for every optimizer step: seeded reshuffles of the client's data, end to end."""
+    rng = np.random.default_rng(_client_seed(cfg, client, round_index))
+    needed = steps * cfg.training.batch_size
+    epochs = math.ceil(needed / examples)
+    return np.concatenate([rng.permutation(examples) for _ in range(epochs)])[:needed]
+
+
+def deepspeed_engine(cfg: FederationConfig, model, client: str):
+    import deepspeed
+
+    training = cfg.training
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
+    ds_config = {
+        "train_batch_size": training.batch_size,
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "gradient_clipping": training.max_grad_norm,
+        "zero_optimization": {"stage": training.zero_stage},
+        "bf16": {"enabled": training.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise TrainingError(f"client {client}: DeepSpeed could not start with {ds_config}: {exc}") from None
+    return engine
+
+
+def _full_precision_adapter(engine) -> dict[str, torch.Tensor]:
+    """The trained adapter under PEFT's names, from DeepSpeed's fp32 master weights.
+
+    Under bf16 the module holds rounded copies; the optimizer's fp32 masters are the real weights.
+    ZeRO 1-3 expose them through ``safe_get_full_fp32_param`` (a collective under ZeRO-3: every rank
+    calls it); ZeRO 0 with bf16 keeps them in the optimizer's ``fp32_groups``.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+    from peft import get_peft_model_state_dict
+
+    masters: dict[int, torch.Tensor] = {}
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
+        for low_group, high_group in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            masters.update({id(low): high for low, high in zip(low_group, high_group)})
+    state = {}
+    for name, parameter in engine.module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(parameter)
+        if full is None:
+            full = masters.get(id(parameter), parameter.data)
+        state[name] = full.detach().to("cpu", torch.float32).clone()
+    return get_peft_model_state_dict(engine.module, state_dict=state)
+
+
+# --- process management -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """Make this process rank 0 of a one-process group for the duration of a client's training.
+
+    The group lives on an in-memory store (no port, no environment variables, so processes started
+    later inherit nothing) and stays for the life of the process: DeepSpeed caches its groups, and
+    later in-process clients reuse this one. DeepSpeed's engine reads ``LOCAL_RANK`` from the
+    environment when it is built, so that one variable is set while the block runs.
+    """
+    _use_cpu_accelerator_without_gpu()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = saved
+
+
+def _use_cpu_accelerator_without_gpu() -> None:
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def _launch_ranks(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
+                  update_out: str) -> TrainResult:
+    with tempfile.TemporaryDirectory(prefix="fedfm-ranks-") as scratch:
+        spec = Path(scratch) / "spec.json"
+        result_path = Path(scratch) / "result.json"
+        spec.write_text(json.dumps({
+            "config": cfg.as_dict(), "client": client, "round": round_index,
+            "global_adapter": str(global_adapter), "update_out": str(update_out), "result": str(result_path),
+        }))
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            # ranks share this machine's cores; without a cap each would start one thread per core
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.training.world_size)))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                   "--nproc_per_node", str(cfg.training.world_size), "--master_addr", "127.0.0.1",
+                   "--master_port", str(_free_port()), "-m", "fedfm.training", str(spec)]
+        tail: collections.deque[str] = collections.deque(maxlen=_TORCHRUN_LOG_TAIL)
+        reason = None  # a rank that fails on bad input says why on a "FedFMError: ..." line (_rank_main)
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                sys.stdout.write(line)
+                tail.append(line.rstrip())
+                if reason is None and line.startswith("FedFMError: "):
+                    reason = line.removeprefix("FedFMError: ").rstrip()
+            code = process.wait()
+        if code != 0 or not result_path.exists():
+            raise TrainingError(
+                f"client {client}: {cfg.training.world_size} DeepSpeed processes exited with status {code}: "
+                + (reason or "\n" + "\n".join(tail))
+            )
+        return TrainResult(**json.loads(result_path.read_text()))
+
+
+def _rank_main(spec_path: str) -> int:
+    """Entry point of each process that ``torch.distributed.run`` starts."""
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = FederationConfig.parse(spec["config"])
+    _use_cpu_accelerator_without_gpu()
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # env:// from torchrun
+    try:
+        result = run_rank(cfg, spec["client"], spec["round"], spec["global_adapter"], spec["update_out"])
+    except FedFMError as exc:
+        print(f"FedFMError: {exc}", file=sys.stderr)
+        return 1
+    if torch.distributed.get_rank() == 0:
+        Path(spec["result"]).write_text(json.dumps(asdict(result)))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1]))

@@ -1,0 +1,103 @@
+"""Shared fixtures: an offline environment and tiny models built from configs (nothing downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before transformers/datasets/deepspeed are imported anywhere in the session.
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    DS_ACCELERATOR="cpu",
+)
+
+_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def _vocabulary() -> list[str]:
+    """Every word of the built-in datasets, so the tiny tokenizer never needs <unk> on them."""
+    from fedfm.builtin_data import load_builtin
+
+    words: set[str] = set()
+    for name in ("topics", "topics-instructions"):
+        frame = load_builtin(name)
+        for column in frame.columns:
+            if frame[column].dtype == object:
+                for text in frame[column].astype(str):
+                    words.update(text.lower().replace("\n", " ").replace(":", " : ").split())
+    return _SPECIAL + sorted(words)
+
+
+def build_tiny_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(_vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> str:
+    """A 2-layer BERT (hidden 32) saved with save_pretrained, as a user's local checkpoint would be."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = build_tiny_tokenizer(directory)
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory) -> str:
+    """A 2-layer Llama (hidden 32) saved with save_pretrained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer(directory)
+    torch.manual_seed(2)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture
+def tiny_config(tiny_classifier, tiny_causal_lm):
+    """``tiny_config(task, **overrides)``: a small, fast federation on a tiny model and built-in data."""
+    from fedfm.config import FederationConfig
+    from fedfm.data import resolve_labels
+
+    def make(task: str = "classification", **overrides):
+        classification = task == "classification"
+        base = FederationConfig.parse({
+            "task": task,
+            "model": {"name_or_path": tiny_classifier if classification else tiny_causal_lm, "max_length": 48},
+            "data": {"source": "builtin:topics" if classification else "builtin:topics-instructions",
+                     "max_samples": 240, "partition": "iid"},
+            "clients": 3,
+            "rounds": 2,
+            "training": {"local_steps": 4, "batch_size": 8, "learning_rate": 5e-3},
+            "lora": {"r": 4, "alpha": 8},
+        })
+        return resolve_labels(base.with_overrides(overrides))
+
+    return make

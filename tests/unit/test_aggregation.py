@@ -1,0 +1,174 @@
+"""FedAvg and a round's aggregation: the math, streaming, and what a bad update does to a round."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import weakref
+
+import pytest
+import torch
+
+from fedfm.adapters import Adapter, AdapterMeta, load_adapter, save_adapter
+from fedfm.config import FederationConfig, StrategyConfig
+from fedfm.errors import AdapterError, AdapterValidationError, ConfigError
+from fedfm.federation import aggregate_round
+from fedfm.strategies import build_strategy
+from fedfm.strategies.fedavg import FedAvg
+
+FINGERPRINT = "sha256:" + "c" * 64
+NAMES = ("layer.lora_A.weight", "layer.lora_B.weight", "head.bias")
+
+
+def random_tensors(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"layer.lora_A.weight": torch.randn(2, 5, generator=generator),
+            "layer.lora_B.weight": torch.randn(5, 2, generator=generator),
+            "head.bias": torch.randn(3, generator=generator)}
+
+
+def update(client: str, samples: int, seed: int, round_index: int = 1) -> Adapter:
+    meta = AdapterMeta(kind="update", base_model=FINGERPRINT, peft_config={}, round=round_index, samples=samples,
+                       client=client)
+    return Adapter(tensors=random_tensors(seed), meta=meta)
+
+
+def test_fedavg_equals_the_hand_computed_weighted_mean():
+    global_tensors = random_tensors(100)
+    updates = [update("a", 10, 1), update("b", 30, 2), update("c", 60, 3)]
+    result = FedAvg().aggregate(global_tensors, iter(updates), state={})
+    assert result.clients == ["a", "b", "c"]
+    assert result.samples == 100
+    for name in NAMES:
+        a, b, c = (u.tensors[name].double() for u in updates)
+        expected = global_tensors[name].double() + (10 * a + 30 * b + 60 * c) / 100
+        # element by element, written out: this is the definition, not the implementation's formula
+        assert torch.allclose(result.tensors[name].double(), expected, rtol=0, atol=1e-6)
+        assert result.tensors[name].dtype == torch.float32
+
+
+def test_fedavg_of_one_client_applies_its_update():
+    global_tensors = random_tensors(7)
+    only = update("solo", 5, 8)
+    result = FedAvg().aggregate(global_tensors, iter([only]), state={})
+    for name in NAMES:
+        assert torch.allclose(result.tensors[name], global_tensors[name] + only.tensors[name], atol=1e-7)
+
+
+def test_fedavg_streams_holding_one_update_at_a_time():
+    """Each update can be freed as soon as the next is requested: memory does not grow with N."""
+    alive: list[weakref.ref] = []
+    most_alive = 0
+
+    def stream(count: int):
+        nonlocal most_alive
+        for index in range(count):
+            gc.collect()
+            most_alive = max(most_alive, sum(ref() is not None for ref in alive))
+            item = update(f"client-{index}", 1 + index, index)
+            alive.append(weakref.ref(item))
+            yield item
+
+    FedAvg().aggregate(random_tensors(0), stream(50), state={})
+    assert most_alive <= 1
+
+
+def test_fedavg_with_no_updates_is_an_error():
+    with pytest.raises(Exception, match="no client updates"):
+        FedAvg().aggregate(random_tensors(0), iter([]), state={})
+
+
+def test_strategies_are_chosen_by_name_with_checked_parameters():
+    assert isinstance(build_strategy(StrategyConfig(name="fedavg")), FedAvg)
+    with pytest.raises(ConfigError, match="strategy.name 'fedsgd' is unknown; choose one of fedavg"):
+        build_strategy(StrategyConfig(name="fedsgd"))
+    with pytest.raises(ConfigError, match="takes no parameter momentum"):
+        build_strategy(StrategyConfig(name="fedavg", params={"momentum": 0.9}))
+
+
+class TestAggregateRound:
+    """The aggregate step end to end on files: validate, combine, write; never touch what exists."""
+
+    @pytest.fixture
+    def setup(self, tmp_path):
+        cfg = FederationConfig(clients=3)
+        global_path = tmp_path / "global.safetensors"
+        save_adapter(global_path, random_tensors(0),
+                     AdapterMeta(kind="global", base_model=FINGERPRINT, peft_config={"r": 2}, round=0))
+        paths = {}
+        for index, client in enumerate(cfg.client_names):
+            paths[client] = tmp_path / f"{client}.safetensors"
+            good = update(client, 10 * (index + 1), index + 1)
+            good.meta.metrics = {"train_loss": 1.0 + index, "seconds": 2.0, "bytes_down": 123}
+            save_adapter(paths[client], good.tensors, good.meta)
+        return cfg, global_path, paths
+
+    def test_writes_the_fedavg_of_the_files(self, setup, tmp_path):
+        cfg, global_path, paths = setup
+        meta = aggregate_round(cfg, 1, str(global_path), [(c, str(p)) for c, p in paths.items()],
+                               str(tmp_path / "next.safetensors"))
+        result = load_adapter(tmp_path / "next.safetensors")
+        assert result.meta.kind == "global" and result.meta.round == 1 and result.meta.samples == 60
+        assert result.meta.base_model == FINGERPRINT and result.meta.peft_config == {"r": 2}
+        start = load_adapter(global_path).tensors
+        updates = [load_adapter(p) for p in paths.values()]
+        for name in NAMES:
+            expected = start[name].double() + sum(u.meta.samples * u.tensors[name].double() for u in updates) / 60
+            assert torch.allclose(result.tensors[name].double(), expected, atol=1e-6)
+        clients = meta.metrics["clients"]
+        assert sorted(clients) == cfg.client_names
+        assert clients["tenant-1"]["train_loss"] == 2.0
+        assert clients["tenant-1"]["bytes_up"] == paths["tenant-1"].stat().st_size
+        assert clients["tenant-1"]["bytes_down"] == 123
+
+    @pytest.mark.parametrize("defect, message", [
+        ("nan", r"client tenant-1's tensor head.bias has 1 non-finite value \(NaN/inf\)"),
+        ("shape", r"client tenant-1's tensor layer.lora_A.weight has shape \(3, 5\); the global adapter's is \(2, 5\)"),
+        ("missing", r"client tenant-1's update lacks tensor layer.lora_B.weight"),
+        ("base", r"client tenant-1 trained on another base model"),
+        ("corrupt", r"client tenant-1's adapter .* not a valid safetensors file"),
+    ])
+    def test_a_bad_update_fails_the_round_and_nothing_is_lost(self, setup, tmp_path, defect, message):
+        cfg, global_path, paths = setup
+        bad = update("tenant-1", 20, 2)
+        if defect == "nan":
+            bad.tensors["head.bias"][2] = float("nan")
+        elif defect == "shape":
+            bad.tensors["layer.lora_A.weight"] = torch.zeros(3, 5)
+        elif defect == "missing":
+            del bad.tensors["layer.lora_B.weight"]
+        elif defect == "base":
+            bad.meta.base_model = "sha256:" + "d" * 64
+        paths["tenant-1"].unlink()
+        save_adapter(paths["tenant-1"], bad.tensors, bad.meta)
+        if defect == "corrupt":
+            paths["tenant-1"].write_bytes(paths["tenant-1"].read_bytes()[:100])
+        before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+
+        error = AdapterError if defect == "corrupt" else AdapterValidationError
+        with pytest.raises(error, match=message):
+            aggregate_round(cfg, 1, str(global_path), [(c, str(p)) for c, p in paths.items()],
+                            str(tmp_path / "next.safetensors"))
+
+        after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+        assert after == before  # the global adapter is untouched and no output (or temp file) appeared
+
+    def test_an_update_from_a_stranger_or_twice_from_one_client_is_rejected(self, setup, tmp_path):
+        cfg, global_path, paths = setup
+        with pytest.raises(AdapterValidationError, match="comes from 'mallory', which is not a client"):
+            aggregate_round(cfg, 1, str(global_path), [("mallory", str(paths["tenant-0"]))],
+                            str(tmp_path / "next.safetensors"))
+        with pytest.raises(AdapterValidationError, match="client tenant-0 sent two updates for round 1"):
+            aggregate_round(cfg, 1, str(global_path), [("tenant-0", str(paths["tenant-0"]))] * 2,
+                            str(tmp_path / "next.safetensors"))
+        with pytest.raises(AdapterValidationError, match="tenant-2's update .* says it is from 'tenant-0'"):
+            aggregate_round(cfg, 1, str(global_path), [("tenant-2", str(paths["tenant-0"]))],
+                            str(tmp_path / "next.safetensors"))
+        assert not (tmp_path / "next.safetensors").exists()
+
+    def test_the_output_never_replaces_an_existing_file(self, setup, tmp_path):
+        cfg, global_path, paths = setup
+        before = global_path.read_bytes()
+        with pytest.raises(Exception, match="already exists"):
+            aggregate_round(cfg, 1, str(global_path), [(c, str(p)) for c, p in paths.items()], str(global_path))
+        assert global_path.read_bytes() == before

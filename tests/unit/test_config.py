@@ -1,0 +1,86 @@
+"""The federation config: defaults, overrides, files, and errors that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedfm.config import CENTRALIZED_CLIENT, FederationConfig, load_config
+from fedfm.errors import ConfigError
+
+
+def test_default_is_the_embedded_federation():
+    cfg = FederationConfig()
+    assert cfg.model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    assert cfg.task == "classification"
+    assert cfg.data.source == "builtin:topics"
+    assert cfg.client_names == ["tenant-0", "tenant-1", "tenant-2", "tenant-3"]
+    assert cfg.rounds == 3
+    assert cfg.training.local_steps == 20 and cfg.training.local_epochs is None
+
+
+def test_the_json_form_round_trips_and_holds_no_nulls():
+    cfg = FederationConfig.parse({"clients": ["hospital-a", {"name": "bank-b", "train": "/data/b.csv"}],
+                                  "training": {"local_epochs": 1.5}, "data": {"text_column": "title, description"}})
+    data = cfg.as_dict()
+    assert "null" not in json.dumps(data)  # a KFP struct parameter cannot hold null
+    assert FederationConfig.parse(data) == cfg
+    assert cfg.data.text_column == ["title", "description"]
+    assert cfg.client("bank-b").train == "/data/b.csv"
+
+
+def test_overrides_apply_dotted_paths_and_switch_the_training_budget():
+    cfg = FederationConfig().with_overrides({"clients": 8, "rounds": 10, "lora.r": 16, "training.local_epochs": 2.0,
+                                             "model.name_or_path": None})
+    assert len(cfg.clients) == 8 and cfg.rounds == 10 and cfg.lora.r == 16
+    assert cfg.training.local_epochs == 2.0 and cfg.training.local_steps is None
+    assert cfg.model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"  # None means "not given"
+    back = cfg.with_overrides({"training.local_steps": 7})
+    assert back.training.local_steps == 7 and back.training.local_epochs is None
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"rounds": 0}, "rounds: Input should be greater than or equal to 1"),
+    ({"clients": [{"name": "Tenant_A"}]}, "clients.0.name: client name 'Tenant_A' must be a lowercase RFC 1123 label"),
+    ({"clients": ["a", "a"]}, "client names must be unique; repeated: a"),
+    ({"clients": [CENTRALIZED_CLIENT]}, "reserved for centralized runs"),
+    ({"data": {"partition": "dirichlet:-1"}}, "data.partition: partition 'dirichlet:-1': ALPHA must be a positive number"),
+    ({"data": {"partition": "shards"}}, "data.partition: partition 'shards' is not one of iid, dirichlet:ALPHA"),
+    ({"training": {"local_steps": 5, "local_epochs": 1}}, "set only one of training.local_steps and"),
+    ({"training": {"batch_size": 10, "world_size": 4}}, "batch_size 10 must be a multiple of world_size"),
+    ({"training": {"zero_stage": 4}}, "training.zero_stage"),
+    ({"task": "regression"}, "task: Input should be 'classification' or 'causal-lm'"),
+    ({"lora": {"rank": 8}}, "lora.rank: Extra inputs are not permitted"),
+])
+def test_bad_configs_name_the_field(data, message):
+    with pytest.raises(ConfigError) as raised:
+        FederationConfig.parse(data)
+    assert message in str(raised.value)
+
+
+def test_centralized_runs_one_pooled_client_with_every_tenants_steps():
+    cfg = FederationConfig(clients=4, centralized=True)
+    assert cfg.training_clients == [CENTRALIZED_CLIENT]
+    assert cfg.local_steps_for(CENTRALIZED_CLIENT) == 4 * cfg.training.local_steps
+    assert cfg.local_steps_for("tenant-0") == cfg.training.local_steps
+    with pytest.raises(ConfigError, match="cannot be pooled here: a"):
+        FederationConfig.parse({"clients": [{"name": "a", "train": "x.csv"}], "centralized": True})
+
+
+def test_load_config_reads_yaml_and_json_and_names_the_file(tmp_path):
+    (tmp_path / "f.yaml").write_text("rounds: 5\nclients: 2\nlora:\n  r: 4\n")
+    assert load_config(tmp_path / "f.yaml").rounds == 5
+    (tmp_path / "f.json").write_text(json.dumps({"seed": 3}))
+    assert load_config(tmp_path / "f.json").seed == 3
+    (tmp_path / "bad.yaml").write_text("rounds: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML/JSON"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "typo.yaml").write_text("round: 5\n")
+    with pytest.raises(ConfigError, match=r"invalid config file .*typo.yaml:\n  round: Extra inputs"):
+        load_config(tmp_path / "typo.yaml")
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
