@@ -1,0 +1,45 @@
+"""KFP components: thin shells over the core, one file per step.
+
+The steps are lightweight Python components that run in the FedFM image (``base_image``), which has
+this package installed; nothing is pip-installed at run time. :func:`build_components` binds them to
+an image, so ``fedfm compile --image`` can point a pipeline at a private registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kfp import dsl
+
+from fedfm import __version__
+from fedfm.components.aggregate import aggregate
+from fedfm.components.client_finetune import client_finetune
+from fedfm.components.evaluate import evaluate
+from fedfm.components.export_adapter import export_adapter
+from fedfm.components.init_federation import init_federation
+
+DEFAULT_IMAGE = f"ghcr.io/fedfm/fedfm:{__version__}"
+
+
+@dataclass(frozen=True)
+class Components:
+    init_federation: dsl.base_component.BaseComponent
+    client_finetune: dsl.base_component.BaseComponent
+    aggregate: dsl.base_component.BaseComponent
+    evaluate: dsl.base_component.BaseComponent
+    export_adapter: dsl.base_component.BaseComponent
+
+
+def build_components(image: str = DEFAULT_IMAGE) -> Components:
+    """The five steps as KFP components running in ``image``."""
+
+    def component(func):
+        return dsl.component(func, base_image=image, install_kfp_package=False)
+
+    return Components(
+        init_federation=component(init_federation),
+        client_finetune=component(client_finetune),
+        aggregate=component(aggregate),
+        evaluate=component(evaluate),
+        export_adapter=component(export_adapter),
+    )

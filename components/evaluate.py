@@ -1,0 +1,34 @@
+"""Step 4 (one per round, and once for round 0): evaluate the global adapter on every tenant's held-out data."""
+
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
+
+
+def evaluate(
+    config: dict,
+    global_adapter: Input[Model],
+    history_in: Input[Artifact],
+    history: Output[Artifact],
+    metrics: Output[Metrics],
+):
+    """Log the round's global and per-client metrics and extend the run's history (metrics.json)."""
+    import time
+
+    from fedfm import events
+    from fedfm.adapters import read_meta
+    from fedfm.evaluation import evaluate_adapter
+    from fedfm.federation import append_history, round_record, step_config
+
+    round_index = read_meta(global_adapter.path).round
+    with events.step("evaluate", round=round_index) as figures:
+        cfg = step_config(config)
+        started = time.time()
+        result = evaluate_adapter(cfg, global_adapter.path)
+        record = round_record(global_adapter.path, result, time.time() - started)
+        append_history(history_in.path, record, history.path)
+        figures.update(record["eval"]["global"])
+    metrics.log_metric("round", round_index)
+    for name, value in result["global"].items():
+        metrics.log_metric(name, value)
+    for client, client_metrics in result["clients"].items():
+        for name, value in client_metrics.items():
+            metrics.log_metric(f"{client}.{name}", value)

@@ -1,0 +1,26 @@
+"""Step 1: validate the config, settle what the data decides (labels), build round 0's global adapter."""
+
+from kfp.dsl import Artifact, Model, Output
+
+
+def init_federation(
+    config: dict,
+    compiled_rounds: int,
+    global_adapter: Output[Model],
+    history: Output[Artifact],
+) -> list:
+    """Check the run's config against the compiled pipeline, write the initial global adapter, and
+    return the clients that train each round (the rounds' ParallelFor items)."""
+    from fedfm import events, storage
+    from fedfm.errors import ConfigError
+    from fedfm.federation import initialize, step_config
+
+    with events.step("init"):
+        cfg = step_config(config)
+        if cfg.rounds != compiled_rounds:
+            raise ConfigError(f"config.rounds is {cfg.rounds}, but this pipeline was compiled for {compiled_rounds} "
+                              "rounds (rounds are unrolled at compile time): recompile with `fedfm compile`")
+        meta = initialize(cfg, global_adapter.path)
+        storage.write_bytes(history.path, b"[]")
+    global_adapter.metadata.update(round=0, base_model=meta.base_model, sha256=meta.sha256)
+    return cfg.training_clients

@@ -1,0 +1,1 @@
+"""KFP pipelines (DAGs) built from fedfm.components."""

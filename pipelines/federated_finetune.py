@@ -1,0 +1,67 @@
+"""The ``federated_finetune`` pipeline: a federated LoRA fine-tune as one KFP v2 DAG.
+
+::
+
+    init ─► evaluate(round 0)
+      │
+      └► round 1: ParallelFor(client) fine-tune ─Collected─► aggregate ─► evaluate(round 1)
+                                                              │
+         round 2: ParallelFor(client) fine-tune ◄─────────────┘  …  ─► export (PEFT adapter)
+
+Rounds are unrolled at compile time (KFP has no loops whose body feeds the next iteration), so the
+compiled pipeline is for ``cfg.rounds`` rounds; everything else is read from the ``config``
+parameter at run time, which defaults to the config it was compiled from.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Model
+
+from fedfm.components import DEFAULT_IMAGE, build_components
+from fedfm.config import FederationConfig
+
+PIPELINE_NAME = "federated-finetune"
+
+
+def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
+    """The pipeline function for ``cfg`` (compile it, or call it under ``kfp.local``)."""
+    steps = build_components(image)
+    default_config = cfg.as_dict()
+    Outputs = NamedTuple("Outputs", [("adapter", Model), ("history", Artifact)])
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description=f"Federated LoRA fine-tuning of {cfg.model.name_or_path} ({cfg.task}) over "
+                    f"{len(cfg.training_clients)} client(s), {cfg.rounds} round(s), {cfg.strategy.name}.",
+    )
+    def federated_finetune(config: dict = default_config) -> Outputs:
+        init = steps.init_federation(config=config, compiled_rounds=cfg.rounds).set_display_name("init")
+        global_adapter = init.outputs["global_adapter"]
+        evaluation = steps.evaluate(config=config, global_adapter=global_adapter,
+                                    history_in=init.outputs["history"]).set_display_name("round 0: evaluate")
+        for round_index in range(1, cfg.rounds + 1):
+            with dsl.ParallelFor(init.outputs["Output"], parallelism=cfg.parallelism,
+                                 name=f"round-{round_index}-clients") as client:
+                finetune = steps.client_finetune(config=config, client=client, round_index=round_index,
+                                                 global_adapter=global_adapter)
+                finetune.set_display_name(f"round {round_index}: fine-tune")
+                finetune.set_caching_options(False)  # a new run is a new fine-tune, even from equal inputs
+            aggregation = steps.aggregate(config=config, round_index=round_index, global_adapter=global_adapter,
+                                          updates=dsl.Collected(finetune.outputs["update"]))
+            aggregation.set_display_name(f"round {round_index}: aggregate")
+            global_adapter = aggregation.outputs["new_global_adapter"]
+            evaluation = steps.evaluate(config=config, global_adapter=global_adapter,
+                                        history_in=evaluation.outputs["history"])
+            evaluation.set_display_name(f"round {round_index}: evaluate")
+        export = steps.export_adapter(config=config, global_adapter=global_adapter).set_display_name("export")
+        return Outputs(adapter=export.outputs["adapter"], history=evaluation.outputs["history"])
+
+    return federated_finetune
+
+
+def compile_pipeline(cfg: FederationConfig, output: str, image: str = DEFAULT_IMAGE) -> None:
+    """Write the pipeline YAML that the Kubeflow UI uploads (and ``kfp.Client`` submits)."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(cfg, image), package_path=str(output))

@@ -1,0 +1,172 @@
+"""Run the ``federated_finetune`` pipeline on this machine with ``kfp.local`` — what ``fedfm run`` does.
+
+The very pipeline that ``fedfm compile`` writes for the Kubeflow UI runs here step by step, each step
+a subprocess of this Python (``SubprocessRunner(use_venv=False)``). KFP's own log goes to
+``OUTPUT/run.log``; the terminal shows progress from the steps' events and a summary at the end.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedfm import events
+from fedfm.config import FederationConfig
+from fedfm.errors import FedFMError
+
+# kfp.local runs at most this many ParallelFor iterations at once, whatever `parallelism` says.
+KFP_LOCAL_MAX_CONCURRENCY = 2
+
+
+@dataclass
+class LocalRun:
+    output: Path
+    history: list[dict[str, Any]]
+    seconds: float
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.output / "adapter"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output / "metrics.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.output / "report.png"
+
+
+def run_local(cfg: FederationConfig, output: Path, on_event: Callable[[dict[str, Any]], None] | None = None) -> LocalRun:
+    """Run the pipeline for ``cfg`` under kfp.local; write ``metrics.json``, ``report.png`` and the
+    final PEFT adapter under ``output``.
+
+    ``on_event`` sees each step's progress event as it happens, on a background thread, while
+    ``sys.stdout`` and ``sys.stderr`` go to ``run.log``: a callback that shows something writes to a
+    stream it took beforehand.
+    """
+    from kfp import local
+
+    from fedfm.pipelines.federated_finetune import build_pipeline
+    from fedfm.report import plot_report, write_metrics
+
+    output = Path(output)
+    claim_output(output)
+    events_path, log_path = output / "events.jsonl", output / "run.log"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output / "kfp"),
+               raise_on_error=True)
+    pipeline = build_pipeline(cfg)
+
+    started = time.time()
+    with open(log_path, "w") as log, _kfp_output_to(log), _step_environment(cfg, events_path), \
+            _follow(events_path, on_event):
+        try:
+            task = pipeline(config=cfg.as_dict())
+        except RuntimeError as exc:
+            raise FedFMError(_failure(events_path, log_path, exc)) from None
+    seconds = time.time() - started
+
+    history = json.loads(Path(task.outputs["history"].path).read_text())
+    shutil.copytree(task.outputs["adapter"].path, output / "adapter")
+    run = LocalRun(output=output, history=history, seconds=seconds)
+    write_metrics(run.metrics_path, cfg.as_dict(), history,
+                  {"seconds": seconds, "runner": "kfp.local", "centralized": cfg.centralized,
+                   "clients": cfg.training_clients})
+    mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
+    plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
+    return run
+
+
+def claim_output(output: Path) -> None:
+    """Never mix two runs in one directory, and never overwrite a finished run's results."""
+    if output.exists() and any(output.iterdir()):
+        raise FedFMError(f"output directory {output} is not empty; choose a new --output (a finished run's "
+                         "results are never overwritten)")
+    output.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _step_environment(cfg: FederationConfig, events_path: Path):
+    """Environment the step subprocesses inherit: where to report progress, and how many CPU threads
+    each may use so that concurrent clients share the cores instead of oversubscribing them."""
+    concurrent = max(1, min(cfg.parallelism, KFP_LOCAL_MAX_CONCURRENCY, len(cfg.training_clients)))
+    threads = max(1, (os.cpu_count() or 1) // (concurrent * cfg.training.world_size))
+    values = {events.ENV: str(events_path), "TOKENIZERS_PARALLELISM": "false"}
+    if "OMP_NUM_THREADS" not in os.environ:
+        values["OMP_NUM_THREADS"] = str(threads)
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _kfp_output_to(log: TextIO):
+    """Send KFP's output (``print`` and the root logger, from every step) to ``log`` while it runs.
+
+    Around every task kfp.local swaps the root logger's handlers and ``builtins.print`` for its own;
+    ParallelFor's threads do that concurrently and can leave kfp's versions installed, so they are put
+    back afterwards.
+    """
+    root = logging.getLogger()
+    handlers, level, original_print = root.handlers[:], root.level, builtins.print
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            yield
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            builtins.print = original_print
+
+
+@contextlib.contextmanager
+def _follow(events_path: Path, on_event: Callable[[dict[str, Any]], None] | None):
+    """Deliver events to ``on_event`` from a background thread while the pipeline runs."""
+    if on_event is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        offset = 0
+        while True:
+            stopping = stop.is_set()
+            batch, offset = events.read(events_path, offset)
+            for event in batch:
+                on_event(event)
+            if stopping:
+                return
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=poll, name="fedfm-events", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _failure(events_path: Path, log_path: Path, exc: Exception) -> str:
+    failed = [event for event in events.read(events_path)[0] if event["event"] == "failed"]
+    if failed:
+        event = failed[0]
+        where = ", ".join(f"{key} {event[key]}" for key in ("round", "client") if key in event)
+        return f"step {event['step']}{f' ({where})' if where else ''} failed: {event['error']}\nfull log: {log_path}"
+    return f"the pipeline failed: {exc}\nfull log: {log_path}"
