@@ -231,7 +231,7 @@ def _tenant_table(cfg: FederationConfig, described: dict[str, dict]) -> Table:
 def _summary_table(cfg: FederationConfig, history: list[dict[str, Any]]) -> Table:
     metric = "accuracy" if cfg.task == "classification" else "perplexity"
     table = Table(title="summary", title_justify="left")
-    for column in ("round", f"global {metric}", "eval loss", "train loss", "clients", "up", "down", "seconds"):
+    for column in ("round", f"global {metric}", "eval loss", "train loss", "clients", "up", "down", "round s"):
         table.add_column(column, justify="right")
     for record in history:
         evaluation = record["eval"]["global"]
@@ -240,7 +240,7 @@ def _summary_table(cfg: FederationConfig, history: list[dict[str, Any]]) -> Tabl
             f"{record['train_loss']:.4f}" if "train_loss" in record else "",
             str(len(record["clients"])) if record["clients"] else "",
             _size(record["bytes_up"]), _size(record["bytes_down"]),
-            f"{record.get('round_seconds', record['eval_seconds']):.1f}",
+            f"{record['round_seconds']:.1f}" if "round_seconds" in record else "",
         )
     return table
 

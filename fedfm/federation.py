@@ -59,11 +59,13 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     clients: dict[str, dict[str, Any]] = {}
     aggregate = strategy.aggregate(current.tensors, _validated(cfg, round_index, current, updates, clients),
                                    state={})
-    meta = AdapterMeta(
-        kind="global", base_model=current.meta.base_model, peft_config=current.meta.peft_config,
-        round=round_index, samples=aggregate.samples,
-        metrics={"clients": clients, "strategy": strategy.name, "aggregate_seconds": time.time() - started},
-    )
+    finished = time.time()
+    metrics = {"clients": clients, "strategy": strategy.name, "aggregate_seconds": finished - started}
+    starts = [figures["started_at"] for figures in clients.values() if "started_at" in figures]
+    if starts:  # the round proper: from the first client's start to the new global adapter
+        metrics["round_seconds"] = finished - min(starts)
+    meta = AdapterMeta(kind="global", base_model=current.meta.base_model, peft_config=current.meta.peft_config,
+                       round=round_index, samples=aggregate.samples, metrics=metrics)
     save_adapter(global_out, aggregate.tensors, meta)
     return meta
 
@@ -105,9 +107,8 @@ def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: flo
         "eval_seconds": eval_seconds,
         "adapter_sha256": meta.sha256,
     }
-    starts = [client["started_at"] for client in clients.values() if "started_at" in client]
-    if starts:
-        record["round_seconds"] = time.time() - min(starts)
+    if "round_seconds" in meta.metrics:
+        record["round_seconds"] = meta.metrics["round_seconds"]
     if clients:
         record["train_loss"] = _weighted_mean(clients, "train_loss")
     return record
