@@ -23,6 +23,7 @@ from rich.table import Table
 
 from fedfm.config import FederationConfig, load_config
 from fedfm.errors import FedFMError
+from fedfm.report import quality_metric
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated fine-tuning of foundation models (PEFT LoRA + DeepSpeed) as Kubeflow Pipelines.")
@@ -108,7 +109,6 @@ def run(
     """Run a federated fine-tune locally through the KFP pipeline (kfp.local)."""
     from fedfm.data import describe_clients
     from fedfm.pipelines.local_runner import claim_output, run_local
-    from fedfm.report import quality_metric
 
     console = _console()
     output = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -162,7 +162,7 @@ class RunProgress:
 
     def __init__(self, cfg: FederationConfig):
         self.cfg = cfg
-        self.metric = "accuracy" if cfg.task == "classification" else "perplexity"
+        self.metric = quality_metric(cfg.task)
         self.init = "…"
         self.rounds: dict[int, dict[str, Any]] = {
             index: {"clients": {}, "aggregate": "", "eval": ""} for index in range(0, cfg.rounds + 1)
@@ -229,7 +229,7 @@ def _tenant_table(cfg: FederationConfig, described: dict[str, dict]) -> Table:
 
 
 def _summary_table(cfg: FederationConfig, history: list[dict[str, Any]]) -> Table:
-    metric = "accuracy" if cfg.task == "classification" else "perplexity"
+    metric = quality_metric(cfg.task)
     table = Table(title="summary", title_justify="left")
     for column in ("round", f"global {metric}", "eval loss", "train loss", "clients", "up", "down", "round s"):
         table.add_column(column, justify="right")
@@ -245,14 +245,14 @@ def _summary_table(cfg: FederationConfig, history: list[dict[str, Any]]) -> Tabl
     return table
 
 
-def _size(count: int) -> str:
+def _size(count: float) -> str:
     if not count:
         return ""
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+            break
         count /= 1024
-    return str(count)
+    return f"{count:.0f} B" if unit == "B" else f"{count:.1f} {unit}"
 
 
 def main() -> None:
