@@ -19,7 +19,7 @@ if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_SHM_COMM=1 "${PIP[@]}" --no-build-isolation -c "$C" deepspeed
 fi
 if [ "$MODE" = "--wheel" ]; then
-  "${PIP[@]}" -c "$C" "$ROOT"
+  "${PIP[@]}" -c "$C" "$ROOT[object-stores]"
 else
   "${PIP[@]}" -c "$C" -e "$ROOT[test]"
 fi
