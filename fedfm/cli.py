@@ -157,6 +157,77 @@ def compile_command(
                   f"{len(cfg.training_clients)} client(s), image {image or DEFAULT_IMAGE}")
 
 
+# --- the commands a tenant's Job runs (cluster mode) ----------------------------------------------
+
+_JOB_CONFIG_HELP = "Config file; default: the FEDFM_CONFIG environment variable (what the operator sets)."
+
+
+def _job_config(config: Optional[Path], client: str, data: Optional[str], world_size: Optional[int] = None):
+    """The config of a tenant's Job: the round's config, with this client reading ``data``."""
+    import json
+    import os
+
+    from fedfm.errors import ConfigError
+
+    if config is not None:
+        cfg = load_config(config)
+    elif os.environ.get("FEDFM_CONFIG"):
+        try:
+            raw = json.loads(os.environ["FEDFM_CONFIG"])
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"FEDFM_CONFIG is not valid JSON: {exc}") from None
+        cfg = FederationConfig.parse(raw, source="FEDFM_CONFIG")
+    else:
+        raise ConfigError("no config: pass --config or set FEDFM_CONFIG")
+    cfg.client(client)  # the round's config must be for this client
+    data_dict = cfg.as_dict()
+    data_dict["clients"] = [{"name": client, **({"train": data} if data else {})}]
+    if world_size:
+        data_dict["training"]["world_size"] = world_size
+    return FederationConfig.parse(data_dict, source="the Job's config")
+
+
+@app.command("client-train")
+def client_train(
+    client: str = typer.Option(..., help="This client's name."),
+    round_index: int = typer.Option(..., "--round", help="The round."),
+    global_adapter: str = typer.Option(..., help="URI of the global adapter to start from."),
+    output: str = typer.Option(..., help="URI to write the update to."),
+    data: Optional[str] = typer.Option(None, help="This client's training data (file, URI or HF id)."),
+    world_size: Optional[int] = typer.Option(None, help="DeepSpeed processes (GPUs) for this fine-tune."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_JOB_CONFIG_HELP),
+) -> None:
+    """One client's fine-tune for one round: what a ClientRound's Job runs in the tenant's namespace."""
+    from fedfm.training import train_client
+
+    cfg = _job_config(config, client, data, world_size)
+    result = train_client(cfg, client, round_index, global_adapter, output)
+    _console().print(f"client {client}, round {round_index}: {result.steps} steps on {result.samples} samples, "
+                     f"train loss {result.train_loss:.4f}; update written to {output}")
+
+
+@app.command("client-evaluate")
+def client_evaluate(
+    client: str = typer.Option(..., help="This client's name."),
+    round_index: int = typer.Option(..., "--round", help="The round."),
+    adapter: str = typer.Option(..., help="URI of the adapter to evaluate."),
+    output: str = typer.Option(..., help="URI to write the evaluation counts (JSON) to."),
+    data: Optional[str] = typer.Option(None, help="This client's data (its evaluation split is scored)."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_JOB_CONFIG_HELP),
+) -> None:
+    """Score an adapter on this client's evaluation split; only the counts leave the namespace."""
+    import dataclasses
+    import json
+
+    from fedfm import storage
+    from fedfm.evaluation import evaluate_clients
+
+    cfg = _job_config(config, client, data)
+    sums = evaluate_clients(cfg, adapter, [client])[client]
+    storage.write_bytes(output, json.dumps(dataclasses.asdict(sums)).encode())
+    _console().print(f"client {client}, round {round_index}: {sums.metrics(cfg.task)}")
+
+
 class RunProgress:
     """What the run display shows, kept up to date from the steps' events."""
 

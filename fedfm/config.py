@@ -8,6 +8,7 @@ applies CLI flags on top, and :meth:`FederationConfig.as_dict` is what the compi
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +107,17 @@ class ClientConfig(_Section):
     name: str
     train: str | None = Field(None, description="the tenant's own training data (file or HF id)")
     eval: str | None = Field(None, description="the tenant's own evaluation data")
+    namespace: str | None = Field(None, description="the tenant's Kubernetes namespace in cluster mode "
+                                                    "(default: the client's name)")
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str | None) -> str | None:
+        return None if value is None else _dns_label(value, "namespace")
+
+    @property
+    def kubernetes_namespace(self) -> str:
+        return self.namespace or self.name
 
     @field_validator("name")
     @classmethod
@@ -159,6 +171,35 @@ class TrainingConfig(_Section):
         return self.batch_size // (self.world_size * self.gradient_accumulation_steps)
 
 
+class PolicyConfig(_Section):
+    """Who takes part in a round and what a round needs to count."""
+
+    sample_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the clients drawn each round "
+                                                                    "(seeded, at least min_clients)")
+    min_clients: int | None = Field(None, ge=1, description="quorum: updates a round needs to aggregate "
+                                                           "(default: every client drawn)")
+    round_deadline_seconds: float | None = Field(None, gt=0, description="a client's fine-tune must finish "
+                                                                        "within this (cluster mode)")
+
+
+class ExecutionConfig(_Section):
+    """Where client steps run: here (``local``), or as Jobs in the tenants' namespaces (``kubernetes``)."""
+
+    mode: Literal["local", "kubernetes"] = "local"
+    storage_uri: str | None = Field(None, description="fsspec URI under which adapters and updates move "
+                                                      "between the pipeline and the tenants (kubernetes)")
+    federation_namespace: str | None = Field(None, description="namespace of the Federation object (default: "
+                                                               "the pipeline pod's own namespace)")
+    poll_seconds: float = Field(2.0, gt=0, description="how often a step checks its ClientRounds")
+
+    @model_validator(mode="after")
+    def _storage_for_kubernetes(self) -> ExecutionConfig:
+        if self.mode == "kubernetes" and not self.storage_uri:
+            raise ValueError("execution.storage_uri is required when execution.mode is kubernetes: tenants' "
+                             "Jobs read adapters and write updates there")
+        return self
+
+
 class StrategyConfig(_Section):
     """The server's aggregation rule, by name (see ``fedfm.strategies``), with its parameters."""
 
@@ -176,6 +217,8 @@ class FederationConfig(_Section):
     clients: list[ClientConfig] = Field(default_factory=lambda: _numbered_clients(4))
     rounds: int = Field(3, ge=1, le=1000)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     seed: int = 0
@@ -210,6 +253,12 @@ class FederationConfig(_Section):
             raise ValueError(f"client names must be unique; repeated: {', '.join(duplicates)}")
         if CENTRALIZED_CLIENT in names:
             raise ValueError(f"client name {CENTRALIZED_CLIENT!r} is reserved for centralized runs")
+        if self.policy.min_clients is not None and self.policy.min_clients > len(self.training_clients):
+            raise ValueError(f"policy.min_clients {self.policy.min_clients} exceeds the "
+                             f"{len(self.training_clients)} client(s) that train")
+        if self.execution.mode == "kubernetes" and self.task == "classification" and not self.data.labels:
+            raise ValueError("data.labels is required when execution.mode is kubernetes: the tenants' data stays in "
+                             "their namespaces, so the pipeline cannot read the label set from it")
         own_data = [client.name for client in self.clients if client.train]
         if self.centralized and own_data:
             raise ValueError("centralized runs pool a simulated partition; clients with their own data "
@@ -232,6 +281,22 @@ class FederationConfig(_Section):
             if client.name == name:
                 return client
         raise ConfigError(f"client {name!r} is not in this federation (clients: {', '.join(self.client_names)})")
+
+    def sampled_clients(self, round_index: int) -> list[str]:
+        """The clients drawn for ``round_index``: ``policy.sample_fraction`` of them (never fewer than the
+        quorum), the same draw in every process for a given seed and round."""
+        import numpy as np
+
+        clients = self.training_clients
+        count = max(math.ceil(self.policy.sample_fraction * len(clients)), self.policy.min_clients or 1)
+        if count >= len(clients):
+            return list(clients)
+        chosen = np.random.default_rng([self.seed, round_index]).choice(len(clients), size=count, replace=False)
+        return [clients[index] for index in sorted(chosen)]
+
+    def quorum(self, sampled: int) -> int:
+        """Updates a round with ``sampled`` clients needs before it aggregates."""
+        return min(self.policy.min_clients or sampled, sampled)
 
     def local_steps_for(self, client: str) -> int | None:
         """Optimizer steps for ``client`` per round; a pooled client does every tenant's steps."""

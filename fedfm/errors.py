@@ -46,3 +46,7 @@ class AdapterValidationError(AdapterError):
 
 class TrainingError(FedFMError):
     """Local fine-tuning of a client failed."""
+
+
+class QuorumError(FedFMError):
+    """Too few clients sent a usable update for a round to aggregate."""

@@ -1,8 +1,9 @@
-"""Evaluate an adapter on every tenant's held-out data, per client and globally.
+"""Evaluate an adapter on tenants' held-out data, per client, and combine the counts globally.
 
 Classification reports loss and accuracy; causal-LM reports loss and perplexity over response tokens.
-The global figures add up the per-client counts (the same as evaluating on the union of the tenants'
-evaluation sets), so they never average averages.
+Each client's result is a :class:`~fedfm.tasks.LossSums` of additive counts, so the global figures
+(the same as evaluating on the union of the tenants' evaluation sets) never average averages, and a
+client can evaluate where its data lives and send back only the counts.
 """
 
 from __future__ import annotations
@@ -18,23 +19,25 @@ from fedfm.tasks import LossSums, batch_sums, collate, encode
 _EVAL_BATCH = 32
 
 
-def evaluate_adapter(cfg: FederationConfig, adapter_uri: str) -> dict[str, Any]:
-    """``{"global": metrics, "clients": {name: metrics}}`` for the adapter at ``adapter_uri``."""
-    from fedfm.data import load_eval_sets
+def evaluate_clients(cfg: FederationConfig, adapter_uri: str, clients: list[str]) -> dict[str, LossSums]:
+    """Each of ``clients``' evaluation split, scored with the adapter at ``adapter_uri`` (one model load)."""
+    from fedfm.data import load_client_data
     from fedfm.modeling import build_model, load_adapter_tensors
 
     adapter = load_adapter(adapter_uri, who="the federation")
     loaded = build_model(cfg)
     load_adapter_tensors(loaded.model, adapter.tensors, where=f"adapter {adapter_uri}")
     model = loaded.model.eval()
+    return {client: _evaluate_frame(model, loaded.tokenizer, load_client_data(cfg, client).eval, cfg)
+            for client in clients}
 
+
+def summarize(task: str, sums: dict[str, LossSums]) -> dict[str, Any]:
+    """``{"global": metrics, "clients": {name: metrics}}`` from per-client counts."""
     total = LossSums()
-    per_client: dict[str, dict[str, Any]] = {}
-    for client, frame in load_eval_sets(cfg).items():
-        sums = _evaluate_frame(model, loaded.tokenizer, frame, cfg)
-        per_client[client] = sums.metrics(cfg.task)
-        total.add(sums)
-    return {"global": total.metrics(cfg.task), "clients": per_client}
+    for client_sums in sums.values():
+        total.add(client_sums)
+    return {"global": total.metrics(task), "clients": {client: s.metrics(task) for client, s in sums.items()}}
 
 
 @torch.no_grad()

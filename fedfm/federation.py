@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from fedfm import storage
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, read_meta, save_adapter, validate_update
 from fedfm.config import FederationConfig
-from fedfm.errors import AdapterValidationError, FedFMError
+from fedfm.errors import AdapterValidationError, FedFMError, QuorumError
 from fedfm.strategies import build_strategy
 
 # Per-client figures copied from each update into the round record.
@@ -46,12 +46,22 @@ def initialize(cfg: FederationConfig, global_out: str) -> AdapterMeta:
 
 
 def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, updates: Iterable[tuple[str, str]],
-                    global_out: str) -> AdapterMeta:
+                    global_out: str, missing: Mapping[str, str] | None = None) -> AdapterMeta:
     """Validate every update (``(client, uri)`` pairs) against ``global_uri``, combine them with the
-    configured strategy, and write the next global adapter to ``global_out``. Any invalid update fails
-    the round before anything is written; the previous global adapter is never modified.
+    configured strategy, and write the next global adapter to ``global_out``.
+
+    ``missing`` names the round's clients that sent nothing, with why; with fewer updates than the
+    quorum (``policy.min_clients``, default all) the round fails with :class:`QuorumError` saying so.
+    Any invalid update fails the round too. Either way nothing is written, and the previous global
+    adapter is never modified.
     """
     started = time.time()
+    updates, missing = list(updates), dict(missing or {})
+    quorum = cfg.quorum(len(updates) + len(missing))
+    if len(updates) < quorum:
+        absent = "; ".join(f"{client}: {reason}" for client, reason in sorted(missing.items()))
+        raise QuorumError(f"round {round_index}: {len(updates)} of {len(updates) + len(missing)} clients sent an "
+                          f"update, below the quorum of {quorum} (policy.min_clients) — {absent}")
     current = load_adapter(global_uri, who="the federation")
     if current.meta.kind != "global":
         raise FedFMError(f"{global_uri} is a client update, not a global adapter")
@@ -60,7 +70,8 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     aggregate = strategy.aggregate(current.tensors, _validated(cfg, round_index, current, updates, clients),
                                    state={})
     finished = time.time()
-    metrics = {"clients": clients, "strategy": strategy.name, "aggregate_seconds": finished - started}
+    metrics = {"clients": clients, "missing": missing, "strategy": strategy.name,
+               "aggregate_seconds": finished - started}
     starts = [figures["started_at"] for figures in clients.values() if "started_at" in figures]
     if starts:  # the round proper: from the first client's start to the new global adapter
         metrics["round_seconds"] = finished - min(starts)
@@ -100,6 +111,7 @@ def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: flo
         "round": meta.round,
         "eval": evaluation,
         "clients": clients,
+        "missing": meta.metrics.get("missing", {}),
         "samples": meta.samples,
         "bytes_up": sum(client.get("bytes_up", 0) for client in clients.values()),
         "bytes_down": sum(client.get("bytes_down", 0) for client in clients.values()),

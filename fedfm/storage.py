@@ -37,6 +37,17 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         raise StorageError(f"cannot read {uri}: {exc}") from None
 
 
+def exists(uri: str | os.PathLike) -> bool:
+    uri = os.fspath(uri)
+    try:
+        if _is_local(uri):
+            return _local_path(uri).exists()
+        fs, path = fsspec.core.url_to_fs(uri)
+        return bool(fs.exists(path))
+    except (OSError, ValueError, ImportError) as exc:
+        raise StorageError(f"cannot check {uri}: {exc}") from None
+
+
 def size(uri: str | os.PathLike) -> int:
     """Bytes stored at ``uri`` (what moving it over the network costs)."""
     uri = os.fspath(uri)

@@ -11,7 +11,7 @@ import torch
 
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, save_adapter
 from fedfm.config import FederationConfig, StrategyConfig
-from fedfm.errors import AdapterError, AdapterValidationError, ConfigError
+from fedfm.errors import AdapterError, AdapterValidationError, ConfigError, QuorumError
 from fedfm.federation import aggregate_round
 from fedfm.strategies import build_strategy
 from fedfm.strategies.fedavg import FedAvg
@@ -172,3 +172,17 @@ class TestAggregateRound:
         with pytest.raises(Exception, match="already exists"):
             aggregate_round(cfg, 1, str(global_path), [(c, str(p)) for c, p in paths.items()], str(global_path))
         assert global_path.read_bytes() == before
+
+    def test_missing_clients_count_against_the_quorum(self, setup, tmp_path):
+        cfg, global_path, paths = setup
+        two = [(c, str(p)) for c, p in paths.items() if c != "tenant-2"]
+        missing = {"tenant-2": "TimedOut: no update within the 30 s deadline"}
+        with pytest.raises(QuorumError, match=r"round 1: 2 of 3 clients sent an update, below the quorum of 3 "
+                                              r"\(policy.min_clients\) — tenant-2: TimedOut: no update within"):
+            aggregate_round(cfg, 1, str(global_path), two, str(tmp_path / "next.safetensors"), missing)
+        assert not (tmp_path / "next.safetensors").exists()
+
+        at_quorum = cfg.with_overrides({"policy.min_clients": 2})
+        meta = aggregate_round(at_quorum, 1, str(global_path), two, str(tmp_path / "next.safetensors"), missing)
+        assert sorted(meta.metrics["clients"]) == ["tenant-0", "tenant-1"] and meta.samples == 30
+        assert meta.metrics["missing"] == missing

@@ -84,3 +84,19 @@ def test_load_config_reads_yaml_and_json_and_names_the_file(tmp_path):
         load_config(tmp_path / "typo.yaml")
     with pytest.raises(ConfigError, match="cannot read config file .*missing.yaml"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_client_sampling_is_seeded_and_respects_the_quorum():
+    cfg = FederationConfig.parse({"clients": 10, "policy": {"sample_fraction": 0.3, "min_clients": 4}})
+    drawn = [cfg.sampled_clients(r) for r in range(1, 6)]
+    assert all(len(clients) == 4 for clients in drawn)  # ceil(0.3 × 10) = 3 < min_clients 4
+    assert len({tuple(clients) for clients in drawn}) > 1  # a new draw each round
+    assert drawn == [FederationConfig.parse(cfg.as_dict()).sampled_clients(r) for r in range(1, 6)]
+    assert cfg.with_overrides({"seed": 1}).sampled_clients(1) != drawn[0] or \
+        cfg.with_overrides({"seed": 1}).sampled_clients(2) != drawn[1]
+    assert FederationConfig(clients=3).sampled_clients(7) == ["tenant-0", "tenant-1", "tenant-2"]
+    assert cfg.quorum(4) == 4 and FederationConfig(clients=3).quorum(3) == 3
+    with pytest.raises(ConfigError, match="policy.min_clients 5 exceeds the 3 client"):
+        FederationConfig.parse({"clients": 3, "policy": {"min_clients": 5}})
+    with pytest.raises(ConfigError, match="execution.storage_uri is required when execution.mode is kubernetes"):
+        FederationConfig.parse({"execution": {"mode": "kubernetes"}})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CORE = ["adapters", "cli", "config", "data", "evaluation", "events", "federation", "modeling", "report", "storage",
-        "strategies", "tasks", "training"]
+CORE = ["adapters", "cli", "config", "data", "evaluation", "events", "executors", "federation",
+        "modeling", "report", "storage", "strategies", "tasks", "training"]
 
 
 def test_the_core_imports_neither_kfp_nor_kubernetes():

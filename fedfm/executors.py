@@ -1,0 +1,76 @@
+"""Where a client's work runs: in this process (``local``) or as a Job in the tenant's namespace.
+
+A pipeline step asks its executor to fine-tune or evaluate on a client's data and gets back an
+outcome; it never touches the data itself. :class:`LocalExecutor` trains right here (``fedfm run``
+and the tests). The Kubernetes executor (``fedfm.operators.executor``) creates a ``ClientRound`` in
+the tenant's namespace and waits for the operator to report it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from fedfm.adapters import AdapterMeta
+from fedfm.config import FederationConfig
+from fedfm.tasks import LossSums
+
+SUCCEEDED = "Succeeded"
+
+
+@dataclass
+class ClientOutcome:
+    """What became of one client's fine-tune. ``phase`` is a ClientRound phase; anything but
+    ``Succeeded`` means no update, and ``reason`` says why."""
+
+    client: str
+    phase: str = SUCCEEDED
+    reason: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.phase == SUCCEEDED
+
+
+class Executor(ABC):
+    """Runs clients' work for a pipeline step."""
+
+    @abstractmethod
+    def train(self, cfg: FederationConfig, client: str, round_index: int, global_uri: str,
+              update_out: str) -> ClientOutcome:
+        """Fine-tune ``client`` from the adapter at ``global_uri``; on success its update is at ``update_out``."""
+
+    @abstractmethod
+    def evaluate(self, cfg: FederationConfig, round_index: int, adapter_uri: str,
+                 clients: list[str]) -> tuple[dict[str, LossSums], dict[str, str]]:
+        """Each client's evaluation counts for the adapter, and the clients that gave none, with why."""
+
+    def round_aggregated(self, cfg: FederationConfig, meta: AdapterMeta, adapter_uri: str) -> None:
+        """Told after a round's new global adapter is written (the cluster publishes it)."""
+
+    def round_failed(self, cfg: FederationConfig, round_index: int, message: str) -> None:
+        """Told when a round cannot aggregate (the cluster records it on the Federation)."""
+
+
+class LocalExecutor(Executor):
+    """Clients' work in this process, on data this process can read (simulation and tests)."""
+
+    def train(self, cfg, client, round_index, global_uri, update_out):
+        from fedfm.training import train_client
+
+        train_client(cfg, client, round_index, global_uri, update_out)
+        return ClientOutcome(client)
+
+    def evaluate(self, cfg, round_index, adapter_uri, clients):
+        from fedfm.evaluation import evaluate_clients
+
+        return evaluate_clients(cfg, adapter_uri, clients), {}
+
+
+def build_executor(cfg: FederationConfig, run_id: str = "") -> Executor:
+    """The executor ``cfg.execution.mode`` names; ``run_id`` keeps one run's cluster objects apart."""
+    if cfg.execution.mode == "kubernetes":
+        from fedfm.operators.executor import KubernetesExecutor  # only cluster mode needs the kubernetes client
+
+        return KubernetesExecutor(cfg, run_id)
+    return LocalExecutor()
