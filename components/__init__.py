@@ -17,6 +17,7 @@ from fedfm.components.client_finetune import client_finetune
 from fedfm.components.evaluate import evaluate
 from fedfm.components.export_adapter import export_adapter
 from fedfm.components.init_federation import init_federation
+from fedfm.components.select_clients import select_clients
 
 DEFAULT_IMAGE = f"ghcr.io/fedfm/fedfm:{__version__}"
 
@@ -24,6 +25,7 @@ DEFAULT_IMAGE = f"ghcr.io/fedfm/fedfm:{__version__}"
 @dataclass(frozen=True)
 class Components:
     init_federation: dsl.base_component.BaseComponent
+    select_clients: dsl.base_component.BaseComponent
     client_finetune: dsl.base_component.BaseComponent
     aggregate: dsl.base_component.BaseComponent
     evaluate: dsl.base_component.BaseComponent
@@ -31,13 +33,14 @@ class Components:
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> Components:
-    """The five steps as KFP components running in ``image``."""
+    """The steps as KFP components running in ``image``."""
 
     def component(func):
         return dsl.component(func, base_image=image, install_kfp_package=False)
 
     return Components(
         init_federation=component(init_federation),
+        select_clients=component(select_clients),
         client_finetune=component(client_finetune),
         aggregate=component(aggregate),
         evaluate=component(evaluate),

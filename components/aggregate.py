@@ -1,4 +1,4 @@
-"""Step 3 (one per round): validate the clients' updates and combine them into the next global adapter."""
+"""Step 4 (one per round): validate the clients' updates and combine them into the next global adapter."""
 
 from typing import List
 
@@ -8,19 +8,35 @@ from kfp.dsl import Input, Model, Output
 def aggregate(
     config: dict,
     round_index: int,
+    run_id: str,
     global_adapter: Input[Model],
     updates: Input[List[Model]],
     new_global_adapter: Output[Model],
 ):
-    """Run the configured strategy over the round's updates."""
+    """Run the configured strategy over the round's updates, if enough clients sent one."""
     from fedfm import events
+    from fedfm.errors import QuorumError
+    from fedfm.executors import SUCCEEDED, build_executor
     from fedfm.federation import aggregate_round, step_config
 
-    # The client name travels in each update artifact's metadata, so even an unreadable file is named.
-    pairs = [(update.metadata.get("client", update.uri), update.path) for update in updates]
     with events.step("aggregate", round=round_index) as figures:
         cfg = step_config(config)
-        meta = aggregate_round(cfg, round_index, global_adapter.path, pairs, new_global_adapter.path)
-        figures.update(clients=len(pairs), samples=meta.samples)
+        executor = build_executor(cfg, run_id)
+        # The client name travels in each update artifact's metadata, so even an unreadable file is named.
+        pairs, missing = [], {}
+        for update in updates:
+            client = update.metadata.get("client", update.uri)
+            phase = update.metadata.get("phase", SUCCEEDED)
+            if phase == SUCCEEDED:
+                pairs.append((client, update.path))
+            else:
+                missing[client] = f"{phase}: {update.metadata.get('reason', '')}".rstrip(": ")
+        try:
+            meta = aggregate_round(cfg, round_index, global_adapter.path, pairs, new_global_adapter.path, missing)
+        except QuorumError as exc:
+            executor.round_failed(cfg, round_index, str(exc))
+            raise
+        executor.round_aggregated(cfg, meta, new_global_adapter.path)
+        figures.update(clients=len(pairs), missing=len(missing), samples=meta.samples)
     new_global_adapter.metadata.update(round=round_index, samples=meta.samples, sha256=meta.sha256,
-                                       clients=sorted(meta.metrics["clients"]))
+                                       clients=sorted(meta.metrics["clients"]), missing=missing)

@@ -1,4 +1,4 @@
-"""Step 2 (one per client per round): fine-tune the global adapter on the client's own data."""
+"""Step 3 (one per client per round): fine-tune the global adapter on the client's own data."""
 
 from kfp.dsl import Input, Model, Output
 
@@ -7,17 +7,29 @@ def client_finetune(
     config: dict,
     client: str,
     round_index: int,
+    run_id: str,
     global_adapter: Input[Model],
     update: Output[Model],
 ):
-    """Train ``client``'s LoRA adapter from the global one (DeepSpeed) and output its update."""
-    from fedfm import events
+    """Train ``client``'s LoRA adapter from the global one and output its update.
+
+    Where the training runs is the config's ``execution.mode``: here, or as a Job in the client's
+    namespace. A client that produced nothing (its Job failed, timed out, or sent a bad update) is
+    not a failed step: ``update`` then says why in its metadata, and aggregation decides on quorum.
+    """
+    from fedfm import events, storage
+    from fedfm.adapters import read_meta
+    from fedfm.executors import build_executor
     from fedfm.federation import step_config
-    from fedfm.training import train_client
 
     with events.step("client_finetune", client=client, round=round_index) as figures:
         cfg = step_config(config)
-        result = train_client(cfg, client, round_index, global_adapter.path, update.path)
-        figures.update(train_loss=result.train_loss, samples=result.samples, seconds=result.seconds)
-    update.metadata.update(client=client, round=round_index, samples=result.samples,
-                           train_loss=result.train_loss, sha256=result.sha256)
+        outcome = build_executor(cfg, run_id).train(cfg, client, round_index, global_adapter.path, update.path)
+        if outcome.succeeded:
+            meta = read_meta(update.path)
+            figures.update(train_loss=meta.metrics["train_loss"], samples=meta.samples, seconds=meta.metrics["seconds"])
+            update.metadata.update(samples=meta.samples, train_loss=meta.metrics["train_loss"], sha256=meta.sha256)
+        else:
+            storage.write_bytes(update.path, b"")  # an artifact must exist; its metadata says there is no update
+            figures.update(phase=outcome.phase, reason=outcome.reason)
+    update.metadata.update(client=client, round=round_index, phase=outcome.phase, reason=outcome.reason)

@@ -1,4 +1,4 @@
-"""Step 5: export the final global adapter as a PEFT directory."""
+"""Step 6: export the final global adapter as a PEFT directory."""
 
 from kfp.dsl import Input, Model, Output
 

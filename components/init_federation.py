@@ -1,4 +1,4 @@
-"""Step 1: validate the config, settle what the data decides (labels), build round 0's global adapter."""
+"""Step 1: validate the config against the compiled pipeline and build round 0's global adapter."""
 
 from kfp.dsl import Artifact, Model, Output
 
@@ -8,9 +8,8 @@ def init_federation(
     compiled_rounds: int,
     global_adapter: Output[Model],
     history: Output[Artifact],
-) -> list:
-    """Check the run's config against the compiled pipeline, write the initial global adapter, and
-    return the clients that train each round (the rounds' ParallelFor items)."""
+):
+    """Check the run's config against the compiled pipeline and write the initial global adapter."""
     from fedfm import events, storage
     from fedfm.errors import ConfigError
     from fedfm.federation import initialize, step_config
@@ -23,4 +22,3 @@ def init_federation(
         meta = initialize(cfg, global_adapter.path)
         storage.write_bytes(history.path, b"[]")
     global_adapter.metadata.update(round=0, base_model=meta.base_model, sha256=meta.sha256)
-    return cfg.training_clients

@@ -4,9 +4,9 @@
 
     init ─► evaluate(round 0)
       │
-      └► round 1: ParallelFor(client) fine-tune ─Collected─► aggregate ─► evaluate(round 1)
-                                                              │
-         round 2: ParallelFor(client) fine-tune ◄─────────────┘  …  ─► export (PEFT adapter)
+      └► round 1: select clients ─► ParallelFor(client) fine-tune ─Collected─► aggregate ─► evaluate(round 1)
+                                                                                │
+         round 2: select clients ─► ParallelFor(client) fine-tune ◄─────────────┘ … ─► export (PEFT adapter)
 
 Rounds are unrolled at compile time (KFP has no loops whose body feeds the next iteration), so the
 compiled pipeline is for ``cfg.rounds`` rounds; everything else is read from the ``config``
@@ -36,22 +36,26 @@ def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
                     f"{len(cfg.training_clients)} client(s), {cfg.rounds} round(s), {cfg.strategy.name}.",
     )
     def federated_finetune(config: dict = default_config) -> Outputs:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # keeps this run's cluster objects apart from other runs'
         init = steps.init_federation(config=config, compiled_rounds=cfg.rounds).set_display_name("init")
         global_adapter = init.outputs["global_adapter"]
-        evaluation = steps.evaluate(config=config, global_adapter=global_adapter,
+        evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
                                     history_in=init.outputs["history"]).set_display_name("round 0: evaluate")
         for round_index in range(1, cfg.rounds + 1):
-            with dsl.ParallelFor(init.outputs["Output"], parallelism=cfg.parallelism,
+            selection = steps.select_clients(config=config, round_index=round_index).after(init)
+            selection.set_display_name(f"round {round_index}: select clients")
+            with dsl.ParallelFor(selection.output, parallelism=cfg.parallelism,
                                  name=f"round-{round_index}-clients") as client:
                 finetune = steps.client_finetune(config=config, client=client, round_index=round_index,
-                                                 global_adapter=global_adapter)
+                                                 run_id=run_id, global_adapter=global_adapter)
                 finetune.set_display_name(f"round {round_index}: fine-tune")
                 finetune.set_caching_options(False)  # a new run is a new fine-tune, even from equal inputs
-            aggregation = steps.aggregate(config=config, round_index=round_index, global_adapter=global_adapter,
+            aggregation = steps.aggregate(config=config, round_index=round_index, run_id=run_id,
+                                          global_adapter=global_adapter,
                                           updates=dsl.Collected(finetune.outputs["update"]))
             aggregation.set_display_name(f"round {round_index}: aggregate")
             global_adapter = aggregation.outputs["new_global_adapter"]
-            evaluation = steps.evaluate(config=config, global_adapter=global_adapter,
+            evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
                                         history_in=evaluation.outputs["history"])
             evaluation.set_display_name(f"round {round_index}: evaluate")
         export = steps.export_adapter(config=config, global_adapter=global_adapter).set_display_name("export")

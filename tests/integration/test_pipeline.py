@@ -32,8 +32,11 @@ def test_compiled_yaml_loads_with_kfps_loader_and_has_the_round_structure(tiny_c
     loops = {task["taskInfo"]["name"]: task for task in tasks.values() if "parameterIterator" in task}
     assert sorted(loops) == ["round-1-clients", "round-2-clients", "round-3-clients"]
     assert all(task["iteratorPolicy"]["parallelismLimit"] == 2 for task in loops.values())
-    assert all(task["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--init-federation-Output"
-               for task in loops.values())
+    # each round's clients are the output of that round's select-clients step
+    selectors = {name: task for name, task in tasks.items() if task["taskInfo"]["name"].endswith("select clients")}
+    assert len(selectors) == 3
+    assert {task["parameterIterator"]["items"]["inputParameter"] for task in loops.values()} == {
+        f"pipelinechannel--{name}-Output" for name in selectors}
     display = sorted(task["taskInfo"]["name"] for task in tasks.values())
     assert "round 3: aggregate" in display and "round 0: evaluate" in display and "export" in display
     executors = spec["deploymentSpec"]["executors"].values()
@@ -42,14 +45,15 @@ def test_compiled_yaml_loads_with_kfps_loader_and_has_the_round_structure(tiny_c
     assert "pip install" not in commands  # the image carries everything; nothing installs at run time
 
 
-def _check_run(run, cfg, clients):
+def _check_run(run, cfg):
     history = run.history
     assert [record["round"] for record in history] == list(range(cfg.rounds + 1))
     assert history[0]["clients"] == {}
     for record in history[1:]:
-        assert sorted(record["clients"]) == sorted(clients)
-        for figures in record["clients"].values():
-            assert figures["samples"] > 0 and figures["steps"] == cfg.local_steps_for(clients[0])
+        assert sorted(record["clients"]) == cfg.sampled_clients(record["round"])
+        assert record["missing"] == {}
+        for client, figures in record["clients"].items():
+            assert figures["samples"] > 0 and figures["steps"] == cfg.local_steps_for(client)
             assert math.isfinite(figures["train_loss"]) and figures["bytes_up"] > 0 and figures["bytes_down"] > 0
         assert record["bytes_up"] == sum(c["bytes_up"] for c in record["clients"].values())
         # a round runs from the first client's start to the aggregate: at least the longest training loop
@@ -66,17 +70,22 @@ def _check_run(run, cfg, clients):
 def test_two_rounds_three_clients_under_kfp_local(task, tiny_config, tmp_path):
     from fedfm.pipelines.local_runner import run_local
 
-    cfg = tiny_config(task, rounds=2, clients=3, **{"training.local_steps": 6})
+    # the causal-LM run also draws 2 of the 3 clients per round (policy.sample_fraction)
+    fraction = 1.0 if task == "classification" else 0.5
+    cfg = tiny_config(task, rounds=2, clients=3, **{"training.local_steps": 6, "policy.sample_fraction": fraction})
     seen = []
     run = run_local(cfg, tmp_path / "run", on_event=seen.append)
-    _check_run(run, cfg, cfg.client_names)
+    _check_run(run, cfg)
+    if task == "causal-lm":
+        assert [len(cfg.sampled_clients(r)) for r in (1, 2)] == [2, 2]
+        assert cfg.sampled_clients(1) != cfg.sampled_clients(2)  # a new draw each round (seed 0)
     metric = "accuracy" if task == "classification" else "perplexity"
     assert all(metric in record["eval"]["global"] for record in run.history)
     if task == "causal-lm":  # the tiny LM learns the response format within two rounds
         assert run.history[-1]["eval"]["global"]["loss"] < run.history[0]["eval"]["global"]["loss"]
     finished = {(e["step"], e.get("round"), e.get("client")) for e in seen if e["event"] == "finished"}
     for round_index in (1, 2):
-        for client in cfg.client_names:
+        for client in cfg.sampled_clients(round_index):
             assert ("client_finetune", round_index, client) in finished
         assert ("aggregate", round_index, None) in finished
     assert ("export", None, None) in finished
@@ -90,7 +99,8 @@ def test_centralized_baseline_pools_the_tenants_with_the_same_total_steps(tiny_c
 
     cfg = tiny_config(rounds=1, clients=3, centralized=True)
     run = run_local(cfg, tmp_path / "run")
-    _check_run(run, cfg, [CENTRALIZED_CLIENT])
+    _check_run(run, cfg)
+    assert cfg.sampled_clients(1) == [CENTRALIZED_CLIENT]
     pooled = run.history[1]["clients"][CENTRALIZED_CLIENT]
     assert pooled["steps"] == 3 * cfg.training.local_steps
     assert pooled["samples"] == 192  # every tenant's training rows: 240 rows, 80 % train
