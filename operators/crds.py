@@ -1,0 +1,260 @@
+"""The CustomResourceDefinitions of fedfm.dev/v1alpha1, generated here and committed to the chart.
+
+``Federation.spec.config`` is the :class:`~fedfm.config.FederationConfig` schema itself, converted from
+pydantic's JSON schema to a structural OpenAPI v3 schema, so the CLI config, the pipeline parameter
+and the CRD cannot drift apart. Regenerate the YAML after changing the config or these schemas::
+
+    python -m fedfm.operators.crds --write charts/fedfm/crds
+
+(a test fails while the committed files differ from what this module generates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedfm.config import FederationConfig
+from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDERATED_CLIENTS, FEDERATIONS, GROUP,
+                                 PENDING, QUARANTINED, READY, RUNNING, SUCCEEDED, TIMED_OUT, TRAIN, TRAINING,
+                                 VERSION)
+
+Schema = dict[str, Any]
+
+_STRING = {"type": "string"}
+_INTEGER = {"type": "integer"}
+_NUMBER = {"type": "number"}
+_TIME = {"type": "string", "format": "date-time"}
+_FREE_FORM = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _object(properties: dict[str, Schema], required: list[str] | None = None, **extra: Any) -> Schema:
+    schema: Schema = {"type": "object", "properties": properties, **extra}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+_CONDITIONS = {"type": "array", "items": _object({
+    "type": _STRING, "status": {"type": "string", "enum": ["True", "False", "Unknown"]}, "reason": _STRING,
+    "message": _STRING, "lastTransitionTime": _TIME}, required=["type", "status"])}
+
+_LABEL_SELECTOR = _object({
+    "matchLabels": {"type": "object", "additionalProperties": _STRING},
+    "matchExpressions": {"type": "array", "items": _object({
+        "key": _STRING, "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+        "values": {"type": "array", "items": _STRING}}, required=["key", "operator"])},
+})
+
+_OBJECT_REFERENCE = _object({"name": _STRING, "namespace": _STRING}, required=["name", "namespace"])
+
+
+def structural(json_schema: Schema) -> Schema:
+    """Pydantic's JSON schema as a Kubernetes structural schema: ``$ref`` inlined, ``X | None`` as
+    ``nullable``, free-form dicts preserved, exclusive bounds in OpenAPI 3.0 form, no titles or defaults
+    (pydantic applies the defaults when the operator reads the object)."""
+    definitions = json_schema.get("$defs", {})
+
+    def convert(node: Schema) -> Schema:
+        if "$ref" in node:
+            return convert(copy.deepcopy(definitions[node["$ref"].rsplit("/", 1)[-1]]) | {
+                key: value for key, value in node.items() if key != "$ref"})
+        if "anyOf" in node:
+            options = [option for option in node["anyOf"] if option.get("type") != "null"]
+            if len(options) != 1:
+                raise ValueError(f"cannot express {node} structurally")
+            rest = {key: value for key, value in node.items() if key != "anyOf"}
+            return convert(options[0] | rest) | {"nullable": True}
+        result: Schema = {}
+        for key, value in node.items():
+            if key in ("title", "default", "$defs"):
+                continue
+            if key == "properties":
+                result[key] = {name: convert(child) for name, child in value.items()}
+            elif key == "items":
+                result[key] = convert(value)
+            elif key == "additionalProperties":
+                if value is False:
+                    continue  # structural schemas prune unknown fields anyway
+                if value is True or value == {}:
+                    result["x-kubernetes-preserve-unknown-fields"] = True
+                else:
+                    result[key] = convert(value)
+            elif key == "exclusiveMinimum":
+                result["minimum"], result["exclusiveMinimum"] = value, True
+            elif key == "exclusiveMaximum":
+                result["maximum"], result["exclusiveMaximum"] = value, True
+            elif key == "const":
+                result["enum"] = [value]
+            else:
+                result[key] = value
+        if result.get("type") == "object" and "properties" not in result:
+            result["x-kubernetes-preserve-unknown-fields"] = True
+            result.pop("additionalProperties", None)
+        return result
+
+    return convert({key: value for key, value in json_schema.items() if key != "$defs"})
+
+
+def federation_config_schema() -> Schema:
+    return structural(FederationConfig.model_json_schema())
+
+
+def _crd(kind: str, plural: str, short_names: list[str], spec: Schema, status: Schema,
+         columns: list[tuple[str, str, str]], description: str) -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "fedfm"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
+                      "shortNames": short_names, "categories": ["fedfm"]},
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": name, "type": type_, "jsonPath": path} for name, type_, path in columns
+                ] + [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
+                "schema": {"openAPIV3Schema": _object(
+                    {"spec": spec, "status": status}, required=["spec"], description=description)},
+            }],
+        },
+    }
+
+
+def federation_crd() -> dict:
+    spec = _object({
+        "config": federation_config_schema() | {"description": "the federation config (FederationConfig)"},
+        "clientSelector": _LABEL_SELECTOR | {
+            "description": "which FederatedClients may join (by their labels); empty selects every client "
+                           "that names this federation"},
+    }, required=["config"])
+    status = _object({
+        "phase": _STRING,
+        "currentRound": _INTEGER,
+        "membersReady": _INTEGER,
+        "members": {"type": "array", "items": _object({"name": _STRING, "namespace": _STRING, "phase": _STRING})},
+        "lastAggregate": _object({"round": _INTEGER, "uri": _STRING, "sha256": _STRING, "samples": _INTEGER,
+                                  "clients": {"type": "array", "items": _STRING},
+                                  "missing": {"type": "object", "additionalProperties": _STRING},
+                                  "time": _TIME}),
+        "lastFailure": _object({"round": _INTEGER, "runId": _STRING, "message": _STRING, "time": _TIME}),
+        "conditions": _CONDITIONS,
+    })
+    return _crd("Federation", FEDERATIONS, ["fed"], spec, status,
+                [("Phase", "string", ".status.phase"), ("Round", "integer", ".status.currentRound"),
+                 ("Ready", "integer", ".status.membersReady")],
+                "A federated fine-tune in the platform namespace: its config and who may join.")
+
+
+def federated_client_crd() -> dict:
+    data = _object({
+        "pvc": _object({"claimName": _STRING, "path": _STRING}, required=["claimName", "path"]),
+        "uri": _STRING | {"description": "fsspec URI of the training data (file, s3, gs, ...)"},
+        "secretRef": _object({"name": _STRING}, required=["name"],
+                             description="a Secret in this namespace whose keys become the Job's environment "
+                                         "(storage credentials)"),
+    }, oneOf=[{"required": ["pvc"]}, {"required": ["uri"]}],
+        description="where the tenant's data is: a PersistentVolumeClaim path (mounted read-only) or a URI")
+    quantity = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
+    resources = _object({
+        "cpu": quantity, "memory": quantity,
+        "gpus": _INTEGER | {"minimum": 0, "description": "nvidia.com/gpu per Job; DeepSpeed runs one process each"},
+        "processes": _INTEGER | {"minimum": 1, "description": "DeepSpeed processes when there are no GPUs"},
+        "nodeSelector": {"type": "object", "additionalProperties": _STRING},
+        "tolerations": {"type": "array", "items": _FREE_FORM},
+    })
+    spec = _object({
+        "federationRef": _OBJECT_REFERENCE,
+        "data": data,
+        "resources": resources,
+        "image": _STRING | {"description": "the FedFM image the tenant's Jobs run"},
+        "serviceAccountName": _STRING,
+    }, required=["federationRef", "data", "image"])
+    status = _object({
+        "phase": {"type": "string", "enum": [PENDING, READY, TRAINING, QUARANTINED, EVICTED]},
+        "lastHeartbeat": _TIME,
+        "roundsCompleted": _INTEGER,
+        "lastUpdate": _object({"round": _INTEGER, "norm": _NUMBER, "samples": _INTEGER}),
+        "reason": _STRING,
+        "conditions": _CONDITIONS,
+    })
+    return _crd("FederatedClient", FEDERATED_CLIENTS, ["fedclient"], spec, status,
+                [("Federation", "string", ".spec.federationRef.name"), ("Phase", "string", ".status.phase"),
+                 ("Rounds", "integer", ".status.roundsCompleted"), ("Heartbeat", "date", ".status.lastHeartbeat")],
+                "A tenant's enrolment in a federation, in the tenant's namespace.")
+
+
+def client_round_crd() -> dict:
+    spec = _object({
+        "federation": _OBJECT_REFERENCE,
+        "client": _STRING | {"description": "the FederatedClient (in this namespace) that does the work"},
+        "round": _INTEGER | {"minimum": 0},
+        "runId": _STRING,
+        "purpose": {"type": "string", "enum": [TRAIN, EVALUATE]},
+        "globalAdapterURI": _STRING,
+        "outputURI": _STRING | {"description": "where the Job writes the update (Train) or the evaluation counts"},
+        "config": _FREE_FORM | {"description": "the federation config as this client needs it "
+                                               "(FederationConfig with this client only)"},
+        "deadlineSeconds": _NUMBER | {"minimum": 0, "exclusiveMinimum": True},
+    }, required=["federation", "client", "round", "purpose", "globalAdapterURI", "outputURI", "config"])
+    status = _object({
+        "phase": {"type": "string", "enum": [PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT]},
+        "jobName": _STRING,
+        "startedAt": _TIME,
+        "finishedAt": _TIME,
+        "deadline": _TIME,
+        "outputURI": _STRING,
+        "sha256": _STRING,
+        "samples": _INTEGER,
+        "trainLoss": _NUMBER,
+        "updateNorm": _NUMBER,
+        "bytesDown": _INTEGER,
+        "bytesUp": _INTEGER,
+        "reason": _STRING,
+        "message": _STRING,
+        "conditions": _CONDITIONS,
+    })
+    return _crd("ClientRound", CLIENT_ROUNDS, ["cround"], spec, status,
+                [("Client", "string", ".spec.client"), ("Round", "integer", ".spec.round"),
+                 ("Purpose", "string", ".spec.purpose"), ("Phase", "string", ".status.phase")],
+                "One client's fine-tune (or evaluation) in one round, in the tenant's namespace.")
+
+
+def all_crds() -> dict[str, dict]:
+    return {"federations": federation_crd(), "federatedclients": federated_client_crd(),
+            "clientrounds": client_round_crd()}
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a shared sub-schema out in full each time: no &anchors / *aliases in the manifests."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def render(crd: dict) -> str:
+    header = "# Generated by `python -m fedfm.operators.crds --write charts/fedfm/crds`; do not edit.\n"
+    return header + yaml.dump(crd, Dumper=_PlainDumper, sort_keys=False, width=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the fedfm.dev CRDs as YAML.")
+    parser.add_argument("--write", type=Path, required=True, help="directory (the chart's crds/)")
+    args = parser.parse_args()
+    args.write.mkdir(parents=True, exist_ok=True)
+    for plural, crd in all_crds().items():
+        (args.write / f"{plural}.{GROUP}.yaml").write_text(render(crd))
+        print(f"wrote {args.write / f'{plural}.{GROUP}.yaml'}")
+
+
+if __name__ == "__main__":
+    main()

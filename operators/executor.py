@@ -1,0 +1,146 @@
+"""Cluster mode for pipeline steps: each client's work is a ClientRound in the tenant's namespace.
+
+The step publishes the adapter it starts from to the federation's storage, creates the ClientRound
+(the operator turns it into a Job there, under the tenant's identity, on the tenant's data), waits for
+the round's final phase, and takes the result back from storage. Only adapters, updates and
+evaluation counts cross namespaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from kubernetes.client.exceptions import ApiException
+
+from fedfm import storage
+from fedfm.adapters import AdapterMeta
+from fedfm.config import ClientConfig, ExecutionConfig, FederationConfig, PolicyConfig
+from fedfm.errors import ConfigError
+from fedfm.executors import ClientOutcome, Executor
+from fedfm.operators import kube
+from fedfm.operators.api import (API_VERSION, CLIENT_ROUNDS, EVALUATE, FEDERATIONS, FINAL_PHASES, GROUP,
+                                 LABEL_CLIENT, LABEL_FEDERATION, LABEL_PURPOSE, LABEL_ROUND, LABEL_RUN, SUCCEEDED,
+                                 TIMED_OUT, TRAIN, VERSION, client_round_name)
+from fedfm.tasks import LossSums
+
+# Beyond a round's deadline, how long a step waits for the operator to say so before it stops waiting.
+_OPERATOR_GRACE_SECONDS = 120.0
+
+
+class KubernetesExecutor(Executor):
+    def __init__(self, cfg: FederationConfig, run_id: str):
+        self.cfg = cfg
+        self.run_id = run_id or "unnamed-run"
+        self.run = hashlib.sha256(self.run_id.encode()).hexdigest()[:8]
+        self.root = f"{cfg.execution.storage_uri.rstrip('/')}/{cfg.name}"
+        self.federation_namespace = cfg.execution.federation_namespace or _own_namespace()
+
+    # --- the Executor interface ------------------------------------------------------------------
+
+    def train(self, cfg, client, round_index, global_uri, update_out):
+        output = f"{self.root}/runs/{self.run}/round-{round_index}/{client}.update.safetensors"
+        key = self._create(client, round_index, TRAIN, self._publish(global_uri), output)
+        status = self._wait({key: client})[client]
+        if status.get("phase") != SUCCEEDED:
+            return ClientOutcome(client, status.get("phase", TIMED_OUT), status.get("message", ""))
+        storage.write_bytes(update_out, storage.read_bytes(output), overwrite=True)
+        return ClientOutcome(client)
+
+    def evaluate(self, cfg, round_index, adapter_uri, clients):
+        adapter = self._publish(adapter_uri)
+        outputs, waiting = {}, {}
+        for client in clients:
+            outputs[client] = f"{self.root}/runs/{self.run}/round-{round_index}/{client}.evaluation.json"
+            waiting[self._create(client, round_index, EVALUATE, adapter, outputs[client])] = client
+        sums, missing = {}, {}
+        for client, status in self._wait(waiting).items():
+            if status.get("phase") == SUCCEEDED:
+                sums[client] = LossSums(**json.loads(storage.read_bytes(outputs[client])))
+            else:
+                missing[client] = f"{status.get('phase')}: {status.get('message', '')}"
+        return sums, missing
+
+    def round_aggregated(self, cfg, meta: AdapterMeta, adapter_uri):
+        self._report({"lastAggregate": {
+            "round": meta.round, "uri": self._publish(adapter_uri), "sha256": meta.sha256, "samples": meta.samples,
+            "clients": sorted(meta.metrics.get("clients", {})), "missing": meta.metrics.get("missing", {}),
+            "time": kube.now()}})
+
+    def round_failed(self, cfg, round_index, message):
+        self._report({"lastFailure": {"round": round_index, "runId": self.run_id, "message": message,
+                                      "time": kube.now()}})
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _publish(self, path: str) -> str:
+        """The adapter at ``path`` in the federation's storage, named by its content (written once)."""
+        data = storage.read_bytes(path)
+        uri = f"{self.root}/adapters/{hashlib.sha256(data).hexdigest()}.safetensors"
+        if not storage.exists(uri):
+            storage.write_bytes(uri, data, overwrite=True)  # same name, same bytes: a concurrent writer is harmless
+        return uri
+
+    def _client_config(self, client: str) -> dict:
+        """The config a tenant's Job gets: this federation's, with this client as its only client."""
+        return self.cfg.model_copy(update={
+            "clients": [ClientConfig(name=client)], "policy": PolicyConfig(), "execution": ExecutionConfig(),
+        }).as_dict()
+
+    def _create(self, client: str, round_index: int, purpose: str, global_uri: str, output: str) -> tuple[str, str]:
+        namespace = self.cfg.client(client).kubernetes_namespace
+        name = client_round_name(self.cfg.name, self.run_id, round_index, purpose, client)
+        spec = {"federation": {"name": self.cfg.name, "namespace": self.federation_namespace}, "client": client,
+                "round": round_index, "runId": self.run_id, "purpose": purpose, "globalAdapterURI": global_uri,
+                "outputURI": output, "config": self._client_config(client)}
+        if self.cfg.policy.round_deadline_seconds:
+            spec["deadlineSeconds"] = self.cfg.policy.round_deadline_seconds
+        body = {"apiVersion": API_VERSION, "kind": "ClientRound",
+                "metadata": {"name": name, "namespace": namespace, "labels": {
+                    LABEL_FEDERATION: self.cfg.name, LABEL_CLIENT: client, LABEL_ROUND: str(round_index),
+                    LABEL_RUN: self.run, LABEL_PURPOSE: purpose.lower()}},
+                "spec": spec}
+        try:
+            kube.custom().create_namespaced_custom_object(GROUP, VERSION, namespace, CLIENT_ROUNDS, body)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: a retried step finds the ClientRound it created before
+                raise
+        return namespace, name
+
+    def _wait(self, waiting: dict[tuple[str, str], str]) -> dict[str, dict]:
+        """Poll until every ClientRound is final; ``{client: status}``."""
+        deadline = self.cfg.policy.round_deadline_seconds
+        give_up = time.time() + deadline + _OPERATOR_GRACE_SECONDS if deadline else None
+        results: dict[str, dict] = {}
+        while waiting:
+            for key, client in list(waiting.items()):
+                found = kube.get_client_round(*key)
+                status = (found or {}).get("status") or {}
+                if found is None:
+                    results[client] = {"phase": "Failed", "message": f"ClientRound {key[0]}/{key[1]} was deleted"}
+                elif status.get("phase") in FINAL_PHASES:
+                    results[client] = status
+                else:
+                    continue
+                del waiting[key]
+            if waiting and give_up and time.time() > give_up:
+                silent = f"the operator reported nothing {_OPERATOR_GRACE_SECONDS:g} s past the deadline"
+                for client in waiting.values():
+                    results[client] = {"phase": TIMED_OUT, "message": silent}
+                break
+            if waiting:
+                time.sleep(self.cfg.execution.poll_seconds)
+        return results
+
+    def _report(self, status: dict) -> None:
+        kube.patch_status(FEDERATIONS, self.federation_namespace, self.cfg.name, status)
+
+
+def _own_namespace() -> str:
+    try:
+        return Path(kube.IN_CLUSTER_NAMESPACE).read_text().strip()
+    except OSError:
+        raise ConfigError("execution.federation_namespace is not set and this step is not running in a "
+                          "cluster; name the Federation's namespace") from None

@@ -1,0 +1,321 @@
+"""The FedFM operator's handlers (kopf).
+
+- ``ClientRound`` → a Job in the tenant namespace; the Job's outcome → the round's final phase. A
+  training round's update is validated (fingerprint, keys, shapes, finite) before it counts; a bad one
+  fails the round with reason ``InvalidUpdate``, which quarantines the client. Deadlines are enforced.
+- ``FederatedClient`` status is derived from its ClientRounds and its Federation every few seconds:
+  phase, rounds completed, last update, heartbeat.
+- ``Federation`` status is derived from its members, its ClientRounds and what the pipeline reported
+  (``status.lastAggregate`` / ``status.lastFailure``): phase, current round, members, conditions.
+
+Everything the operator knows is in ``status`` and in the objects themselves, so a restarted operator
+picks up where it was; Jobs have the ClientRound's name, so no round ever gets two.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from fedfm import storage
+from fedfm.adapters import load_adapter, validate_update
+from fedfm.config import FederationConfig
+from fedfm.errors import FedFMError
+from fedfm.operators import kube, metrics
+from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDERATED_CLIENTS, FEDERATIONS,
+                                 FINAL_PHASES, GROUP, INVALID_UPDATE, LABEL_CLIENT, LABEL_CLIENT_ROUND,
+                                 LABEL_FEDERATION, PENDING, QUARANTINED, READY, RUNNING, SUCCEEDED, TIMED_OUT,
+                                 TRAIN, TRAINING, VERSION, condition, set_condition)
+from fedfm.operators.jobs import job_manifest
+
+STATUS_INTERVAL = 2.0  # seconds between derivations of FederatedClient and Federation status
+DEADLINE_INTERVAL = 1.0
+# The parts of a run's config that must equal the Federation's: a client trained on anything else
+# would send an update that cannot be aggregated.
+_MUST_MATCH = ("model", "task", "lora")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    # Log lines become Events on the object only from WARNING up (a handler that failed); what users
+    # must see is posted explicitly (_event), so routine handler chatter stays in the log.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 60
+    kube.api_client()  # fail at start, not in the first handler, when there are no credentials
+
+
+def _event(obj: dict, normal: bool, reason: str, message: str) -> None:
+    """An Event on ``obj`` for its users (kopf.event is not subject to posting.level, unlike kopf.info)."""
+    kopf.event(obj, type="Normal" if normal else "Warning", reason=reason, message=message)
+
+
+# --- ClientRound ---------------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, CLIENT_ROUNDS)
+@kopf.on.create(GROUP, VERSION, CLIENT_ROUNDS)
+def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str,
+                       patch: kopf.Patch, **_: Any) -> None:
+    """Admit the round and make sure its Job exists (creating it is idempotent: the Job has our name)."""
+    if status.get("phase") in FINAL_PHASES:
+        return
+    client_round = copy.deepcopy(dict(body))
+    federated_client = kube.get_federated_client(namespace, spec["client"])
+    refusal = _refusal(spec, federated_client, namespace)
+    if refusal:
+        reason, message = refusal
+        _finish(client_round, FAILED, reason, message)
+        return
+    try:
+        kube.batch().create_namespaced_job(namespace, job_manifest(client_round, federated_client))
+        _event(body, True, "JobCreated", f"Job {name} runs the {spec['purpose'].lower()} of round "
+                                         f"{spec['round']} for client {spec['client']}")
+    except ApiException as exc:
+        if exc.status != 409:  # 409: it exists already (an operator restart): adopt it
+            raise
+    started = status.get("startedAt") or kube.now()
+    patch.status.update(jobName=name, startedAt=started, outputURI=spec["outputURI"])
+    if not status.get("phase"):
+        # Only a round without a phase gets one here: on resume ``status`` may be stale, and a Job
+        # event may have moved the round on meanwhile.
+        patch.status["phase"] = PENDING
+    if spec.get("deadlineSeconds") and not status.get("deadline"):
+        deadline = kube.parse_time(started).timestamp() + float(spec["deadlineSeconds"])
+        patch.status["deadline"] = kube.iso(deadline)
+
+
+def _refusal(spec: dict, federated_client: dict | None, namespace: str) -> tuple[str, str] | None:
+    """Why this round may not run at all, or None."""
+    client = spec["client"]
+    if federated_client is None:
+        return "NotEnrolled", f"no FederatedClient {client!r} in namespace {namespace}: the tenant has not enrolled"
+    phase = (federated_client.get("status") or {}).get("phase")
+    if phase in (QUARANTINED, EVICTED):
+        why = (federated_client.get("status") or {}).get("reason", "")
+        return f"Client{phase}", f"client {client} is {phase.lower()}: {why}".rstrip(": ")
+    reference = federated_client["spec"]["federationRef"]
+    if (reference["name"], reference["namespace"]) != (spec["federation"]["name"], spec["federation"]["namespace"]):
+        return "WrongFederation", (f"client {client} is enrolled in {reference['namespace']}/{reference['name']}, "
+                                   f"not {spec['federation']['namespace']}/{spec['federation']['name']}")
+    federation = kube.get_federation(spec["federation"]["namespace"], spec["federation"]["name"])
+    if federation is None:
+        return "FederationNotFound", f"federation {spec['federation']['namespace']}/{spec['federation']['name']} " \
+                                     "does not exist"
+    wanted = federation["spec"].get("config", {})
+    for key in _MUST_MATCH:
+        if spec["config"].get(key) != wanted.get(key):
+            return "ConfigMismatch", f"the run's config.{key} differs from the Federation's"
+    return None
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_CLIENT_ROUND: kopf.PRESENT})
+def job_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
+    """Follow a round's Job: Running while its pod runs, then the round's final phase."""
+    client_round = kube.get_client_round(namespace, body["metadata"]["labels"][LABEL_CLIENT_ROUND])
+    if client_round is None or (client_round.get("status") or {}).get("phase") in FINAL_PHASES:
+        return
+    job_status = body.get("status") or {}
+    failed = next((c for c in job_status.get("conditions") or [] if c.get("type") == "Failed"
+                   and c.get("status") == "True"), {})
+    if job_status.get("succeeded"):
+        _complete(client_round)
+    elif job_status.get("failed") or failed:
+        if failed.get("reason") == "DeadlineExceeded":
+            # The Job carries the round's deadline (activeDeadlineSeconds), so the job controller may
+            # stop it before our own timer does: the same outcome either way.
+            _finish(client_round, TIMED_OUT, "DeadlineExceeded", _deadline_message(client_round["spec"]))
+            return
+        why = failed.get("message") or failed.get("reason", "")
+        _finish(client_round, FAILED, "JobFailed", "the Job's pod failed" + (f": {why}" if why else ""))
+    elif job_status.get("active"):
+        _advance(namespace, client_round["metadata"]["name"], {"phase": RUNNING}, from_phases=(None, PENDING))
+
+
+@kopf.timer(GROUP, VERSION, CLIENT_ROUNDS, interval=DEADLINE_INTERVAL,
+            when=lambda status, **_: status.get("phase") not in FINAL_PHASES and bool(status.get("deadline")))
+def enforce_deadline(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: Any) -> None:
+    if kube.seconds_since(status["deadline"]) < 0:
+        return
+    client_round = copy.deepcopy(dict(body))
+    if _finish(client_round, TIMED_OUT, "DeadlineExceeded", _deadline_message(spec)):
+        kube.delete_job(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+def _deadline_message(spec: dict) -> str:
+    return f"no result within the {float(spec['deadlineSeconds']):g} s deadline; the Job was stopped"
+
+
+@kopf.on.delete(GROUP, VERSION, CLIENT_ROUNDS)
+def client_round_deleted(name: str, namespace: str, **_: Any) -> None:
+    kube.delete_job(namespace, name)
+
+
+def _complete(client_round: dict) -> None:
+    """The Job succeeded: check what it produced, then finish the round."""
+    spec = client_round["spec"]
+    try:
+        if spec["purpose"] == EVALUATE:
+            counts = json.loads(storage.read_bytes(spec["outputURI"]))
+            _finish(client_round, SUCCEEDED, "Evaluated", f"{counts.get('examples', 0)} examples evaluated")
+            return
+        update = load_adapter(spec["outputURI"], who=f"client {spec['client']}")
+        reference = load_adapter(spec["globalAdapterURI"], who="the federation")
+        validate_update(update, reference, client=spec["client"], round_index=spec["round"])
+    except (FedFMError, ValueError) as exc:
+        _finish(client_round, FAILED, INVALID_UPDATE, str(exc))
+        return
+    _finish(client_round, SUCCEEDED, "UpdateAccepted", f"update of {update.meta.samples} samples accepted",
+            sha256=update.meta.sha256, samples=update.meta.samples,
+            trainLoss=float(update.meta.metrics.get("train_loss", 0.0)),
+            updateNorm=float(update.meta.metrics.get("update_norm", 0.0)),
+            bytesDown=storage.size(spec["globalAdapterURI"]), bytesUp=storage.size(spec["outputURI"]))
+
+
+def _finish(client_round: dict, phase: str, reason: str, message: str, **fields: Any) -> bool:
+    """Put the round in its final phase (once), with an Event and the metrics; False if it already was."""
+    meta, spec = client_round["metadata"], client_round["spec"]
+    status = dict(phase=phase, reason=reason, message=message, finishedAt=kube.now(), **fields)
+    if not _advance(meta["namespace"], meta["name"], status, from_phases=(None, PENDING, RUNNING)):
+        return False  # another handler (a Job event, the deadline timer) finished the round first
+    _event(client_round, phase == SUCCEEDED, reason, message)
+    started = (client_round.get("status") or {}).get("startedAt")
+    metrics.client_round_finished(spec["federation"]["name"], meta["namespace"], spec["purpose"], phase,
+                                  kube.seconds_since(started) if started else None,
+                                  fields.get("bytesDown", 0), fields.get("bytesUp", 0))
+    return True
+
+
+def _advance(namespace: str, name: str, status: dict, from_phases: tuple) -> bool:
+    """Patch a ClientRound's status if its phase is still one of ``from_phases``; False if it is not (or
+    the round is gone). The patch carries the resourceVersion it read, so two handlers racing on one
+    round (a Job event and the deadline timer) cannot both move it."""
+    for _ in range(5):
+        current = kube.get_client_round(namespace, name)
+        if current is None or (current.get("status") or {}).get("phase") not in from_phases:
+            return False
+        try:
+            kube.patch_status(CLIENT_ROUNDS, namespace, name, status, current["metadata"]["resourceVersion"])
+            return True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    raise kopf.TemporaryError(f"ClientRound {namespace}/{name} kept changing; retrying", delay=1)
+
+
+# --- FederatedClient -----------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, FEDERATED_CLIENTS)
+@kopf.on.create(GROUP, VERSION, FEDERATED_CLIENTS)
+@kopf.timer(GROUP, VERSION, FEDERATED_CLIENTS, interval=STATUS_INTERVAL)
+def client_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str,
+                  labels: kopf.Labels, patch: kopf.Patch, **_: Any) -> None:
+    """Derive the client's status from its Federation and ClientRounds."""
+    reference = spec["federationRef"]
+    rounds = kube.list_objects(CLIENT_ROUNDS, namespace, f"{LABEL_CLIENT}={name}")
+    rounds = [r for r in rounds if r["spec"]["federation"]["name"] == reference["name"]]
+    bad = [r for r in rounds if (r.get("status") or {}).get("reason") == INVALID_UPDATE]
+    federation = kube.get_federation(reference["namespace"], reference["name"])
+    if bad:
+        phase, reason = QUARANTINED, f"round {bad[-1]['spec']['round']}: {bad[-1]['status'].get('message', '')}"
+    elif federation is None:
+        phase, reason = PENDING, f"federation {reference['namespace']}/{reference['name']} does not exist"
+    elif not kube.selector_matches(federation["spec"].get("clientSelector"), dict(labels)):
+        phase, reason = EVICTED, f"federation {reference['name']}'s clientSelector does not select this client"
+    elif any((r.get("status") or {}).get("phase") not in FINAL_PHASES for r in rounds):
+        phase, reason = TRAINING, f"working on a round of {reference['namespace']}/{reference['name']}"
+    else:
+        phase, reason = READY, f"member of {reference['namespace']}/{reference['name']}"
+    trained = sorted((r for r in rounds if r["spec"]["purpose"] == TRAIN
+                      and (r.get("status") or {}).get("phase") == SUCCEEDED), key=lambda r: r["spec"]["round"])
+    times = [t for r in rounds for t in ((r.get("status") or {}).get("startedAt"),
+                                         (r.get("status") or {}).get("finishedAt")) if t]
+    new = {"phase": phase, "reason": reason, "roundsCompleted": len(trained)}
+    if trained:
+        last = trained[-1]
+        new["lastUpdate"] = {"round": last["spec"]["round"], "norm": last["status"].get("updateNorm", 0.0),
+                             "samples": last["status"].get("samples", 0)}
+    if times:
+        new["lastHeartbeat"] = max(times)
+    enrolled = phase in (READY, TRAINING)
+    new["conditions"] = set_condition(status.get("conditions"), condition("Enrolled", enrolled, phase, reason,
+                                                                          kube.now()))
+    changed = {key: value for key, value in new.items() if status.get(key) != value}
+    if changed:
+        patch.status.update(changed)
+        if "phase" in changed:
+            _event(body, enrolled, phase, reason)
+    metrics.client_phase(namespace, name, reference["name"], phase)
+
+
+@kopf.on.delete(GROUP, VERSION, FEDERATED_CLIENTS)
+def client_withdrawn(name: str, namespace: str, spec: kopf.Spec, **_: Any) -> None:
+    """A tenant that withdraws stops its unfinished rounds."""
+    for client_round in kube.list_objects(CLIENT_ROUNDS, namespace, f"{LABEL_CLIENT}={name}"):
+        if (client_round.get("status") or {}).get("phase") not in FINAL_PHASES:
+            _finish(client_round, FAILED, "ClientWithdrew", f"FederatedClient {name} was deleted")
+            kube.delete_job(namespace, client_round["metadata"]["name"])
+    metrics.client_phase(namespace, name, spec["federationRef"]["name"], None)
+
+
+# --- Federation ----------------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, FEDERATIONS)
+@kopf.on.create(GROUP, VERSION, FEDERATIONS)
+@kopf.on.update(GROUP, VERSION, FEDERATIONS, field="spec")
+@kopf.timer(GROUP, VERSION, FEDERATIONS, interval=STATUS_INTERVAL)
+def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str,
+                      patch: kopf.Patch, **_: Any) -> None:
+    """Derive the federation's status: config validity, members, rounds, and the last round's outcome."""
+    now = kube.now()
+    conditions = status.get("conditions")
+    problem = _config_problem(spec, name)
+    conditions = set_condition(conditions, condition("ConfigValid", problem is None, "Invalid" if problem else "Valid",
+                                                     problem or "spec.config is a valid FederationConfig", now))
+    members = [{"name": c["metadata"]["name"], "namespace": c["metadata"]["namespace"],
+                "phase": (c.get("status") or {}).get("phase", PENDING)}
+               for c in kube.list_objects(FEDERATED_CLIENTS)
+               if (c["spec"]["federationRef"]["name"], c["spec"]["federationRef"]["namespace"]) == (name, namespace)]
+    ready = sum(member["phase"] in (READY, TRAINING) for member in members)
+    rounds = [r for r in kube.list_objects(CLIENT_ROUNDS, None, f"{LABEL_FEDERATION}={name}")
+              if r["spec"]["federation"]["namespace"] == namespace]
+    running = any((r.get("status") or {}).get("phase") not in FINAL_PHASES for r in rounds)
+    failure, aggregate = status.get("lastFailure") or {}, status.get("lastAggregate") or {}
+    failed = bool(failure) and failure.get("time", "") >= aggregate.get("time", "")
+    # The failed run may still have rounds in flight (steps that do not depend on the failed one);
+    # only another run's rounds, created since, make the federation Running again.
+    restarted = failed and any(r["spec"].get("runId") != failure.get("runId")
+                               and r["metadata"]["creationTimestamp"] >= failure["time"] for r in rounds)
+    conditions = set_condition(conditions, condition(
+        "RoundFailed", failed, "BelowQuorum" if failed else "Aggregated",
+        failure.get("message", "") if failed else (f"round {aggregate['round']} aggregated" if aggregate else
+                                                   "no round has failed"), now))
+    phase = ("Invalid" if problem else "Failed" if failed and not restarted else "Running" if running
+             else "Ready" if ready else "Waiting")
+    new = {"phase": phase, "membersReady": ready, "members": members, "conditions": conditions,
+           "currentRound": max([r["spec"]["round"] for r in rounds if r["spec"]["purpose"] == TRAIN], default=0)}
+    changed = {key: value for key, value in new.items() if status.get(key) != value}
+    if changed:
+        patch.status.update(changed)
+        if "phase" in changed and phase in ("Invalid", "Failed"):
+            _event(body, False, phase, problem or failure.get("message", ""))
+
+
+def _config_problem(spec: dict, name: str) -> str | None:
+    try:
+        cfg = FederationConfig.parse(spec.get("config") or {}, source="spec.config")
+    except FedFMError as exc:
+        return str(exc)
+    if cfg.name != name:
+        return f"spec.config.name is {cfg.name!r}; it must be the Federation's name {name!r}"
+    return None
+

@@ -1,0 +1,103 @@
+"""The batch/v1 Job a ClientRound becomes, in the tenant's namespace, under the tenant's identity."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fedfm.operators.api import (API_VERSION, EVALUATE, LABEL_CLIENT, LABEL_CLIENT_ROUND, LABEL_FEDERATION,
+                                 LABEL_PURPOSE, LABEL_ROUND)
+
+DATA_MOUNT = "/data"
+CONFIG_ENV = "FEDFM_CONFIG"
+
+
+def world_size(federated_client: dict) -> int:
+    """DeepSpeed processes: one per GPU asked for, else the processes asked for, else one."""
+    resources = federated_client["spec"].get("resources") or {}
+    return int(resources.get("gpus") or 0) or int(resources.get("processes") or 0) or 1
+
+
+def data_location(federated_client: dict) -> str:
+    """What the Job's command reads: the PVC path where it is mounted, or the data URI."""
+    data = federated_client["spec"]["data"]
+    if "pvc" in data:
+        return f"{DATA_MOUNT}/{data['pvc']['path'].lstrip('/')}"
+    return data["uri"]
+
+
+def command(client_round: dict, federated_client: dict) -> list[str]:
+    spec = client_round["spec"]
+    if spec["purpose"] == EVALUATE:
+        args = ["client-evaluate", "--adapter", spec["globalAdapterURI"]]
+    else:
+        args = ["client-train", "--global-adapter", spec["globalAdapterURI"],
+                "--world-size", str(world_size(federated_client))]
+    return ["fedfm", *args, "--client", spec["client"], "--round", str(spec["round"]),
+            "--output", spec["outputURI"], "--data", data_location(federated_client)]
+
+
+def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
+    """The Job that does ``client_round``'s work with ``federated_client``'s image, data, resources and
+    service account; owned by the ClientRound, so deleting the round deletes the Job."""
+    meta, spec = client_round["metadata"], client_round["spec"]
+    client_spec = federated_client["spec"]
+    labels = {
+        LABEL_FEDERATION: spec["federation"]["name"],
+        LABEL_CLIENT: spec["client"],
+        LABEL_ROUND: str(spec["round"]),
+        LABEL_PURPOSE: spec["purpose"].lower(),
+        LABEL_CLIENT_ROUND: meta["name"],
+    }
+    container: dict[str, Any] = {
+        "name": "fedfm",
+        "image": client_spec["image"],
+        "command": command(client_round, federated_client),
+        "env": [{"name": CONFIG_ENV, "value": json.dumps(spec["config"], sort_keys=True)},
+                {"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "resources": _resources(client_spec.get("resources") or {}),
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    data = client_spec["data"]
+    if "secretRef" in data:
+        container["envFrom"] = [{"secretRef": {"name": data["secretRef"]["name"]}}]
+    if "pvc" in data:
+        container["volumeMounts"] = [{"name": "data", "mountPath": DATA_MOUNT, "readOnly": True}]
+        pod["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": data["pvc"]["claimName"],
+                                                                     "readOnly": True}}]
+    if client_spec.get("serviceAccountName"):
+        pod["serviceAccountName"] = client_spec["serviceAccountName"]
+    resources = client_spec.get("resources") or {}
+    if resources.get("nodeSelector"):
+        pod["nodeSelector"] = resources["nodeSelector"]
+    if resources.get("tolerations"):
+        pod["tolerations"] = resources["tolerations"]
+    job_spec: dict[str, Any] = {"backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": pod}}
+    if spec.get("deadlineSeconds"):
+        job_spec["activeDeadlineSeconds"] = max(1, int(spec["deadlineSeconds"]))
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "ownerReferences": [{"apiVersion": API_VERSION, "kind": "ClientRound", "name": meta["name"],
+                                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}],
+        },
+        "spec": job_spec,
+    }
+
+
+def _resources(resources: dict) -> dict:
+    requests = {key: str(resources[key]) for key in ("cpu", "memory") if resources.get(key) is not None}
+    limits = dict(requests)
+    if resources.get("gpus"):
+        limits["nvidia.com/gpu"] = str(resources["gpus"])
+    result = {}
+    if requests:
+        result["requests"] = requests
+    if limits:
+        result["limits"] = limits
+    return result
