@@ -1,0 +1,922 @@
+"""Helpers for tests against a real control plane: etcd + kube-apiserver + kube-controller-manager (v1.20).
+
+Import from tests in tests/cluster (pytest puts this folder on sys.path): ``from kube import apply, wait_for``.
+The ``control_plane`` fixture (conftest.py) yields a :class:`ControlPlane`; everything here also works
+directly on a ``kubernetes.client.ApiClient``.
+
+There is no scheduler and no kubelet: Pods are created and never run unless a :class:`FakeKubelet`
+runs them (as local subprocesses) and writes their status as a kubelet would.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
+
+log = logging.getLogger("fedfm.tests.kube")
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "testenv"
+CRD_DIR = REPO / "charts" / "fedfm" / "crds"
+BIN_DIR = Path(os.environ.get("KUBE_BIN_DIR") or Path.home() / ".cache" / "kube-from-debian" / "bin")
+ETCD = os.environ.get("KUBE_ETCD", "/usr/bin/etcd")
+
+# A CRD of the harness itself (always applied before kube-controller-manager starts): a namespaced custom
+# resource of a group no chart uses, so tests can prove apply() and garbage collection on custom resources
+# whether or not charts/fedfm/crds holds any yet.
+HARNESS_CRD: dict = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "harnesswidgets.harness.fedfm.test"},
+    "spec": {
+        "group": "harness.fedfm.test",
+        "scope": "Namespaced",
+        "names": {"plural": "harnesswidgets", "singular": "harnesswidget", "kind": "HarnessWidget",
+                  "listKind": "HarnessWidgetList"},
+        "versions": [{
+            "name": "v1", "served": True, "storage": True,
+            "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        }],
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------- polling
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2,
+             message: str | Callable[[], str] = "condition not met", *,
+             ignore: tuple[type[BaseException], ...] = ()) -> Any:
+    """Call ``predicate`` every ``interval`` s until it returns something truthy, and return that.
+
+    After ``timeout`` s raise AssertionError with ``message`` (a string, or a callable giving one, for
+    diagnostics gathered only on failure). Exceptions of the types in ``ignore`` count as "not yet"
+    (the last one is quoted in the failure); any other exception propagates at once.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except ignore as exc:  # noqa: PERF203
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            if last_exc is not None:
+                text += f" (last error: {type(last_exc).__name__}: {last_exc})"
+            raise AssertionError(f"timed out after {timeout:g} s: {text}")
+        time.sleep(interval)
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------- clients
+
+def api_client_from_kubeconfig(path: str | os.PathLike, context: str | None = None) -> client.ApiClient:
+    """A fresh ApiClient for a kubeconfig file (e.g. one from service_account_kubeconfig)."""
+    return config.new_client_from_config(config_file=str(path), context=context, persist_config=False)
+
+
+_DISCOVERY_DIR: str | None = None
+_DYNAMIC: "weakref.WeakKeyDictionary[client.ApiClient, DynamicClient]" = weakref.WeakKeyDictionary()
+_DYNAMIC_LOCK = threading.Lock()
+
+
+def dynamic_client(api: client.ApiClient) -> DynamicClient:
+    """The DynamicClient of ``api`` (one per ApiClient; its discovery cache is private to this process)."""
+    global _DISCOVERY_DIR
+    with _DYNAMIC_LOCK:
+        dyn = _DYNAMIC.get(api)
+        if dyn is None:
+            if _DISCOVERY_DIR is None:
+                _DISCOVERY_DIR = tempfile.mkdtemp(prefix="kube-discovery-")
+                atexit.register(shutil.rmtree, _DISCOVERY_DIR, True)
+            cache = os.path.join(_DISCOVERY_DIR, f"{uuid.uuid4().hex}.json")
+            dyn = DynamicClient(api, cache_file=cache)
+            _DYNAMIC[api] = dyn
+        return dyn
+
+
+def resource_for(api: client.ApiClient, api_version: str, kind: str, timeout: float = 15.0):
+    """The dynamic Resource for apiVersion/kind; waits (refreshing discovery) for a CRD's kind to appear."""
+    dyn = dynamic_client(api)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return dyn.resources.get(api_version=api_version, kind=kind)
+        except ResourceNotFoundError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+            dyn.resources.invalidate_cache()
+
+
+# ------------------------------------------------------------------------------------- apply / delete
+
+def load_manifests(source: str | os.PathLike) -> list[dict]:
+    """Every YAML document of a file (a path) or of YAML text, None documents dropped, `kind: List` expanded."""
+    text = Path(source).read_text() if isinstance(source, os.PathLike) or (
+        isinstance(source, str) and "\n" not in source and os.path.exists(source)) else str(source)
+    docs: list[dict] = []
+    for doc in yaml.safe_load_all(text):
+        if not doc:
+            continue
+        if doc.get("kind") == "List" and "items" in doc:
+            docs.extend(item for item in doc["items"] if item)
+        else:
+            docs.append(doc)
+    return docs
+
+
+def _keep_server_fields(kind: str, api_version: str, body: dict, live: dict) -> None:
+    """Fields a replace would otherwise reset that the server (or a controller) owns."""
+    if api_version == "v1" and kind == "ServiceAccount" and "secrets" not in body and live.get("secrets"):
+        body["secrets"] = live["secrets"]  # else the token controller mints another token Secret
+    if api_version == "v1" and kind == "Service":
+        spec, live_spec = body.setdefault("spec", {}), live.get("spec") or {}
+        for key in ("clusterIP", "clusterIPs", "healthCheckNodePort"):
+            if key not in spec and key in live_spec:
+                spec[key] = live_spec[key]
+
+
+def apply(api: client.ApiClient, manifest: dict, namespace: str | None = None) -> dict:
+    """Create ``manifest`` (any kind: core, RBAC, CRDs, custom resources...) or, if it exists, replace it.
+
+    A namespaced object without metadata.namespace goes to ``namespace`` (default "default"). Replace
+    sends the whole manifest with the live resourceVersion (retried on conflicts), so fields the
+    manifest leaves out are cleared, as `kubectl replace` would; the status subresource is untouched.
+    Returns the resulting object as a dict.
+    """
+    body = copy.deepcopy(manifest)
+    api_version, kind = body["apiVersion"], body["kind"]
+    meta = body.setdefault("metadata", {})
+    res = resource_for(api, api_version, kind)
+    ns = None
+    if res.namespaced:
+        ns = meta.get("namespace") or namespace or "default"
+        meta["namespace"] = ns
+    else:
+        meta.pop("namespace", None)
+    name = meta.get("name")
+    meta.pop("resourceVersion", None)
+    try:
+        return res.create(body=body, namespace=ns).to_dict()
+    except DynamicApiError as exc:
+        if exc.status != 409 or not name:
+            raise
+    for attempt in range(10):
+        live = res.get(name=name, namespace=ns).to_dict()
+        replacement = copy.deepcopy(body)
+        replacement["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        _keep_server_fields(kind, api_version, replacement, live)
+        try:
+            return res.replace(body=replacement, name=name, namespace=ns).to_dict()
+        except DynamicApiError as exc:
+            if exc.status != 409 or attempt == 9:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+def apply_all(api: client.ApiClient, manifests: Iterable[dict] | str | os.PathLike,
+              namespace: str | None = None) -> list[dict]:
+    """apply() each manifest in order (a list of dicts, or YAML text / a YAML file path)."""
+    if isinstance(manifests, (str, os.PathLike)):
+        manifests = load_manifests(manifests)
+    return [apply(api, m, namespace=namespace) for m in manifests if m]
+
+
+def delete(api: client.ApiClient, manifest: dict, namespace: str | None = None,
+           propagation: str = "Background") -> bool:
+    """Delete the object a manifest names; False if it did not exist."""
+    meta = manifest.get("metadata") or {}
+    res = resource_for(api, manifest["apiVersion"], manifest["kind"])
+    ns = (meta.get("namespace") or namespace or "default") if res.namespaced else None
+    try:
+        res.delete(name=meta["name"], namespace=ns, body={"propagationPolicy": propagation})
+        return True
+    except DynamicApiError as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def crd_established(api: client.ApiClient, name: str) -> bool:
+    try:
+        crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or []))
+
+
+def wait_crds_established(api: client.ApiClient, names: Iterable[str], timeout: float = 30.0) -> None:
+    for name in names:
+        wait_for(lambda: crd_established(api, name), timeout, message=f"CRD {name} Established")
+
+
+# ------------------------------------------------------------------------- namespaces, service accounts
+
+def create_namespace(api: client.ApiClient, name: str, labels: dict[str, str] | None = None) -> client.V1Namespace:
+    """Create namespace ``name`` if missing (waiting out a previous one still Terminating); ensure ``labels``."""
+    core = client.CoreV1Api(api)
+    body = client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels or None))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return core.create_namespace(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        try:
+            live = core.read_namespace(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                continue
+            raise
+        if live.status and live.status.phase == "Terminating":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"namespace {name} still Terminating after 60 s")
+            time.sleep(0.2)
+            continue
+        if labels and any((live.metadata.labels or {}).get(k) != v for k, v in labels.items()):
+            live = core.patch_namespace(name, {"metadata": {"labels": labels}})
+        return live
+
+
+def service_account_token(api: client.ApiClient, namespace: str, name: str, timeout: float = 30.0) -> str:
+    """The token of ServiceAccount NS/NAME from the Secret kube-controller-manager's token controller made."""
+    core = client.CoreV1Api(api)
+
+    def token() -> str | None:
+        try:
+            sa = core.read_namespaced_service_account(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:   # the serviceaccount controller has not made `default` yet
+                return None
+            raise
+        secrets = core.list_namespaced_secret(namespace, field_selector="type=kubernetes.io/service-account-token")
+        for secret in secrets.items:
+            ann = secret.metadata.annotations or {}
+            if (ann.get("kubernetes.io/service-account.name") == name
+                    and ann.get("kubernetes.io/service-account.uid") == sa.metadata.uid
+                    and (secret.data or {}).get("token")):
+                return base64.b64decode(secret.data["token"]).decode()
+        return None
+
+    return wait_for(token, timeout, 0.2, f"token Secret of ServiceAccount {namespace}/{name} "
+                                         "(is kube-controller-manager running?)")
+
+
+def write_token_kubeconfig(path: str | os.PathLike, server: str, ca_file: str, user: str, token: str,
+                           namespace: str | None = None) -> str:
+    context: dict = {"cluster": "local", "user": user}
+    if namespace:
+        context["namespace"] = namespace
+    doc = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": user, "context": context}],
+        "current-context": user,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.chmod(0o600)
+    return str(path)
+
+
+def service_account_kubeconfig(control_plane: "ControlPlane", namespace: str, name: str,
+                               path: str | os.PathLike) -> str:
+    """Create ServiceAccount NS/NAME (and its namespace) if needed, wait (<= 30 s) for its token Secret,
+    and write a kubeconfig at ``path`` that authenticates as system:serviceaccount:NS:NAME (subject to
+    RBAC like any request). Returns the path."""
+    api = control_plane.admin
+    create_namespace(api, namespace)
+    core = client.CoreV1Api(api)
+    try:
+        core.create_namespaced_service_account(
+            namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name)))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    token = service_account_token(api, namespace, name, timeout=30.0)
+    return write_token_kubeconfig(path, control_plane.server, control_plane.ca_file,
+                                  f"system:serviceaccount:{namespace}:{name}", token, namespace)
+
+
+# ------------------------------------------------------------------------------------- control plane
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def binaries_present(bin_dir: Path = BIN_DIR) -> bool:
+    return all(os.access(p, os.X_OK) for p in
+               (bin_dir / "kube-apiserver", bin_dir / "kube-controller-manager", Path(ETCD)))
+
+
+def ensure_binaries(bin_dir: Path = BIN_DIR, say: Callable[[str], None] = print) -> None:
+    """Build kube-apiserver/kube-controller-manager (and install etcd) with build-kube.sh unless present."""
+    if binaries_present(bin_dir):
+        return
+    say(f"kube test harness: building kube-apiserver + kube-controller-manager v1.20.2 from Debian sources "
+        f"into {bin_dir} and installing etcd (scripts/testenv/build-kube.sh; first run only, takes ~6-7 "
+        f"minutes on 2 cores)...")
+    started = time.monotonic()
+    env = dict(os.environ, BIN_DIR=str(bin_dir))
+    proc = subprocess.run([str(SCRIPTS / "build-kube.sh")], env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not binaries_present(bin_dir):
+        raise RuntimeError(f"build-kube.sh failed (rc {proc.returncode}); its logs are in "
+                           f"~/.cache/kube-from-debian/*.log. Output:\n{proc.stdout[-3000:]}")
+    say(f"kube test harness: built in {time.monotonic() - started:.0f} s")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclasses.dataclass
+class ControlPlane:
+    """A running etcd + kube-apiserver + kube-controller-manager; what the ``control_plane`` fixture yields."""
+
+    run_dir: Path                      # PIDs, logs (etcd.log, apiserver.log, kcm.log), certs/, kubeconfig
+    kubeconfig: str                    # admin kubeconfig (contexts "admin" = system:masters, "alice" = no rights)
+    server: str                        # https://127.0.0.1:PORT
+    ca_file: str                       # CA bundle of the apiserver's serving certificate
+    ports: dict[str, int]              # apiserver, etcd, etcd_peer, kcm
+    bin_dir: Path = BIN_DIR
+    crds: list[str] = dataclasses.field(default_factory=list)   # CRDs applied before the KCM started
+    _admin: client.ApiClient | None = dataclasses.field(default=None, repr=False)
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, run_dir: str | os.PathLike, crds: Iterable[dict] = (), bin_dir: Path = BIN_DIR,
+              attempts: int = 3) -> "ControlPlane":
+        """Start etcd + apiserver on free ports in ``run_dir``, apply and wait for ``crds``, then start the
+        kube-controller-manager and wait until it works. Stops everything again if any step fails."""
+        run_dir = Path(run_dir)
+        crds = [c for c in crds if c]
+        last_error = ""
+        for attempt in range(attempts):
+            api_port, etcd_port, peer_port, kcm_port = free_ports(4)
+            plane = cls(run_dir=run_dir, kubeconfig=str(run_dir / "kubeconfig"),
+                        server=f"https://127.0.0.1:{api_port}", ca_file=str(run_dir / "certs" / "apiserver.crt"),
+                        ports={"apiserver": api_port, "etcd": etcd_port, "etcd_peer": peer_port, "kcm": kcm_port},
+                        bin_dir=Path(bin_dir))
+            atexit.register(plane.stop)
+            proc = plane._script("start-kube.sh", NO_KCM="1")
+            if proc.returncode == 0:
+                break
+            plane.stop()
+            last_error = proc.stdout
+            shutil.rmtree(run_dir / "etcd-data", ignore_errors=True)
+        else:
+            raise RuntimeError(f"could not start etcd + kube-apiserver after {attempts} tries:\n{last_error}\n"
+                               f"apiserver.log:\n{_tail(run_dir / 'apiserver.log')}\netcd.log:\n"
+                               f"{_tail(run_dir / 'etcd.log')}")
+        try:
+            api = plane.admin
+            for crd in crds:
+                apply(api, crd)
+            plane.crds = [crd["metadata"]["name"] for crd in crds]
+            wait_crds_established(api, plane.crds)
+            proc = plane._script("start-kcm.sh")
+            if proc.returncode != 0:
+                raise RuntimeError(f"start-kcm.sh failed:\n{proc.stdout}\nkcm.log:\n{_tail(run_dir / 'kcm.log')}")
+            # Working: the serviceaccount controller made `default` and the token controller its Secret.
+            service_account_token(api, "default", "default", timeout=60.0)
+        except BaseException:
+            plane.stop()
+            raise
+        return plane
+
+    def _script(self, name: str, **extra: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, RUN=str(self.run_dir), BIN_DIR=str(self.bin_dir), ETCD=ETCD,
+                   PORT=str(self.ports["apiserver"]), ETCD_PORT=str(self.ports["etcd"]),
+                   ETCD_PEER_PORT=str(self.ports["etcd_peer"]), KCM_PORT=str(self.ports["kcm"]), **extra)
+        return subprocess.run([str(SCRIPTS / name)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=180)
+
+    def stop(self) -> None:
+        """Stop kube-controller-manager, apiserver and etcd by their PIDs (stop-kube.sh). Idempotent."""
+        if self._admin is not None:
+            try:
+                self._admin.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._admin = None
+        if any((self.run_dir / f"{p}.pid").exists() for p in ("kcm", "apiserver", "etcd")):
+            self._script("stop-kube.sh")
+        try:
+            atexit.unregister(self.stop)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def log_tail(self, component: str = "apiserver", lines: int = 40) -> str:
+        """Last lines of etcd.log / apiserver.log / kcm.log, for failure messages."""
+        return _tail(self.run_dir / f"{component}.log", lines)
+
+    # --- clients -----------------------------------------------------------------------------------------
+    def api_client(self, context: str = "admin") -> client.ApiClient:
+        """A fresh ApiClient: context "admin" (system:masters) or "alice" (group devs, no rights by default)."""
+        return api_client_from_kubeconfig(self.kubeconfig, context)
+
+    @property
+    def admin(self) -> client.ApiClient:
+        """A shared admin ApiClient, used by the helper methods."""
+        if self._admin is None:
+            self._admin = self.api_client()
+        return self._admin
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> client.V1Namespace:
+        return create_namespace(self.admin, name, labels)
+
+    def service_account_kubeconfig(self, namespace: str, name: str, path: str | os.PathLike) -> str:
+        return service_account_kubeconfig(self, namespace, name, path)
+
+    def apply(self, manifest: dict, namespace: str | None = None) -> dict:
+        return apply(self.admin, manifest, namespace)
+
+    def apply_all(self, manifests: Iterable[dict] | str | os.PathLike, namespace: str | None = None) -> list[dict]:
+        return apply_all(self.admin, manifests, namespace)
+
+    def delete(self, manifest: dict, namespace: str | None = None, propagation: str = "Background") -> bool:
+        return delete(self.admin, manifest, namespace, propagation)
+
+    wait_for = staticmethod(wait_for)
+
+    def fake_kubelet(self, decide: Callable[[client.V1Pod], str] | None = None, **kwargs: Any) -> "FakeKubelet":
+        """A FakeKubelet on a fresh admin ApiClient (logs under run_dir/kubelets/); use as a context manager."""
+        kwargs.setdefault("workdir", self.run_dir / "kubelets" / uuid.uuid4().hex[:8])
+        return FakeKubelet(self.api_client(), decide, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- fake kubelet
+
+class _Raw:
+    def __init__(self, data: str):
+        self.data = data
+
+
+class _ConfigError(Exception):
+    """A referenced Secret/ConfigMap (key) is missing: a kubelet's CreateContainerConfigError."""
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([-._a-zA-Z0-9]+)\)")
+
+
+def _expand(text: str, variables: dict[str, str]) -> str:
+    """Kubernetes $(VAR) expansion: defined VARs are substituted, $$ escapes, undefined refs stay as is."""
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return variables.get(m.group(1), m.group(0))
+    return _VAR_REF.sub(sub, text)
+
+
+class FakeKubelet:
+    """Runs Pods as local subprocesses and reports their status as a kubelet would. A context manager:
+    a watch thread starts on enter and stops (killing what still runs) on exit.
+
+    For each Pod (all namespaces, or ``namespace``; optionally only those matching ``label_selector``)
+    that this instance has not handled yet and whose phase is not Succeeded/Failed, ``decide(pod)``
+    (a ``kubernetes.client.V1Pod``) returns:
+
+    * ``"run"`` (default): run the first container's ``command + args`` (``$(VAR)`` expanded) with its
+      ``env``/``envFrom`` (values, Secret and ConfigMap refs read through the API, a few fieldRefs) over
+      this process's environment, in a temp dir, output in ``logs[name]``; status goes Running, then
+      Succeeded (exit 0) or Failed with ``containerStatuses[0].state.terminated``. At most
+      ``max_parallel`` at once; the rest wait Pending.
+    * ``"ignore"``: never touch it (a node that never runs it).
+    * ``"fail"``: mark it Failed (exit code 1, reason Error) without running anything.
+
+    ``handled``: pod name -> decision ("run"/"ignore"/"fail", or "error" when decide raised);
+    ``logs``: pod name -> log file; ``exit_codes``: pod name -> exit code once a run ended (None when the
+    process was killed because the Pod was deleted or the kubelet stopped); ``errors``: what went wrong
+    inside the kubelet (it never raises into the test). A deleted Pod's process is killed.
+    """
+
+    def __init__(self, api: client.ApiClient, decide: Callable[[client.V1Pod], str] | None = None, *,
+                 label_selector: str | None = None, namespace: str | None = None, max_parallel: int = 2,
+                 workdir: str | os.PathLike | None = None, config_timeout: float = 10.0):
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.decide = decide or (lambda pod: "run")
+        self.label_selector = label_selector
+        self.namespace = namespace
+        self.max_parallel = max_parallel
+        self.config_timeout = config_timeout
+        if workdir is None:   # removed when this process exits; pass workdir to keep the logs
+            workdir = tempfile.mkdtemp(prefix="fake-kubelet-")
+            atexit.register(shutil.rmtree, workdir, True)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.handled: dict[str, str] = {}
+        self.logs: dict[str, str] = {}
+        self.exit_codes: dict[str, int | None] = {}
+        self.errors: list[str] = []
+        self.relists = 0
+        self._seen: set[str] = set()            # pod uids decided on
+        self._deleted: set[str] = set()         # pod uids seen deleted
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._synced = threading.Event()
+        self._resp = None
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def __enter__(self) -> "FakeKubelet":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start watching; returns once the first list of Pods was taken (so nothing created later is missed)."""
+        self._pool = ThreadPoolExecutor(self.max_parallel, thread_name_prefix="fake-kubelet-pod")
+        self._thread = threading.Thread(target=self._watch_loop, name="fake-kubelet-watch", daemon=True)
+        self._thread.start()
+        if not self._synced.wait(timeout):
+            self.stop()
+            raise AssertionError(f"FakeKubelet could not list Pods within {timeout} s: {self.errors[-3:]}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            resp, self._resp = self._resp, None
+            procs = list(self._procs.values())
+        if resp is not None:
+            self._shutdown(resp)
+        for proc in procs:
+            self._kill(proc)
+        if self._thread is not None:
+            self._thread.join(15)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _shutdown(resp: Any) -> None:
+        try:
+            if hasattr(resp, "shutdown"):   # urllib3 >= 2.3: unblocks a read in another thread
+                resp.shutdown()
+            resp.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _error(self, text: str) -> None:
+        log.warning("FakeKubelet: %s", text)
+        with self._lock:
+            self.errors.append(text)
+            del self.errors[:-200]
+
+    # --- watching ----------------------------------------------------------------------------------------
+    def _list_kwargs(self) -> dict:
+        return {"label_selector": self.label_selector} if self.label_selector else {}
+
+    def _call_list(self, **kwargs: Any):
+        kwargs.update(self._list_kwargs())
+        if self.namespace:
+            return self.core.list_namespaced_pod(self.namespace, **kwargs)
+        return self.core.list_pod_for_all_namespaces(**kwargs)
+
+    def _watch_loop(self) -> None:
+        rv: str | None = None
+        while not self._stop.is_set():
+            try:
+                if rv is None:
+                    pods = self._call_list()
+                    self.relists += 1
+                    rv = pods.metadata.resource_version
+                    live = {p.metadata.uid for p in pods.items}
+                    with self._lock:   # deleted while we were not watching
+                        gone = [uid for uid in self._procs if uid not in live]
+                    for uid in gone:
+                        self._on_deleted(uid)
+                    for pod in pods.items:
+                        self._consider(pod)
+                    self._synced.set()
+                rv = self._watch(rv)
+            except ApiException as exc:
+                if self._stop.is_set():
+                    break
+                if exc.status == 410:
+                    rv = None
+                    continue
+                self._error(f"watch: {exc.status} {exc.reason}")
+                self._stop.wait(0.5)
+            except Exception as exc:  # noqa: BLE001 - reconnect from the same resourceVersion
+                if self._stop.is_set():
+                    break
+                self._error(f"watch: {type(exc).__name__}: {exc}")
+                self._stop.wait(0.5)
+
+    def _watch(self, rv: str) -> str | None:
+        """One watch request from ``rv``; returns the resourceVersion to resume from, None to relist."""
+        resp = self._call_list(watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=300,
+                               _preload_content=False, _request_timeout=(10, None))
+        with self._lock:
+            if self._stop.is_set():
+                self._shutdown(resp)
+                return rv
+            self._resp = resp
+        try:
+            buffer = b""
+            for chunk in resp.stream(amt=None, decode_content=False):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            return None
+                        raise RuntimeError(f"watch ERROR event: {obj.get('message')}")
+                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                    if kind == "BOOKMARK":
+                        continue
+                    if kind == "DELETED":
+                        self._on_deleted(obj["metadata"]["uid"])
+                    else:
+                        self._consider(self.api.deserialize(_Raw(json.dumps(obj)), "V1Pod"))
+                if self._stop.is_set():
+                    break
+        finally:
+            with self._lock:
+                if self._resp is resp:
+                    self._resp = None
+            self._shutdown(resp)
+        return rv
+
+    # --- deciding ----------------------------------------------------------------------------------------
+    def _consider(self, pod: client.V1Pod) -> None:
+        uid, name = pod.metadata.uid, pod.metadata.name
+        phase = pod.status.phase if pod.status else None
+        with self._lock:
+            if uid in self._seen or uid in self._deleted or self._stop.is_set():
+                return
+            if pod.metadata.deletion_timestamp or phase in ("Succeeded", "Failed"):
+                return
+            self._seen.add(uid)
+        try:
+            decision = self.decide(pod)
+        except Exception as exc:  # noqa: BLE001
+            self._error(f"decide({name}) raised {type(exc).__name__}: {exc}")
+            decision = "error"
+        if decision not in ("run", "ignore", "fail", "error"):
+            self._error(f"decide({name}) returned {decision!r}; expected 'run', 'ignore' or 'fail'")
+            decision = "error"
+        with self._lock:
+            self.handled[name] = decision
+        if decision == "fail":
+            now = now_rfc3339()
+            self._patch_status(pod, self._terminated_status(pod, 1, "Error", now, now,
+                                                            "FakeKubelet decided to fail this Pod"))
+        elif decision == "run":
+            assert self._pool is not None
+            try:
+                self._pool.submit(self._run_guarded, pod)
+            except RuntimeError:   # pool shut down: stopping
+                pass
+
+    def _on_deleted(self, uid: str) -> None:
+        with self._lock:
+            self._deleted.add(uid)
+            proc = self._procs.get(uid)
+        if proc is not None:
+            self._kill(proc)
+
+    # --- status ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _container_status(pod: client.V1Pod, state: dict, ready: bool) -> dict:
+        c = pod.spec.containers[0]
+        return {"name": c.name, "image": c.image or "", "imageID": "", "ready": ready, "restartCount": 0,
+                "started": "running" in state, "state": state,
+                "containerID": f"fake://{pod.metadata.uid}"}
+
+    def _running_status(self, pod: client.V1Pod, started: str) -> dict:
+        return {"phase": "Running", "startTime": started, "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": started}],
+                "containerStatuses": [self._container_status(pod, {"running": {"startedAt": started}}, True)]}
+
+    def _terminated_status(self, pod: client.V1Pod, code: int, reason: str, started: str, finished: str,
+                           message: str | None = None) -> dict:
+        terminated = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": finished}
+        if message:
+            terminated["message"] = message
+        status = {"phase": "Succeeded" if code == 0 else "Failed",
+                  "startTime": (pod.status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ")
+                                if pod.status and pod.status.start_time else started),
+                  "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted",
+                                  "lastTransitionTime": finished}],
+                  "containerStatuses": [self._container_status(pod, {"terminated": terminated}, False)]}
+        if message and code != 0:
+            status["message"] = message
+        return status
+
+    def _patch_status(self, pod: client.V1Pod, status: dict) -> bool:
+        """Write status through pods/status (uid as precondition); False if the Pod is gone."""
+        body = {"metadata": {"uid": pod.metadata.uid}, "status": status}
+        try:
+            self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, body)
+            return True
+        except ApiException as exc:
+            if exc.status in (404, 409) or (exc.status == 422 and self._replaced(pod)):
+                return False   # deleted, or deleted and created again under the same name (uid differs)
+            self._error(f"status of {pod.metadata.namespace}/{pod.metadata.name}: {exc.status} {exc.body}")
+            return False
+        except Exception as exc:  # noqa: BLE001
+            if not self._stop.is_set():
+                self._error(f"status of {pod.metadata.namespace}/{pod.metadata.name}: {exc}")
+            return False
+
+    def _replaced(self, pod: client.V1Pod) -> bool:
+        try:
+            return self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace).metadata.uid \
+                != pod.metadata.uid
+        except ApiException as exc:
+            return exc.status == 404
+
+    # --- running -----------------------------------------------------------------------------------------
+    def _read_data(self, kind: str, namespace: str, name: str, optional: bool) -> dict[str, str] | None:
+        try:
+            if kind == "Secret":
+                obj = self.core.read_namespaced_secret(name, namespace)
+                return {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (obj.data or {}).items()}
+            obj = self.core.read_namespaced_config_map(name, namespace)
+            return dict(obj.data or {})
+        except ApiException as exc:
+            if exc.status == 404:
+                if optional:
+                    return None
+                raise _ConfigError(f'{kind.lower()} "{name}" not found') from None
+            raise
+
+    def _field(self, pod: client.V1Pod, path: str) -> str:
+        meta = pod.metadata
+        m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+        if m:
+            return ((meta.labels if m.group(1) == "labels" else meta.annotations) or {}).get(m.group(2), "")
+        values = {"metadata.name": meta.name, "metadata.namespace": meta.namespace, "metadata.uid": meta.uid,
+                  "spec.nodeName": pod.spec.node_name or "", "spec.serviceAccountName":
+                  pod.spec.service_account_name or "", "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
+        return values.get(path, "")
+
+    def _container_env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
+        ns = pod.metadata.namespace
+        own: dict[str, str] = {}
+        for source in container.env_from or []:
+            prefix = source.prefix or ""
+            for kind, ref in (("Secret", source.secret_ref), ("ConfigMap", source.config_map_ref)):
+                if ref is not None:
+                    data = self._read_data(kind, ns, ref.name, bool(ref.optional))
+                    own.update({prefix + k: v for k, v in (data or {}).items()})
+        for var in container.env or []:
+            src = var.value_from
+            if src is None:
+                own[var.name] = _expand(var.value or "", own)
+            elif src.secret_key_ref is not None or src.config_map_key_ref is not None:
+                ref = src.secret_key_ref or src.config_map_key_ref
+                kind = "Secret" if src.secret_key_ref is not None else "ConfigMap"
+                data = self._read_data(kind, ns, ref.name, bool(ref.optional))
+                if data is None:
+                    continue
+                if ref.key not in data:
+                    if ref.optional:
+                        continue
+                    raise _ConfigError(f'couldn\'t find key {ref.key} in {kind} {ns}/{ref.name}')
+                own[var.name] = data[ref.key]
+            elif src.field_ref is not None:
+                own[var.name] = self._field(pod, src.field_ref.field_path)
+        return own
+
+    def _run_guarded(self, pod: client.V1Pod) -> None:
+        try:
+            self._run(pod)
+        except Exception as exc:  # noqa: BLE001
+            self._error(f"running {pod.metadata.namespace}/{pod.metadata.name}: {type(exc).__name__}: {exc}")
+
+    def _run(self, pod: client.V1Pod) -> None:
+        uid, name, ns = pod.metadata.uid, pod.metadata.name, pod.metadata.namespace
+        if self._stop.is_set() or uid in self._deleted:
+            return
+        container = pod.spec.containers[0]
+        deadline = time.monotonic() + self.config_timeout
+        while True:   # a kubelet retries until referenced Secrets/ConfigMaps exist
+            try:
+                own_env = self._container_env(pod, container)
+                break
+            except _ConfigError as exc:
+                if time.monotonic() >= deadline or self._stop.is_set() or uid in self._deleted:
+                    now = now_rfc3339()
+                    self.exit_codes[name] = None
+                    self._patch_status(pod, self._terminated_status(pod, 1, "CreateContainerConfigError",
+                                                                    now, now, str(exc)))
+                    return
+                time.sleep(0.2)
+        argv = [_expand(a, own_env) for a in list(container.command or []) + list(container.args or [])]
+        log_path = self.workdir / f"{ns}_{name}.log"
+        with self._lock:
+            self.logs[name] = str(log_path)
+        if not argv:
+            now = now_rfc3339()
+            log_path.write_text("FakeKubelet: the container has no command (images are not run here)\n")
+            self.exit_codes[name] = None
+            self._patch_status(pod, self._terminated_status(pod, 128, "StartError", now, now,
+                                                            "no command: FakeKubelet cannot run images"))
+            return
+        cwd = tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir)
+        env = {**os.environ, **own_env}
+        started = now_rfc3339()
+        if not self._patch_status(pod, self._running_status(pod, started)):
+            return   # deleted (or replaced) before it started
+        with open(log_path, "wb") as out:
+            try:
+                proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                out.write(f"FakeKubelet: cannot start {argv[0]!r}: {exc}\n".encode())
+                self.exit_codes[name] = None
+                self._patch_status(pod, self._terminated_status(pod, 128, "StartError", started,
+                                                                now_rfc3339(), str(exc)))
+                return
+            with self._lock:
+                self._procs[uid] = proc
+                killed_before = self._stop.is_set() or uid in self._deleted
+            if killed_before:
+                self._kill(proc)
+            code = proc.wait()
+            with self._lock:
+                self._procs.pop(uid, None)
+                interrupted = self._stop.is_set() or uid in self._deleted
+        if interrupted:
+            self.exit_codes[name] = None
+            return
+        if code < 0:
+            code = 128 - code   # killed by signal N: 128 + N, as a container runtime reports it
+        self.exit_codes[name] = code
+        self._patch_status(pod, self._terminated_status(pod, code, "Completed" if code == 0 else "Error",
+                                                        started, now_rfc3339()))
