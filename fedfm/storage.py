@@ -24,42 +24,30 @@ def _local_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
-def read_bytes(uri: str | os.PathLike) -> bytes:
-    uri = os.fspath(uri)
+def _at(uri: str, verb: str, local, remote):
+    """``local(path)`` for a local file, ``remote(fs, path)`` through fsspec; errors become StorageError."""
     try:
         if _is_local(uri):
-            return _local_path(uri).read_bytes()
-        with fsspec.open(uri, "rb") as handle:
-            return handle.read()
+            return local(_local_path(uri))
+        fs, path = fsspec.core.url_to_fs(uri)
+        return remote(fs, path)
     except FileNotFoundError:
         raise StorageError(f"{uri} does not exist") from None
     except (OSError, ValueError, ImportError) as exc:
-        raise StorageError(f"cannot read {uri}: {exc}") from None
+        raise StorageError(f"cannot {verb} {uri}: {exc}") from None
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    return _at(os.fspath(uri), "read", Path.read_bytes, lambda fs, path: fs.cat_file(path))
 
 
 def exists(uri: str | os.PathLike) -> bool:
-    uri = os.fspath(uri)
-    try:
-        if _is_local(uri):
-            return _local_path(uri).exists()
-        fs, path = fsspec.core.url_to_fs(uri)
-        return bool(fs.exists(path))
-    except (OSError, ValueError, ImportError) as exc:
-        raise StorageError(f"cannot check {uri}: {exc}") from None
+    return bool(_at(os.fspath(uri), "check", Path.exists, lambda fs, path: fs.exists(path)))
 
 
 def size(uri: str | os.PathLike) -> int:
     """Bytes stored at ``uri`` (what moving it over the network costs)."""
-    uri = os.fspath(uri)
-    try:
-        if _is_local(uri):
-            return _local_path(uri).stat().st_size
-        fs, path = fsspec.core.url_to_fs(uri)
-        return int(fs.size(path))
-    except FileNotFoundError:
-        raise StorageError(f"{uri} does not exist") from None
-    except (OSError, ValueError, ImportError) as exc:
-        raise StorageError(f"cannot stat {uri}: {exc}") from None
+    return int(_at(os.fspath(uri), "stat", lambda path: path.stat().st_size, lambda fs, path: fs.size(path)))
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> None:
