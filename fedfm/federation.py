@@ -145,8 +145,8 @@ def export(cfg: FederationConfig, global_uri: str, directory: str) -> dict[str, 
     from fedfm.modeling import export_peft_directory
 
     adapter = load_adapter(global_uri, who="the federation")
-    provenance = {"federation": cfg.name, "rounds": adapter.meta.round, "base_model_fingerprint": adapter.meta.base_model,
-                  "adapter_sha256": adapter.meta.sha256, "strategy": cfg.strategy.name,
-                  "clients": cfg.training_clients}
+    provenance = {"federation": cfg.name, "rounds": adapter.meta.round,
+                  "base_model_fingerprint": adapter.meta.base_model, "adapter_sha256": adapter.meta.sha256,
+                  "strategy": cfg.strategy.name, "clients": cfg.training_clients}
     export_peft_directory(directory, adapter.tensors, adapter.meta.peft_config, cfg, provenance)
     return provenance

@@ -169,7 +169,8 @@ def adapter_tensors(model) -> Tensors:
     """The model's adapter state (LoRA matrices and saved modules) as float32 CPU copies."""
     from peft import get_peft_model_state_dict
 
-    return {name: value.detach().to("cpu", torch.float32).clone() for name, value in get_peft_model_state_dict(model).items()}
+    state = get_peft_model_state_dict(model)
+    return {name: value.detach().to("cpu", torch.float32).clone() for name, value in state.items()}
 
 
 def load_adapter_tensors(model, tensors: Tensors, *, where: str) -> None:
@@ -221,4 +222,5 @@ def _load_failure(what: str, name: str, exc: Exception) -> str:
         "a local path must be a directory written by save_pretrained; a hub id needs network access "
         "or a copy in the Hugging Face cache (HF_HUB_OFFLINE=1 reads only the cache)"
     )
-    return f"cannot load {what} {name!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. {hint}"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot load {what} {name!r}: {first_line}. {hint}"

@@ -47,7 +47,8 @@ class LocalRun:
         return self.output / "report.png"
 
 
-def run_local(cfg: FederationConfig, output: Path, on_event: Callable[[dict[str, Any]], None] | None = None) -> LocalRun:
+def run_local(cfg: FederationConfig, output: Path,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> LocalRun:
     """Run the pipeline for ``cfg`` under kfp.local; write ``metrics.json``, ``report.png`` and the
     final PEFT adapter under ``output``.
 

@@ -17,7 +17,8 @@ def build_strategy(config: StrategyConfig) -> Strategy:
     try:
         cls = STRATEGIES[config.name]
     except KeyError:
-        raise ConfigError(f"strategy.name {config.name!r} is unknown; choose one of {', '.join(sorted(STRATEGIES))}") from None
+        known = ", ".join(sorted(STRATEGIES))
+        raise ConfigError(f"strategy.name {config.name!r} is unknown; choose one of {known}") from None
     accepted = set(inspect.signature(cls).parameters)
     unknown = sorted(set(config.params) - accepted)
     if unknown:
