@@ -27,9 +27,10 @@ def evaluate(
     with events.step("evaluate", round=round_index) as figures:
         cfg = step_config(config)
         started = time.time()
-        sums, unanswered = build_executor(cfg, run_id).evaluate(cfg, round_index, global_adapter.path,
-                                                                cfg.client_names)
+        executor = build_executor(cfg, run_id)
+        sums, unanswered = executor.evaluate(cfg, round_index, global_adapter.path, cfg.client_names)
         result = summarize(cfg.task, sums)
+        executor.round_evaluated(cfg, round_index, result["global"])
         record = round_record(global_adapter.path, result, time.time() - started)
         record["eval_missing"] = unanswered
         append_history(history_in.path, record, history.path)

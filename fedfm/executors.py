@@ -48,6 +48,9 @@ class Executor(ABC):
     def round_aggregated(self, cfg: FederationConfig, meta: AdapterMeta, adapter_uri: str) -> None:
         """Told after a round's new global adapter is written (the cluster publishes it)."""
 
+    def round_evaluated(self, cfg: FederationConfig, round_index: int, global_metrics: dict[str, float]) -> None:
+        """Told the global evaluation of a round's adapter (the cluster records it on the Federation)."""
+
     def round_failed(self, cfg: FederationConfig, round_index: int, message: str) -> None:
         """Told when a round cannot aggregate (the cluster records it on the Federation)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -67,7 +68,12 @@ class KubernetesExecutor(Executor):
         self._report({"lastAggregate": {
             "round": meta.round, "uri": self._publish(adapter_uri), "sha256": meta.sha256, "samples": meta.samples,
             "clients": sorted(meta.metrics.get("clients", {})), "missing": meta.metrics.get("missing", {}),
-            "time": kube.now()}})
+            "seconds": meta.metrics.get("round_seconds", 0.0), "time": kube.now()}})
+
+    def round_evaluated(self, cfg, round_index, global_metrics):
+        figures = {key: float(value) for key, value in global_metrics.items()
+                   if key in ("loss", "accuracy", "perplexity") and math.isfinite(value)}  # JSON has no NaN
+        self._report({"lastEvaluation": {"round": round_index, "metrics": figures, "time": kube.now()}})
 
     def round_failed(self, cfg, round_index, message):
         self._report({"lastFailure": {"round": round_index, "runId": self.run_id, "message": message,

@@ -189,7 +189,7 @@ def _finish(client_round: dict, phase: str, reason: str, message: str, **fields:
     started = (client_round.get("status") or {}).get("startedAt")
     metrics.client_round_finished(spec["federation"]["name"], meta["namespace"], spec["purpose"], phase,
                                   kube.seconds_since(started) if started else None,
-                                  fields.get("bytesDown", 0), fields.get("bytesUp", 0))
+                                  fields.get("bytesDown", 0), fields.get("bytesUp", 0), fields.get("updateNorm"))
     return True
 
 
@@ -303,11 +303,28 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
              else "Ready" if ready else "Waiting")
     new = {"phase": phase, "membersReady": ready, "members": members, "conditions": conditions,
            "currentRound": max([r["spec"]["round"] for r in rounds if r["spec"]["purpose"] == TRAIN], default=0)}
+    if aggregate and aggregate.get("time") != status.get("observedAggregateTime"):
+        # Each aggregate the pipeline reports is counted once, across operator restarts too.
+        if aggregate.get("seconds"):
+            metrics.round_completed(name, float(aggregate["seconds"]))
+        new["observedAggregateTime"] = aggregate.get("time")
+    unfinished = [r["metadata"]["creationTimestamp"] for r in rounds
+                  if (r.get("status") or {}).get("phase") not in FINAL_PHASES]
+    policy = (spec.get("config") or {}).get("policy") or {}
+    evaluation = (status.get("lastEvaluation") or {}).get("metrics", {})
+    metrics.federation_observed(name, aggregate.get("round", 0), evaluation,
+                                kube.seconds_since(min(unfinished)) if unfinished else 0.0,
+                                policy.get("round_deadline_seconds"))
     changed = {key: value for key, value in new.items() if status.get(key) != value}
     if changed:
         patch.status.update(changed)
         if "phase" in changed and phase in ("Invalid", "Failed"):
             _event(body, False, phase, problem or failure.get("message", ""))
+
+
+@kopf.on.delete(GROUP, VERSION, FEDERATIONS, optional=True)
+def federation_deleted(name: str, **_: Any) -> None:
+    metrics.federation_deleted(name)
 
 
 def _config_problem(spec: dict, name: str) -> str | None:

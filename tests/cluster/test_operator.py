@@ -25,6 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kube import FakeKubelet, api_client_from_kubeconfig, free_ports, now_rfc3339, wait_for
+from prometheus_server import Prometheus
 
 from fedfm.adapters import AdapterMeta, load_adapter, save_adapter
 from fedfm.builtin_data import load_builtin
@@ -90,6 +91,7 @@ class Cluster:
     plane: object
     workdir: Path
     operator: Operator
+    prometheus: Prometheus  # scrapes the operator every second
     pipeline_kubeconfig: str
     behaviour: dict  # tenant namespace -> what the kubelet does with its Pods ("run", "ignore", "fail")
 
@@ -125,10 +127,14 @@ def cluster(control_plane, tmp_path_factory):
     # Pod commands are `fedfm ...`: the kubelet runs them with this environment, so put our venv first.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     operator.start()
-    with kubelet:
-        yield Cluster(control_plane, workdir, operator, pipeline_kubeconfig, behaviour)
-        operator.stop()
-        assert not kubelet.errors, kubelet.errors
+    prometheus = Prometheus(workdir / "prometheus", [f"127.0.0.1:{operator.port}"])
+    try:
+        with kubelet:
+            yield Cluster(control_plane, workdir, operator, prometheus, pipeline_kubeconfig, behaviour)
+            operator.stop()
+            assert not kubelet.errors, kubelet.errors
+    finally:
+        prometheus.stop()
 
 
 @dataclass
@@ -236,11 +242,33 @@ def test_two_rounds_on_three_tenants(cluster, tiny_classifier, tmp_path):
     assert conditions == {"ConfigValid": "True", "RoundFailed": "False"}
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
+    evaluation = cluster.get(FEDERATIONS, PLATFORM, "fed-e2e")["status"]["lastEvaluation"]
+    assert evaluation["round"] == 2 and evaluation["metrics"]["accuracy"] == history[2]["eval"]["global"]["accuracy"]
+
+    # The operator's metrics, including what the short-lived pipeline steps reported on the status
+    wait_for(lambda: 'fedfm_round_duration_seconds_count{federation="fed-e2e"} 2.0' in cluster.operator.metrics(), 10,
+             message=lambda: cluster.operator.metrics())
     metrics = cluster.operator.metrics()
     assert 'fedfm_client_rounds_total{federation="fed-e2e",namespace="fed-e2e-a",outcome="Succeeded",' \
            'purpose="Train"} 2.0' in metrics
     assert 'fedfm_clients{federation="fed-e2e",namespace="fed-e2e-b",phase="Ready"} 1.0' in metrics
     assert 'fedfm_bytes_total{direction="up",federation="fed-e2e"}' in metrics
+    assert 'fedfm_rounds_completed{federation="fed-e2e"} 2.0' in metrics
+    assert 'fedfm_update_norm_count{federation="fed-e2e"} 6.0' in metrics
+    assert f'fedfm_global_eval_accuracy{{federation="fed-e2e"}} {evaluation["metrics"]["accuracy"]!r}' in metrics
+    assert 'fedfm_round_running_seconds{federation="fed-e2e"} 0.0' in metrics
+
+    # A real Prometheus scraped all that: PromQL gives rounds completed, clients by phase and bytes
+    prometheus = cluster.prometheus
+    rounds = prometheus.wait_for('fedfm_rounds_completed{federation="fed-e2e"} == 2')
+    assert rounds[0]["metric"]["job"] == "fedfm-operator"
+    phases = prometheus.wait_for('sum by (phase) (fedfm_clients{federation="fed-e2e"})')
+    assert {sample["metric"]["phase"]: sample["value"][1] for sample in phases} == {"Ready": "3"}
+    moved = prometheus.wait_for('sum by (direction) (fedfm_bytes_total{federation="fed-e2e"}) > 0')
+    assert {sample["metric"]["direction"] for sample in moved} == {"up", "down"}
+    updates = float(prometheus.wait_for('sum(fedfm_client_rounds_total{federation="fed-e2e",purpose="Train",'
+                                        'outcome="Succeeded"}) == 6')[0]["value"][1])
+    assert updates == 6
 
 
 def test_deadline_and_quorum(cluster, tiny_classifier, tmp_path):

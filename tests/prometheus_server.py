@@ -1,0 +1,73 @@
+"""A real Prometheus (Debian's) on loopback for the tests: installed by scripts/testenv/install-prometheus.sh
+when missing, scraping the given targets every second, queried through its HTTP API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_prometheus() -> None:
+    if not (shutil.which("prometheus") and shutil.which("promtool")):
+        subprocess.run([str(ROOT / "scripts" / "testenv" / "install-prometheus.sh")], check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Prometheus:
+    def __init__(self, run_dir: Path, targets: list[str]):
+        ensure_prometheus()
+        self.run_dir, self.port = run_dir, _free_port()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = run_dir / "prometheus.yml"
+        config.write_text(json.dumps({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "fedfm-operator", "static_configs": [{"targets": targets}]}]}))
+        subprocess.run(["promtool", "check", "config", str(config)], check=True, capture_output=True)
+        self.log = open(run_dir / "prometheus.log", "w")
+        self.process = subprocess.Popen(
+            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={run_dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def query(self, promql: str) -> list[dict]:
+        """The instant vector ``promql`` gives now: ``[{"metric": {...}, "value": [time, "text"]}, ...]``."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=5) as response:
+            answer = json.load(response)
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+    def wait_for(self, promql: str, timeout: float = 30.0) -> list[dict]:
+        """Poll until ``promql`` returns a sample; the result."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                result = self.query(promql)
+                if result:
+                    return result
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Prometheus returned nothing for {promql} in {timeout:g} s; "
+                                     f"see {self.run_dir / 'prometheus.log'}")
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
