@@ -1,0 +1,193 @@
+"""The Helm chart, through Helm's own Go SDK (helm-python-sdk): lint, render, the values schema, and the
+monitoring it ships (alert rules, dashboard) against the metrics the operator really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+
+from prometheus_server import ensure_prometheus
+
+from fedfm.operators import metrics, rbac
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "fedfm"
+RELEASE, NAMESPACE = "fedfm", "fedfm-system"
+
+TWO_TENANTS = {
+    "pipeline": {"namespace": "kubeflow-user", "serviceAccount": "default-editor"},
+    "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    "tenants": [
+        {"name": "hospital-a", "namespace": "tenant-a", "createNamespace": True,
+         "federation": {"name": "support"}, "data": {"uri": "s3://a/train.csv", "secretRef": {"name": "a-s3"}},
+         "labels": {"fedfm.dev/enrolled": "true"}},
+        {"name": "bank-b", "namespace": "tenant-b", "federation": {"name": "support", "namespace": "kubeflow-user"},
+         "data": {"pvc": {"claimName": "b-data", "path": "train.parquet"}},
+         "serviceAccount": {"create": False, "name": "b-jobs"}, "image": "registry.example/fedfm:gpu",
+         "resources": {"cpu": 8, "memory": "32Gi", "gpus": 2, "nodeSelector": {"pool": "gpu"},
+                       "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
+    ],
+}
+
+
+def render(values: dict | None = None) -> list[dict]:
+    chart = helm.Chart.load(CHART)
+    try:
+        files = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    finally:
+        chart.close()
+    return [doc for name, text in sorted(files.items()) if name.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def find(objects: list[dict], kind: str, name: str | None = None, namespace: str | None = None) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+            and (namespace is None or o["metadata"].get("namespace") == namespace)]
+
+
+def test_lint_strict_is_clean():
+    result = helm.lint(CHART, strict=True, namespace=NAMESPACE)
+    assert result["errors"] == []
+    # severity 1 is INFO (e.g. "icon is recommended"); nothing at WARNING (2) or above
+    assert [m for m in result["messages"] if m["severity"] >= 2] == []
+    result = helm.lint(CHART, TWO_TENANTS, strict=True, namespace=NAMESPACE)
+    assert result["errors"] == [] and [m for m in result["messages"] if m["severity"] >= 2] == []
+
+
+def test_default_values_render_the_operator_and_its_exact_rbac():
+    objects = render()
+    assert {o["kind"] for o in objects} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                                            "Service", "ConfigMap"}
+    deployment = find(objects, "Deployment", "fedfm-operator", NAMESPACE)[0]
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["serviceAccountName"] == "fedfm-operator"
+    container = pod["containers"][0]
+    assert container["image"] == "ghcr.io/fedfm/fedfm-operator:0.1.0"
+    assert container["command"] == ["python", "-m", "fedfm.operators"]
+    assert "--metrics-port=8080" in container["args"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" and container["readinessProbe"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    # the operator's ClusterRole carries exactly the rules operators/rbac.py defines, bound to its account
+    role = find(objects, "ClusterRole", "fedfm-operator")[0]
+    assert role["rules"] == rbac.operator_cluster_role()["rules"]
+    binding = find(objects, "ClusterRoleBinding", "fedfm-operator")[0]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fedfm-operator", "namespace": NAMESPACE}]
+    # Kubeflow profile users can create Federations through the aggregated roles
+    edit = find(objects, "ClusterRole", "fedfm-kubeflow-edit")[0]
+    assert edit["metadata"]["labels"]["rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit"] == "true"
+    assert {"create", "delete"} <= set(edit["rules"][0]["verbs"]) and edit["rules"][0]["resources"] == ["federations"]
+    service = find(objects, "Service", "fedfm-operator-metrics", NAMESPACE)[0]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    dashboard = find(objects, "ConfigMap", "fedfm-dashboard", NAMESPACE)[0]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["fedfm.json"])["uid"] == "fedfm-overview"
+
+
+def test_two_tenants_with_a_gpu_tenant_and_monitoring_on():
+    objects = render(TWO_TENANTS)
+    assert [o["metadata"]["name"] for o in find(objects, "Namespace")] == ["tenant-a"]  # only where asked
+    assert find(objects, "Namespace")[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # tenant a: its own service account; tenant b: an existing one, not created
+    assert [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in find(objects, "ServiceAccount")
+            if o["metadata"]["namespace"] != NAMESPACE] == [("tenant-a", "fedfm-client")]
+    for namespace, account in (("tenant-a", "fedfm-client"), ("tenant-b", "b-jobs")):
+        assert find(objects, "Role", "fedfm-tenant", namespace)[0]["rules"] == rbac.tenant_role()["rules"]
+        assert find(objects, "RoleBinding", "fedfm-tenant", namespace)[0]["subjects"][0]["name"] == account
+        assert find(objects, "Role", "fedfm-pipeline", namespace)[0]["rules"] == rbac.pipeline_role()["rules"]
+        subjects = find(objects, "RoleBinding", "fedfm-pipeline", namespace)[0]["subjects"]
+        assert subjects == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "kubeflow-user"}]
+    assert find(objects, "Role", "fedfm-pipeline-federation", "kubeflow-user")[0]["rules"] == \
+        rbac.pipeline_federation_role()["rules"]
+
+    a = find(objects, "FederatedClient", "hospital-a", "tenant-a")[0]
+    assert a["spec"]["federationRef"] == {"name": "support", "namespace": "kubeflow-user"}  # pipeline.namespace
+    assert a["metadata"]["labels"]["fedfm.dev/enrolled"] == "true"
+    assert a["spec"]["image"] == "ghcr.io/fedfm/fedfm:0.1.0" and a["spec"]["serviceAccountName"] == "fedfm-client"
+    b = find(objects, "FederatedClient", "bank-b", "tenant-b")[0]
+    assert b["spec"]["resources"]["gpus"] == 2 and b["spec"]["resources"]["nodeSelector"] == {"pool": "gpu"}
+    assert b["spec"]["data"] == {"pvc": {"claimName": "b-data", "path": "train.parquet"}}
+    assert b["spec"]["image"] == "registry.example/fedfm:gpu" and b["spec"]["serviceAccountName"] == "b-jobs"
+
+    monitor = find(objects, "ServiceMonitor", "fedfm-operator", NAMESPACE)[0]
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    rules = find(objects, "PrometheusRule", "fedfm-operator", NAMESPACE)[0]
+    shipped = yaml.safe_load((CHART / "alerts" / "fedfm.rules.yaml").read_text())
+    assert rules["spec"]["groups"] == shipped["groups"]
+
+
+@pytest.mark.parametrize("values, where", [
+    ({"operator": {"metricsPort": "eighty"}}, "/operator/metricsPort"),
+    ({"operator": {"replicas": 2}}, "/operator"),  # unknown key: a typo must not pass silently
+    ({"tenants": [{"name": "a", "namespace": "Tenant_A", "federation": {"name": "f"}, "data": {"uri": "s3://x"}}]},
+     "/tenants/0/namespace"),
+    ({"tenants": [{"name": "a", "namespace": "t", "federation": {"name": "f"}}]}, "/tenants/0"),  # no data
+    ({"tenants": [{"name": "a", "namespace": "t", "federation": {"name": "f"},
+                   "data": {"pvc": {"claimName": "c"}}}]}, "/tenants/0/data"),  # pvc without a path
+    ({"tenants": [{"name": "a", "namespace": "t", "federation": {"name": "f"}, "data": {"uri": "s3://x"},
+                   "resources": {"gpus": -1}}]}, "/tenants/0/resources/gpus"),
+    ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+])
+def test_the_schema_rejects_bad_values(values, where):
+    with pytest.raises(helm.HelmValuesError) as refused:
+        render(values)
+    assert f"at '{where}" in str(refused.value)
+
+
+def test_a_tenant_without_a_federation_namespace_needs_the_pipeline_namespace():
+    values = {"tenants": [{"name": "a", "namespace": "t", "federation": {"name": "f"}, "data": {"uri": "s3://x"}}]}
+    needed = r"tenants\[a\].federation.namespace \(or pipeline.namespace\) is required"
+    with pytest.raises(helm.HelmError, match=needed):
+        render(values)
+
+
+def _exported_metric_names() -> set[str]:
+    """Every sample name the operator's registry can export (histograms add _bucket/_sum/_count)."""
+    names = set()
+    for collector in metrics.__dict__.values():
+        if hasattr(collector, "_type") and hasattr(collector, "_name"):
+            base = collector._name + ("_total" if collector._type == "counter" else "")
+            names.add(base)
+            if collector._type == "histogram":
+                names |= {f"{collector._name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+        elif isinstance(collector, dict):
+            names |= {gauge._name for gauge in collector.values() if hasattr(gauge, "_name")}
+    return names
+
+
+_FUNCTIONS = {"sum", "max", "min", "avg", "rate", "increase", "histogram_quantile", "by", "on", "absent",
+              "label_values", "without", "count", "up"}
+
+
+def _metric_names(expr: str) -> set[str]:
+    without_labels = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", "", expr)
+    return {token for token in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", without_labels)
+            if token not in _FUNCTIONS and token.startswith("fedfm_")}
+
+
+def test_dashboard_and_alerts_query_only_metrics_the_operator_exports():
+    exported = _exported_metric_names()
+    assert {"fedfm_rounds_completed", "fedfm_clients", "fedfm_client_rounds_total", "fedfm_bytes_total",
+            "fedfm_round_duration_seconds_bucket", "fedfm_global_eval_loss", "fedfm_update_norm_bucket"} <= exported
+    dashboard = json.loads((CHART / "dashboards" / "fedfm.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in _metric_names(target["expr"])}
+    queried |= _metric_names(dashboard["templating"]["list"][1]["query"]["query"])
+    alerts = yaml.safe_load((CHART / "alerts" / "fedfm.rules.yaml").read_text())
+    queried |= {name for group in alerts["groups"] for rule in group["rules"] for name in _metric_names(rule["expr"])}
+    assert queried and queried <= exported, sorted(queried - exported)
+    assert {"fedfm_rounds_completed", "fedfm_clients", "fedfm_bytes_total", "fedfm_global_eval_accuracy"} <= queried
+
+
+def test_the_alert_rules_pass_promtool():
+    ensure_prometheus()
+    result = subprocess.run(["promtool", "check", "rules", str(CHART / "alerts" / "fedfm.rules.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "SUCCESS: 3 rules found" in result.stdout, result.stdout + result.stderr
