@@ -157,6 +157,45 @@ def compile_command(
                   f"{len(cfg.training_clients)} client(s), image {image or DEFAULT_IMAGE}")
 
 
+@app.command("validate")
+@_with_config
+def validate_command(
+    cfg: FederationConfig,
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p", help="A compiled pipeline YAML to check too."),
+) -> None:
+    """Check a config (and a compiled pipeline) without a cluster; exit 2 with the reason if anything is wrong."""
+    console = _console()
+    console.print(f"config: valid — {cfg.task}, {cfg.model.name_or_path}, {len(cfg.training_clients)} client(s), "
+                  f"{cfg.rounds} round(s), {cfg.strategy.name}, execution {cfg.execution.mode}")
+    if pipeline is not None:
+        from fedfm.pipelines.validate import validate_pipeline
+
+        summary = validate_pipeline(pipeline, cfg)
+        console.print(f"pipeline {pipeline}: valid — {summary.name!r}, {summary.rounds} round(s), "
+                      f"{summary.clients} client(s), image {summary.image}")
+
+
+@app.command("submit")
+@_with_config
+def submit_command(
+    cfg: FederationConfig,
+    host: str = typer.Option(..., "--host", envvar="KFP_HOST", help="The KFP API endpoint (or KFP_HOST)."),
+    image: Optional[str] = typer.Option(None, "--image", help="Container image of the steps (base_image)."),
+    pipeline_name: Optional[str] = typer.Option(None, "--pipeline-name", help="Default: fedfm-<config name>."),
+    experiment: str = typer.Option("fedfm", "--experiment", help="The KFP experiment of the run."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user)."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Default: <config name>-<pipeline hash>."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="KFP_TOKEN", help="Bearer token (or KFP_TOKEN)."),
+) -> None:
+    """Compile the federation and start a run of it on a Kubeflow Pipelines endpoint."""
+    from fedfm.components import DEFAULT_IMAGE
+    from fedfm.pipelines.submit import submit
+
+    run = submit(cfg, host, image=image or DEFAULT_IMAGE, pipeline_name=pipeline_name, experiment=experiment,
+                 namespace=namespace, run_name=run_name, token=token)
+    _console().print(f"run {run.run_id} of pipeline {run.pipeline_id} (version {run.version_id}) started: {run.url}")
+
+
 # --- the commands a tenant's Job runs (cluster mode) ----------------------------------------------
 
 _JOB_CONFIG_HELP = "Config file; default: the FEDFM_CONFIG environment variable (what the operator sets)."

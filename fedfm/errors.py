@@ -50,3 +50,11 @@ class TrainingError(FedFMError):
 
 class QuorumError(FedFMError):
     """Too few clients sent a usable update for a round to aggregate."""
+
+
+class PipelineError(FedFMError):
+    """A compiled pipeline is not one FedFM can run."""
+
+
+class SubmitError(FedFMError):
+    """A Kubeflow Pipelines endpoint refused a submission or could not be reached."""

@@ -13,6 +13,9 @@ compiled pipeline is for ``cfg.rounds`` rounds; everything else is read from the
 parameter at run time, which defaults to the config it was compiled from.
 """
 
+import ast
+import re
+from pathlib import Path
 from typing import NamedTuple
 
 from kfp import dsl
@@ -65,7 +68,31 @@ def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
 
 
 def compile_pipeline(cfg: FederationConfig, output: str, image: str = DEFAULT_IMAGE) -> None:
-    """Write the pipeline YAML that the Kubeflow UI uploads (and ``kfp.Client`` submits)."""
+    """Write the pipeline YAML that the Kubeflow UI uploads (and ``kfp.Client`` submits); the same config
+    and image always give the same bytes."""
     from kfp import compiler
 
     compiler.Compiler().compile(build_pipeline(cfg, image), package_path=str(output))
+    path = Path(output)
+    path.write_text(_stable_header(path.read_text()))
+
+
+def _stable_header(text: str) -> str:
+    """KFP's comment header shows each input's default as a Python dict in protobuf map order, which
+    changes from process to process; write those defaults with sorted keys instead (the YAML body
+    itself is already stable)."""
+    def ordered(value):
+        if isinstance(value, dict):
+            return {key: ordered(value[key]) for key in sorted(value)}
+        if isinstance(value, list):
+            return [ordered(item) for item in value]
+        return value
+
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        match = re.match(r"^(#\s+\w+: dict \[Default: )(\{.*\})\]$", line)
+        if match:
+            lines[index] = f"{match.group(1)}{ordered(ast.literal_eval(match.group(2)))!r}]"
+    return "\n".join(lines)

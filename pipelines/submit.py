@@ -1,0 +1,83 @@
+"""Submit a federated fine-tune to a Kubeflow Pipelines endpoint (``fedfm submit``), through ``kfp.Client``.
+
+The pipeline uploaded is exactly what ``fedfm compile`` writes for the config. A pipeline of that
+name that exists already gets a new version, named by the YAML's content hash, unless its latest
+version (or one of that name) has the same spec, which the run then reuses. The run gets the config
+as its ``config`` parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fedfm.config import FederationConfig
+from fedfm.errors import SubmitError
+
+
+@dataclass
+class SubmittedRun:
+    pipeline_id: str
+    version_id: str
+    experiment_id: str
+    run_id: str
+    url: str
+
+
+def submit(cfg: FederationConfig, host: str, *, image: str, pipeline_name: str | None = None,
+           experiment: str = "fedfm", namespace: str | None = None, run_name: str | None = None,
+           token: str | None = None) -> SubmittedRun:
+    import kfp
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    from fedfm.pipelines.federated_finetune import compile_pipeline
+
+    name = pipeline_name or f"fedfm-{cfg.name}"
+    with tempfile.TemporaryDirectory() as directory:
+        package = Path(directory) / "pipeline.yaml"
+        compile_pipeline(cfg, str(package), image)
+        version_name = f"{name}-{hashlib.sha256(package.read_bytes()).hexdigest()[:12]}"
+        try:
+            client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token)
+            pipeline_id = client.get_pipeline_id(name)
+            if pipeline_id is None:
+                pipeline_id = client.upload_pipeline(str(package), name, namespace=namespace).pipeline_id
+                version_id = _versions(client, pipeline_id)[0].pipeline_version_id
+            else:
+                version_id = _same_version(client, pipeline_id, version_name, yaml.safe_load(package.read_text()))
+                if version_id is None:
+                    version_id = client.upload_pipeline_version(str(package), pipeline_version_name=version_name,
+                                                                pipeline_id=pipeline_id).pipeline_version_id
+            experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+            run = client.run_pipeline(experiment_id, run_name or f"{cfg.name}-{version_name[-12:]}",
+                                      pipeline_id=pipeline_id, version_id=version_id,
+                                      params={"config": cfg.as_dict()})
+        except ApiException as exc:
+            raise SubmitError(f"KFP at {host} refused the submission: {exc.status} {exc.reason}: "
+                              f"{(exc.body or '').strip()[:500]}") from None
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # connection refused, DNS, TLS
+            raise SubmitError(f"cannot reach KFP at {host}: {exc}") from None
+    return SubmittedRun(pipeline_id, version_id, experiment_id, run.run_id,
+                        f"{host.rstrip('/')}/#/runs/details/{run.run_id}")
+
+
+def _same_version(client, pipeline_id: str, version_name: str, spec: dict) -> str | None:
+    """A version of the pipeline that is this YAML: one named by its hash, or the latest if its spec is equal."""
+    versions = _versions(client, pipeline_id)
+    for version in versions:
+        if version.display_name == version_name:
+            return version.pipeline_version_id
+    if versions:
+        latest = client.get_pipeline_version(pipeline_id, versions[0].pipeline_version_id)
+        if latest.pipeline_spec == spec:
+            return latest.pipeline_version_id
+    return None
+
+
+def _versions(client, pipeline_id: str) -> list:
+    return client.list_pipeline_versions(pipeline_id, page_size=100, sort_by="created_at desc").pipeline_versions or []

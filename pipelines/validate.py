@@ -1,0 +1,77 @@
+"""Check a compiled FedFM pipeline without a cluster (``fedfm validate --pipeline``).
+
+KFP's own loader must read it; it must be the DAG ``fedfm compile`` writes (init, per round a client
+selection, a fine-tune loop and an aggregation, evaluations, the export); its ``config`` parameter's
+default must be a valid federation config compiled for as many rounds as the DAG unrolls; and every
+step must run in one image. A config given next to it must fit the compiled rounds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fedfm.config import FederationConfig
+from fedfm.errors import ConfigError, PipelineError
+
+
+@dataclass
+class PipelineSummary:
+    name: str
+    rounds: int
+    clients: int
+    image: str
+    config: FederationConfig
+
+
+_ROUND_STEPS = ("select-clients", "aggregate", "for-loop")
+
+
+def validate_pipeline(path: str | Path, cfg: FederationConfig | None = None) -> PipelineSummary:
+    from kfp.components import load_component_from_file
+
+    path = Path(path)
+    try:
+        load_component_from_file(str(path))
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} does not exist") from None
+    except Exception as exc:  # KFP's loader raises many kinds; all mean "not a KFP pipeline"
+        raise PipelineError(f"{path} is not a KFP pipeline that KFP's loader reads: {exc}") from None
+    tasks = list((document.get("root") or {}).get("dag", {}).get("tasks", {}))
+    missing = [step for step in ("init-federation", "evaluate", "export-adapter", *_ROUND_STEPS)
+               if not any(_step_of(task) == step for task in tasks)]
+    if missing:
+        raise PipelineError(f"{path} is not a FedFM pipeline: it has no {', '.join(missing)} step "
+                            "(write it with `fedfm compile`)")
+    counts = {step: sum(_step_of(task) == step for task in tasks) for step in _ROUND_STEPS}
+    if len(set(counts.values())) != 1:
+        raise PipelineError(f"{path}: the rounds are incomplete ({counts})")
+    compiled_rounds = counts["aggregate"]
+    parameter = document["root"].get("inputDefinitions", {}).get("parameters", {}).get("config", {})
+    if "defaultValue" not in parameter:
+        raise PipelineError(f"{path} has no `config` parameter with a default")
+    try:
+        compiled = FederationConfig.parse(parameter["defaultValue"], source=f"{path}'s config parameter")
+    except ConfigError as exc:
+        raise PipelineError(str(exc)) from None
+    if compiled.rounds != compiled_rounds:
+        raise PipelineError(f"{path}: its config asks for {compiled.rounds} rounds but the DAG unrolls "
+                            f"{compiled_rounds}")
+    if cfg is not None and cfg.rounds != compiled_rounds:
+        raise PipelineError(f"{path} is compiled for {compiled_rounds} rounds and the config asks for {cfg.rounds}: "
+                            "recompile it (rounds are unrolled at compile time)")
+    images = sorted({executor["container"]["image"]
+                     for executor in document.get("deploymentSpec", {}).get("executors", {}).values()})
+    if len(images) != 1:
+        raise PipelineError(f"{path}: its steps run in {len(images)} images ({', '.join(images)}); FedFM's run in one")
+    return PipelineSummary(document["pipelineInfo"]["name"], compiled_rounds, len(compiled.training_clients),
+                           images[0], compiled)
+
+
+def _step_of(task: str) -> str:
+    """KFP names repeated tasks ``aggregate-2``, ``for-loop-3``; the step is the name without that suffix."""
+    return re.sub(r"-\d+$", "", task)
