@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfm-stack
 ARGS  ?=
 
-.PHONY: venv run test compile bench-quality bench-overhead clean
+.PHONY: venv run test compile images bench-quality bench-overhead clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/install-stack.sh
 	scripts/install-stack.sh $(VENV)
@@ -23,6 +23,15 @@ test: venv
 ## compile: the pipeline YAML for the Kubeflow UI
 compile: venv
 	$(VENV)/bin/fedfm compile --output pipeline.yaml $(ARGS)
+
+## images: the component and operator images, with docker or podman (IMAGE_TAG, REGISTRY to override)
+REGISTRY  ?= ghcr.io/fedfm
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+ENGINE    ?= $(shell command -v docker || command -v podman)
+images:
+	@test -n "$(ENGINE)" || { echo "make images needs docker or podman; none is installed here" >&2; exit 1; }
+	$(ENGINE) build -f Containerfile -t $(REGISTRY)/fedfm:$(IMAGE_TAG) .
+	$(ENGINE) build -f Containerfile.operator -t $(REGISTRY)/fedfm-operator:$(IMAGE_TAG) .
 
 bench-quality: venv
 	$(PY) bench/quality.py $(ARGS)
