@@ -37,6 +37,7 @@ def aggregate(
             executor.round_failed(cfg, round_index, str(exc))
             raise
         executor.round_aggregated(cfg, meta, new_global_adapter.path)
-        figures.update(clients=len(pairs), missing=len(missing), samples=meta.samples)
+        figures.update(clients=len(pairs), missing=len(missing), samples=meta.samples,
+                       round_seconds=meta.metrics.get("round_seconds"))
     new_global_adapter.metadata.update(round=round_index, samples=meta.samples, sha256=meta.sha256,
                                        clients=sorted(meta.metrics["clients"]), missing=missing)

@@ -105,6 +105,8 @@ def _with_config(command):
 def run(
     cfg: FederationConfig,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/NAME-TIME)."),
+    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", envvar="FEDFM_PUSHGATEWAY",
+                                              help="Push the run's metrics to this Prometheus Pushgateway URL."),
 ) -> None:
     """Run a federated fine-tune locally through the KFP pipeline (kfp.local)."""
     from fedfm.data import describe_clients
@@ -112,6 +114,11 @@ def run(
 
     console = _console()
     output = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    reporter = None
+    if pushgateway:
+        from fedfm.pushgateway import PushgatewayReporter
+
+        reporter = PushgatewayReporter(pushgateway, cfg.name)  # an unreachable URL fails here, before any work
     claim_output(output)
     mode = "centralized baseline" if cfg.centralized else f"{len(cfg.clients)} tenants"
     console.print(f"[bold]FedFM[/] {cfg.task} · {cfg.model.name_or_path} · {cfg.data.source} "
@@ -121,6 +128,8 @@ def run(
     with Live(progress.render(), console=console, refresh_per_second=4, auto_refresh=console.is_terminal,
               redirect_stdout=False, redirect_stderr=False) as live:
         def on_event(event: dict[str, Any]) -> None:
+            if reporter:
+                reporter.on_event(event)
             line = progress.update(event)
             if console.is_terminal:
                 live.update(progress.render())
@@ -135,6 +144,9 @@ def run(
     chance = f" (chance {1 / len(cfg.data.labels):.3f})" if cfg.task == "classification" else ""
     console.print(f"global {metric}: {first:.4f} → {last:.4f}{chance} in {result.seconds:.0f} s")
     console.print(f"results in {output}/: metrics.json, report.png, adapter/ (PeftModel.from_pretrained), run.log")
+    if reporter:
+        console.print(f"metrics pushed to {pushgateway} (job={reporter.job}, federation={cfg.name})"
+                      + (f"; {reporter.failures} push(es) failed" if reporter.failures else ""))
 
 
 @app.command("compile")

@@ -1,5 +1,6 @@
-"""A real Prometheus (Debian's) on loopback for the tests: installed by scripts/testenv/install-prometheus.sh
-when missing, scraping the given targets every second, queried through its HTTP API."""
+"""A real Prometheus and Pushgateway (Debian's) on loopback for the tests, installed by
+scripts/testenv/install-prometheus.sh when missing. Prometheus scrapes the given targets every second
+and is queried through its HTTP API."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ensure_prometheus() -> None:
-    if not (shutil.which("prometheus") and shutil.which("promtool")):
+    if not all(shutil.which(tool) for tool in ("prometheus", "promtool", "prometheus-pushgateway")):
         subprocess.run([str(ROOT / "scripts" / "testenv" / "install-prometheus.sh")], check=True)
 
 
@@ -70,4 +71,35 @@ class Prometheus:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self.log.close()
+
+
+class Pushgateway:
+    """Debian's prometheus-pushgateway on a free loopback port."""
+
+    def __init__(self, run_dir: Path):
+        ensure_prometheus()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(run_dir / "pushgateway.log", "w")
+        self.process = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{self.port}"],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.metrics()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the Pushgateway did not start; see {run_dir / 'pushgateway.log'}")
+                time.sleep(0.1)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
         self.log.close()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 CORE = ["adapters", "cli", "config", "data", "evaluation", "events", "executors", "federation",
-        "modeling", "report", "storage", "strategies", "tasks", "training"]
+        "modeling", "pushgateway", "report", "storage", "strategies", "tasks", "training"]
 
 
 def test_the_core_imports_neither_kfp_nor_kubernetes():
