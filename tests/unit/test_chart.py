@@ -191,3 +191,32 @@ def test_the_alert_rules_pass_promtool():
     result = subprocess.run(["promtool", "check", "rules", str(CHART / "alerts" / "fedfm.rules.yaml")],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "SUCCESS: 3 rules found" in result.stdout, result.stdout + result.stderr
+
+
+_VALIDATE_MONITORING = """
+import { readFileSync } from "node:fs";
+import * as kinds from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+for (const obj of JSON.parse(readFileSync(process.argv[2], "utf8"))) {
+  try { new kinds[obj.kind](obj).validate(); console.log(`${obj.kind}: valid`); }
+  catch (error) { console.log(`${obj.kind}: ${error.message}`); }
+}
+"""
+
+
+def test_the_monitoring_objects_match_prometheus_operators_schemas(tmp_path):
+    """prometheus-operator's kinds are not on the test control plane, so their schemas come from the npm
+    registry as compiled validators (@kubernetes-models/prometheus-operator) and run under node."""
+    root = subprocess.run([str(CHART.parents[1] / "scripts" / "testenv" / "install-monitoring-schemas.sh")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    script = Path(root) / "validate-monitoring.mjs"  # beside node_modules, so node resolves the package
+    script.write_text(_VALIDATE_MONITORING)
+    monitoring = [o for o in render(TWO_TENANTS) if o["apiVersion"] == "monitoring.coreos.com/v1"]
+    broken = json.loads(json.dumps(find(monitoring, "ServiceMonitor")[0]))
+    broken["spec"]["endpoints"][0]["interval"] = "often"
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps(monitoring + [broken]))
+    result = subprocess.run(["node", str(script), str(objects)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sorted(lines[:2]) == ["PrometheusRule: valid", "ServiceMonitor: valid"]
+    assert lines[2].startswith("ServiceMonitor: ") and "interval must match pattern" in lines[2]
