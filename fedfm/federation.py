@@ -70,8 +70,9 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     aggregate = strategy.aggregate(current.tensors, _validated(cfg, round_index, current, updates, clients),
                                    state={})
     finished = time.time()
-    metrics = {"clients": clients, "missing": missing, "strategy": strategy.name,
-               "aggregate_seconds": finished - started}
+    # "counted": the clients the rule used (a robust rule such as Krum may leave valid updates out)
+    metrics = {"clients": clients, "counted": sorted(aggregate.clients), "missing": missing,
+               "strategy": strategy.name, "aggregate_seconds": finished - started}
     starts = [figures["started_at"] for figures in clients.values() if "started_at" in figures]
     if starts:  # the round proper: from the first client's start to the new global adapter
         metrics["round_seconds"] = finished - min(starts)

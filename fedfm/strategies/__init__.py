@@ -8,8 +8,11 @@ from fedfm.config import StrategyConfig
 from fedfm.errors import ConfigError
 from fedfm.strategies.base import Aggregate, Strategy
 from fedfm.strategies.fedavg import FedAvg
+from fedfm.strategies.fedmedian import FedMedian
+from fedfm.strategies.fedtrimmedavg import FedTrimmedAvg
+from fedfm.strategies.krum import Krum, MultiKrum
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum)}
 
 
 def build_strategy(config: StrategyConfig) -> Strategy:

@@ -173,6 +173,18 @@ class TestAggregateRound:
             aggregate_round(cfg, 1, str(global_path), [(c, str(p)) for c, p in paths.items()], str(global_path))
         assert global_path.read_bytes() == before
 
+    @pytest.mark.parametrize("rule, params, counted", [
+        ("fedmedian", {}, 3), ("fedtrimmedavg", {"beta": 0.0}, 3), ("krum", {}, 1), ("multikrum", {"to_keep": 2}, 2)])
+    def test_every_rule_runs_as_the_aggregate_step(self, setup, tmp_path, rule, params, counted):
+        cfg, global_path, paths = setup
+        cfg = cfg.with_overrides({"strategy.name": rule, "strategy.params": params})
+        meta = aggregate_round(cfg, 1, str(global_path), [(c, str(p)) for c, p in paths.items()],
+                               str(tmp_path / "next.safetensors"))
+        result = load_adapter(tmp_path / "next.safetensors")
+        assert result.meta.metrics["strategy"] == rule and len(meta.metrics["counted"]) == counted
+        assert set(meta.metrics["counted"]) <= set(meta.metrics["clients"]) == set(cfg.client_names)
+        assert all(torch.isfinite(value).all() for value in result.tensors.values())
+
     def test_missing_clients_count_against_the_quorum(self, setup, tmp_path):
         cfg, global_path, paths = setup
         two = [(c, str(p)) for c, p in paths.items() if c != "tenant-2"]
