@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,16 +22,10 @@ def ensure_prometheus() -> None:
         subprocess.run([str(ROOT / "scripts" / "testenv" / "install-prometheus.sh")], check=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Prometheus:
     def __init__(self, run_dir: Path, targets: list[str]):
         ensure_prometheus()
-        self.run_dir, self.port = run_dir, _free_port()
+        self.run_dir, self.port = run_dir, free_ports(1)[0]
         run_dir.mkdir(parents=True, exist_ok=True)
         config = run_dir / "prometheus.yml"
         config.write_text(json.dumps({
@@ -80,7 +75,7 @@ class Pushgateway:
     def __init__(self, run_dir: Path):
         ensure_prometheus()
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(run_dir / "pushgateway.log", "w")
         self.process = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{self.port}"],

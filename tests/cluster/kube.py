@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -37,6 +36,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
+from ports import free_ports  # noqa: F401  (re-exported: tests take it from here)
 
 log = logging.getLogger("fedfm.tests.kube")
 
@@ -337,19 +337,6 @@ def service_account_kubeconfig(control_plane: "ControlPlane", namespace: str, na
 
 
 # ------------------------------------------------------------------------------------- control plane
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def binaries_present(bin_dir: Path = BIN_DIR) -> bool:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_ports
 
 from fedfm import storage
 from fedfm.adapters import load_adapter
@@ -27,18 +27,12 @@ from fedfm.federation import initialize
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env():
     """An S3 API on loopback with one bucket; the environment a MinIO user sets (endpoint + keys)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_ports(1)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "fedfm", "AWS_SECRET_ACCESS_KEY": "fedfm-secret", "AWS_DEFAULT_REGION": "us-east-1",
@@ -55,7 +49,7 @@ def s3_env():
 def gcs_env():
     from gcp_storage_emulator.server import create_server
 
-    port = _free_port()
+    port = free_ports(1)[0]
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="fedfm")
     server.start()
     yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
