@@ -35,16 +35,10 @@ def plot_report(path: Path, task: str, history: list[dict[str, Any]], title: str
 
     eval_axis.plot(rounds, [record["eval"]["global"]["loss"] for record in history], marker="o", color="black",
                    label="global", linewidth=2)
-    for client in history[0]["eval"]["clients"]:
-        eval_axis.plot(rounds, [record["eval"]["clients"][client]["loss"] for record in history], marker=".",
-                       alpha=0.6, label=client)
+    _plot_clients(eval_axis, [(record["round"], record["eval"]["clients"]) for record in history], "loss", 0.6)
     eval_axis.set_title("evaluation loss")
-
-    trained = [record for record in history if record.get("clients")]
-    for client in sorted({name for record in trained for name in record["clients"]}):
-        points = [(record["round"], record["clients"][client]["train_loss"]) for record in trained
-                  if client in record["clients"]]
-        train_axis.plot(*zip(*points), marker=".", alpha=0.8, label=client)
+    _plot_clients(train_axis, [(record["round"], record.get("clients") or {}) for record in history], "train_loss",
+                  0.8)
     train_axis.set_title("local training loss (mean over the round's steps)")
 
     for axis in (quality_axis, eval_axis, train_axis):
@@ -59,3 +53,11 @@ def plot_report(path: Path, task: str, history: list[dict[str, Any]], title: str
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _plot_clients(axis, rounds: list[tuple[int, dict[str, dict[str, Any]]]], key: str, alpha: float) -> None:
+    """One line of ``key`` per client through the rounds it has figures for: a client may be absent from
+    a round (not sampled, timed out, its evaluation missing), and its line skips that round."""
+    for client in sorted({name for _, figures in rounds for name in figures}):
+        points = [(round_index, figures[client][key]) for round_index, figures in rounds if client in figures]
+        axis.plot(*zip(*points), marker=".", alpha=alpha, label=client)
