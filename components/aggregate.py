@@ -2,7 +2,7 @@
 
 from typing import List
 
-from kfp.dsl import Input, Model, Output
+from kfp.dsl import Artifact, Input, Model, Output
 
 
 def aggregate(
@@ -11,9 +11,12 @@ def aggregate(
     run_id: str,
     global_adapter: Input[Model],
     updates: Input[List[Model]],
+    server_state: Input[Artifact],
     new_global_adapter: Output[Model],
+    new_server_state: Output[Artifact],
 ):
-    """Run the configured strategy over the round's updates, if enough clients sent one."""
+    """Run the configured strategy over the round's updates, if enough clients sent one; the
+    strategy's server state (moments, momentum) comes in from the last round and goes on to the next."""
     from fedfm import events
     from fedfm.errors import QuorumError
     from fedfm.executors import SUCCEEDED, build_executor
@@ -32,7 +35,8 @@ def aggregate(
             else:
                 missing[client] = f"{phase}: {update.metadata.get('reason', '')}".rstrip(": ")
         try:
-            meta = aggregate_round(cfg, round_index, global_adapter.path, pairs, new_global_adapter.path, missing)
+            meta = aggregate_round(cfg, round_index, global_adapter.path, pairs, new_global_adapter.path, missing,
+                                   state_in=server_state.path, state_out=new_server_state.path)
         except QuorumError as exc:
             executor.round_failed(cfg, round_index, str(exc))
             raise

@@ -148,6 +148,8 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx's μ: adds μ/2·‖w − w_global‖² over the adapter "
+                                                      "to the loss (the fedprox strategy sets it)")
     zero_stage: Literal[0, 1, 2, 3] = 0
     bf16: bool = False
     world_size: int = Field(1, ge=1, description="DeepSpeed processes per client")
@@ -158,6 +160,9 @@ class TrainingConfig(_Section):
             self.local_steps = DEFAULT_LOCAL_STEPS
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set only one of training.local_steps and training.local_epochs")
+        if self.proximal_mu and self.zero_stage == 3:
+            raise ValueError("training.proximal_mu (FedProx) needs the whole adapter on every process: use "
+                             "zero_stage 0-2 (ZeRO-3 partitions the weights the proximal term compares)")
         per_step = self.world_size * self.gradient_accumulation_steps
         if self.batch_size % per_step:
             raise ValueError(
@@ -205,6 +210,8 @@ class StrategyConfig(_Section):
 
     name: str = "fedavg"
     params: dict[str, Any] = Field(default_factory=dict)
+    clip_norm: float | None = Field(None, gt=0, description="scale each client update to at most this L2 norm "
+                                                            "before the rule combines them (any rule)")
 
 
 class FederationConfig(_Section):
@@ -259,6 +266,9 @@ class FederationConfig(_Section):
         if self.execution.mode == "kubernetes" and self.task == "classification" and not self.data.labels:
             raise ValueError("data.labels is required when execution.mode is kubernetes: the tenants' data stays in "
                              "their namespaces, so the pipeline cannot read the label set from it")
+        if self.strategy.name == "fedprox" and self.training.zero_stage == 3:
+            raise ValueError("strategy fedprox needs training.zero_stage 0-2: its proximal term compares the "
+                             "whole adapter, which ZeRO-3 partitions")
         own_data = [client.name for client in self.clients if client.train]
         if self.centralized and own_data:
             raise ValueError("centralized runs pool a simulated partition; clients with their own data "

@@ -11,11 +11,18 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
 from fedfm import storage
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, read_meta, save_adapter, validate_update
 from fedfm.config import FederationConfig
-from fedfm.errors import AdapterValidationError, FedFMError, QuorumError
-from fedfm.strategies import build_strategy
+from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, StorageError
+from fedfm.strategies import ServerState, build_strategy
+from fedfm.strategies.norm_bound import bound_norms
+
+SERVER_STATE_FORMAT = "fedfm-server-state/1"
 
 # Per-client figures copied from each update into the round record.
 _CLIENT_FIELDS = ("samples", "steps", "train_loss", "loss_first", "loss_last", "seconds", "setup_seconds",
@@ -46,14 +53,17 @@ def initialize(cfg: FederationConfig, global_out: str) -> AdapterMeta:
 
 
 def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, updates: Iterable[tuple[str, str]],
-                    global_out: str, missing: Mapping[str, str] | None = None) -> AdapterMeta:
+                    global_out: str, missing: Mapping[str, str] | None = None, *, state_in: str | None = None,
+                    state_out: str | None = None) -> AdapterMeta:
     """Validate every update (``(client, uri)`` pairs) against ``global_uri``, combine them with the
     configured strategy, and write the next global adapter to ``global_out``.
 
-    ``missing`` names the round's clients that sent nothing, with why; with fewer updates than the
-    quorum (``policy.min_clients``, default all) the round fails with :class:`QuorumError` saying so.
-    Any invalid update fails the round too. Either way nothing is written, and the previous global
-    adapter is never modified.
+    The strategy's server state (moments, momentum) is read from ``state_in`` (none: round 1) and its
+    next value written to ``state_out``. With ``strategy.clip_norm`` every update is first scaled to
+    at most that norm. ``missing`` names the round's clients that sent nothing, with why; with fewer
+    updates than the quorum (``policy.min_clients``, default all) the round fails with
+    :class:`QuorumError` saying so. Any invalid update fails the round too. Either way nothing is
+    written, and the previous global adapter and state are never modified.
     """
     started = time.time()
     updates, missing = list(updates), dict(missing or {})
@@ -62,24 +72,64 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
         absent = "; ".join(f"{client}: {reason}" for client, reason in sorted(missing.items()))
         raise QuorumError(f"round {round_index}: {len(updates)} of {len(updates) + len(missing)} clients sent an "
                           f"update, below the quorum of {quorum} (policy.min_clients) — {absent}")
+    for out in (global_out, state_out):
+        if out and storage.exists(out):
+            raise StorageError(f"{out} already exists; refusing to overwrite it")
     current = load_adapter(global_uri, who="the federation")
     if current.meta.kind != "global":
         raise FedFMError(f"{global_uri} is a client update, not a global adapter")
     strategy = build_strategy(cfg.strategy)
+    state = load_server_state(state_in, strategy.name) if state_in else {}
     clients: dict[str, dict[str, Any]] = {}
-    aggregate = strategy.aggregate(current.tensors, _validated(cfg, round_index, current, updates, clients),
-                                   state={})
+    stream = _validated(cfg, round_index, current, updates, clients)
+    clipped: dict[str, float] = {}
+    if cfg.strategy.clip_norm is not None:
+        stream = bound_norms(stream, cfg.strategy.clip_norm, clipped)
+    aggregate = strategy.aggregate(current.tensors, stream, state=state)
     finished = time.time()
     # "counted": the clients the rule used (a robust rule such as Krum may leave valid updates out)
     metrics = {"clients": clients, "counted": sorted(aggregate.clients), "missing": missing,
                "strategy": strategy.name, "aggregate_seconds": finished - started}
+    if clipped:  # the norms of the updates that norm bounding scaled down
+        metrics["clipped"] = clipped
     starts = [figures["started_at"] for figures in clients.values() if "started_at" in figures]
     if starts:  # the round proper: from the first client's start to the new global adapter
         metrics["round_seconds"] = finished - min(starts)
     meta = AdapterMeta(kind="global", base_model=current.meta.base_model, peft_config=current.meta.peft_config,
                        round=round_index, samples=aggregate.samples, metrics=metrics)
+    if state_out:
+        save_server_state(state_out, strategy.name, round_index, aggregate.state)
     save_adapter(global_out, aggregate.tensors, meta)
     return meta
+
+
+def save_server_state(uri: str, strategy: str, round_index: int, state: ServerState) -> None:
+    """Write a strategy's server state: its tensors as safetensors, its numbers in the header."""
+    tensors = {key: value.detach().to(torch.float32).contiguous() for key, value in state.items()
+               if isinstance(value, torch.Tensor)}
+    numbers = {key: value for key, value in state.items() if not isinstance(value, torch.Tensor)}
+    header = {"format": SERVER_STATE_FORMAT, "strategy": strategy, "round": str(round_index),
+              "numbers": json.dumps(numbers, sort_keys=True)}
+    storage.write_bytes(uri, safetensors_save(tensors, metadata=header))
+
+
+def load_server_state(uri: str, strategy: str) -> ServerState:
+    """The server state at ``uri``, which must be ``strategy``'s (an empty file is round 1's empty state)."""
+    data = storage.read_bytes(uri)
+    if not data:
+        return {}
+    try:
+        tensors = safetensors_load(data)
+        length = int.from_bytes(data[:8], "little")  # safetensors: 8-byte header length, then the JSON header
+        header = json.loads(data[8:8 + length]).get("__metadata__") or {}
+    except Exception as exc:  # safetensors and json raise several types for damaged bytes
+        raise FedFMError(f"server state {uri} is damaged: {exc}") from None
+    if header.get("format") != SERVER_STATE_FORMAT:
+        raise FedFMError(f"{uri} is not a FedFM server state (format {header.get('format')!r})")
+    if header.get("strategy") != strategy:
+        raise FedFMError(f"server state {uri} belongs to strategy {header.get('strategy')!r}, not {strategy!r}: "
+                         "a run cannot change its strategy midway")
+    return {**json.loads(header["numbers"]), **tensors}
 
 
 def _validated(cfg: FederationConfig, round_index: int, current: Adapter, updates: Iterable[tuple[str, str]],

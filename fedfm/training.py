@@ -64,10 +64,20 @@ class TrainResult:
 def train_client(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
                  update_out: str) -> TrainResult:
     """Fine-tune ``client`` from ``global_adapter`` and write its update to ``update_out``."""
+    cfg = client_round_config(cfg, client, round_index)
     if cfg.training.world_size == 1:
         with single_process_group():
             return run_rank(cfg, client, round_index, global_adapter, update_out)
     return _launch_ranks(cfg, client, round_index, global_adapter, update_out)
+
+
+def client_round_config(cfg: FederationConfig, client: str, round_index: int) -> FederationConfig:
+    """The config ``client`` trains with in ``round_index``: the federation's, with what the strategy's
+    :meth:`~fedfm.strategies.Strategy.configure` hook sets for that client and round."""
+    from fedfm.strategies import build_strategy
+
+    overrides = build_strategy(cfg.strategy).configure(round_index, client)
+    return cfg.with_overrides(overrides) if overrides else cfg
 
 
 def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
@@ -105,6 +115,7 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
 
     torch.manual_seed(_client_seed(cfg, client, round_index))  # dropout
     engine = deepspeed_engine(cfg, loaded.model, client)
+    proximal = _proximal_term(engine.module, cfg.training.proximal_mu)
     setup_seconds = time.time() - started
 
     micro = cfg.training.micro_batch_size
@@ -121,9 +132,9 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
             batch = collate([examples[i] for i in indices], loaded.tokenizer.pad_token_id)
             batch = {name: value.to(engine.device) for name, value in batch.items()}
             loss = engine(**batch).loss
-            engine.backward(loss)
+            engine.backward(loss + proximal() if proximal else loss)
             engine.step()
-            step_loss += loss.detach().float().cpu() / accumulation
+            step_loss += loss.detach().float().cpu() / accumulation  # the task's loss, comparable across rules
         if world > 1:
             torch.distributed.all_reduce(step_loss)
             step_loss /= world
@@ -150,6 +161,19 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
         )
         result.sha256 = save_adapter(update_out, delta, meta)
     return result
+
+
+def _proximal_term(model: torch.nn.Module, mu: float):
+    """FedProx's ``μ/2·‖w − w_global‖²`` over the trainable weights, as a function of the current
+    weights (None when μ is 0). Called before the first step, so the anchors are the global adapter."""
+    if not mu:
+        return None
+    pairs = [(parameter, parameter.detach().clone()) for parameter in model.parameters() if parameter.requires_grad]
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum((parameter - anchor).float().pow(2).sum() for parameter, anchor in pairs)
+
+    return term
 
 
 def _optimizer_steps(cfg: FederationConfig, client: str, examples: int) -> int:

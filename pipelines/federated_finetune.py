@@ -5,8 +5,9 @@
     init ─► evaluate(round 0)
       │
       └► round 1: select clients ─► ParallelFor(client) fine-tune ─Collected─► aggregate ─► evaluate(round 1)
-                                                                                │
-         round 2: select clients ─► ParallelFor(client) fine-tune ◄─────────────┘ … ─► export (PEFT adapter)
+                                                                                │  (adapter,
+         round 2: select clients ─► ParallelFor(client) fine-tune ◄─────────────┘   server state)
+                  … ─► export (PEFT adapter)
 
 Rounds are unrolled at compile time (KFP has no loops whose body feeds the next iteration), so the
 compiled pipeline is for ``cfg.rounds`` rounds; everything else is read from the ``config``
@@ -41,7 +42,7 @@ def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
     def federated_finetune(config: dict = default_config) -> Outputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # keeps this run's cluster objects apart from other runs'
         init = steps.init_federation(config=config, compiled_rounds=cfg.rounds).set_display_name("init")
-        global_adapter = init.outputs["global_adapter"]
+        global_adapter, server_state = init.outputs["global_adapter"], init.outputs["server_state"]
         evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
                                     history_in=init.outputs["history"]).set_display_name("round 0: evaluate")
         for round_index in range(1, cfg.rounds + 1):
@@ -55,9 +56,11 @@ def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
                 finetune.set_caching_options(False)  # a new run is a new fine-tune, even from equal inputs
             aggregation = steps.aggregate(config=config, round_index=round_index, run_id=run_id,
                                           global_adapter=global_adapter,
-                                          updates=dsl.Collected(finetune.outputs["update"]))
+                                          updates=dsl.Collected(finetune.outputs["update"]),
+                                          server_state=server_state)
             aggregation.set_display_name(f"round {round_index}: aggregate")
             global_adapter = aggregation.outputs["new_global_adapter"]
+            server_state = aggregation.outputs["new_server_state"]
             evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
                                         history_in=evaluation.outputs["history"])
             evaluation.set_display_name(f"round {round_index}: evaluate")

@@ -6,13 +6,21 @@ import inspect
 
 from fedfm.config import StrategyConfig
 from fedfm.errors import ConfigError
-from fedfm.strategies.base import Aggregate, Strategy
+from fedfm.strategies.base import Aggregate, ServerState, Strategy
+from fedfm.strategies.fedadagrad import FedAdagrad
+from fedfm.strategies.fedadam import FedAdam
 from fedfm.strategies.fedavg import FedAvg
+from fedfm.strategies.fedavgm import FedAvgM
 from fedfm.strategies.fedmedian import FedMedian
+from fedfm.strategies.fedprox import FedProx
 from fedfm.strategies.fedtrimmedavg import FedTrimmedAvg
+from fedfm.strategies.fedyogi import FedYogi
 from fedfm.strategies.krum import Krum, MultiKrum
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum)
+}
 
 
 def build_strategy(config: StrategyConfig) -> Strategy:
@@ -29,7 +37,10 @@ def build_strategy(config: StrategyConfig) -> Strategy:
             f"strategy {config.name!r} takes no parameter {', '.join(unknown)}"
             + (f" (it takes: {', '.join(sorted(accepted))})" if accepted else " (it takes none)")
         )
-    return cls(**config.params)
+    try:
+        return cls(**config.params)
+    except (TypeError, ValueError) as exc:  # a parameter of the wrong type
+        raise ConfigError(f"strategy {config.name!r}: bad parameters {config.params}: {exc}") from None
 
 
-__all__ = ["STRATEGIES", "Aggregate", "Strategy", "build_strategy"]
+__all__ = ["STRATEGIES", "Aggregate", "ServerState", "Strategy", "build_strategy"]

@@ -7,7 +7,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from fedfm.adapters import Adapter, Tensors
+
+# Server state: what a rule carries from one round to the next (moments, momentum, a step count).
+# Plain tensors and numbers, so the federation can save it beside the global adapter.
+ServerState = dict[str, "torch.Tensor | int | float"]
 
 
 @dataclass
@@ -15,7 +21,7 @@ class Aggregate:
     """What a rule returns: the new global tensors, its server state for the next round, and who counted."""
 
     tensors: Tensors
-    state: dict[str, Any] = field(default_factory=dict)
+    state: ServerState = field(default_factory=dict)
     clients: list[str] = field(default_factory=list)
     samples: int = 0
 
@@ -26,12 +32,16 @@ class Strategy(ABC):
     ``updates`` is an iterable that loads (and validates) one update at a time, so a rule that can
     stream keeps memory independent of the number of clients. Each update's tensors are the client's
     change to the global adapter (local − global); ``update.meta.samples`` is its training-set size.
-    ``state`` is the server state a rule keeps across rounds (moments, momentum); it must be plain
-    tensors and numbers so the federation checkpoint can store it.
+    ``state`` is the server state the rule returned last round (empty in round 1).
     """
 
     name: ClassVar[str]
 
     @abstractmethod
-    def aggregate(self, global_tensors: Tensors, updates: Iterable[Adapter], state: dict[str, Any]) -> Aggregate:
+    def aggregate(self, global_tensors: Tensors, updates: Iterable[Adapter], state: ServerState) -> Aggregate:
         """Combine ``updates`` into the next global tensors."""
+
+    def configure(self, round_index: int, client: str) -> dict[str, Any]:
+        """Settings for ``client``'s fine-tune in ``round_index``, as dotted config paths
+        (``{"training.learning_rate": 1e-4}``) applied over the federation's config; none by default."""
+        return {}

@@ -7,38 +7,45 @@ AISTATS 2017, https://arxiv.org/abs/1602.05629
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 
 from fedfm.adapters import Adapter, Tensors
 from fedfm.errors import FedFMError
-from fedfm.strategies.base import Aggregate, Strategy
+from fedfm.strategies.base import Aggregate, ServerState, Strategy
+
+
+def weighted_mean(global_tensors: Tensors, updates: Iterable[Adapter], rule: str) -> tuple[Tensors, list[str], int]:
+    """``Σ nᵢ·Δᵢ / Σ nᵢ`` over the updates, streamed: the clients, and their total sample count.
+
+    Holds one float32 accumulator the size of the adapter plus the update being read, whatever the
+    number of clients. It accumulates in float32, the updates' own precision (as Flower does for
+    float32 weights): a float64 accumulator would be 10× slower, the sum of N terms is exact to about
+    √N float32 roundings, and a tensor an update leaves out counts as zero for that client.
+    """
+    weighted_sum = {name: torch.zeros(value.shape, dtype=torch.float32) for name, value in global_tensors.items()}
+    clients: list[str] = []
+    total = 0
+    for update in updates:
+        weight = update.meta.samples
+        for name, delta in update.tensors.items():
+            weighted_sum[name].add_(delta, alpha=weight)
+        total += weight
+        clients.append(update.meta.client or f"update {len(clients)}")
+    if not clients:
+        raise FedFMError(f"{rule}: no client updates to aggregate")
+    for value in weighted_sum.values():
+        value.div_(total)
+    return weighted_sum, clients, total
 
 
 class FedAvg(Strategy):
-    """``global + Σ nᵢ·Δᵢ / Σ nᵢ``, with nᵢ the client's sample count.
-
-    Streams: one float64 accumulator the size of the adapter plus the update being read, whatever the
-    number of clients. Accumulating in float64 keeps the mean exact to float32 precision for any N.
-    """
+    """``global + Σ nᵢ·Δᵢ / Σ nᵢ``, with nᵢ the client's sample count; streams (see :func:`weighted_mean`)."""
 
     name = "fedavg"
 
-    def aggregate(self, global_tensors: Tensors, updates: Iterable[Adapter], state: dict[str, Any]) -> Aggregate:
-        weighted_sum = {name: torch.zeros(value.shape, dtype=torch.float64) for name, value in global_tensors.items()}
-        clients: list[str] = []
-        total = 0
-        for update in updates:
-            weight = update.meta.samples
-            for name, delta in update.tensors.items():
-                weighted_sum[name].add_(delta.to(torch.float64), alpha=weight)
-            total += weight
-            clients.append(update.meta.client or f"update {len(clients)}")
-        if not clients:
-            raise FedFMError("fedavg: no client updates to aggregate")
-        tensors = {
-            name: (global_tensors[name].to(torch.float64) + weighted_sum[name] / total).to(torch.float32)
-            for name in global_tensors
-        }
-        return Aggregate(tensors=tensors, state=state, clients=clients, samples=total)
+    def aggregate(self, global_tensors: Tensors, updates: Iterable[Adapter], state: ServerState) -> Aggregate:
+        mean, clients, total = weighted_mean(global_tensors, updates, self.name)
+        for name, value in mean.items():  # in place: the result reuses the accumulator
+            value.add_(global_tensors[name])
+        return Aggregate(tensors=mean, state=state, clients=clients, samples=total)

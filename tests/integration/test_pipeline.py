@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 
 from fedfm.config import CENTRALIZED_CLIENT
@@ -143,3 +144,35 @@ def test_cli_compile_and_run(tiny_config, tiny_classifier, tmp_path):
     assert metrics["config"]["lora"]["r"] == 2 and metrics["config"]["seed"] == 3
     assert metrics["config"]["data"]["partition"] == "dirichlet:1.0"
     assert sorted(metrics["rounds"][1]["clients"]) == ["tenant-0", "tenant-1"]
+
+
+def test_server_state_carries_across_rounds_in_the_pipeline(tiny_config, tmp_path):
+    """FedAvgM under kfp.local: each round's aggregate step gets the momentum the last one wrote, so
+    every round's global adapter is the rule applied to the round's updates with the carried state."""
+    from fedfm.adapters import load_adapter
+    from fedfm.federation import load_server_state
+    from fedfm.pipelines.local_runner import run_local
+    from fedfm.strategies import build_strategy
+
+    cfg = tiny_config(rounds=3, clients=2, **{"strategy.name": "fedavgm",
+                                              "strategy.params": {"server_momentum": 0.5}})
+    run = run_local(cfg, tmp_path / "run")
+    files = [path for path in (tmp_path / "run" / "kfp").rglob("*") if path.is_file()]
+    globals_ = {load_adapter(p).meta.round: load_adapter(p) for p in files
+                if p.name in ("global_adapter", "new_global_adapter") and p.parent.name != "export-adapter"}
+    updates = [load_adapter(p) for p in files if p.name == "update"]
+    states = {r: load_server_state(str(p), "fedavgm") for p in files if p.name == "new_server_state"
+              for r in [int(load_server_state(str(p), "fedavgm")["step"])]}
+    assert sorted(globals_) == [0, 1, 2, 3] and sorted(states) == [1, 2, 3] and len(updates) == 6
+
+    strategy, state = build_strategy(cfg.strategy), {}
+    for round_index in (1, 2, 3):
+        mine = sorted((u for u in updates if u.meta.round == round_index), key=lambda u: u.meta.client)
+        expected = strategy.aggregate(globals_[round_index - 1].tensors, iter(mine), state)
+        for name, value in expected.tensors.items():
+            torch.testing.assert_close(globals_[round_index].tensors[name], value)
+        state = states[round_index]
+        assert set(state) == set(expected.state)
+        for key, value in expected.state.items():
+            torch.testing.assert_close(state[key], value)
+    assert run.history[-1]["round"] == 3

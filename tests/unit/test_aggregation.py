@@ -11,8 +11,8 @@ import torch
 
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, save_adapter
 from fedfm.config import FederationConfig, StrategyConfig
-from fedfm.errors import AdapterError, AdapterValidationError, ConfigError, QuorumError
-from fedfm.federation import aggregate_round
+from fedfm.errors import AdapterError, AdapterValidationError, ConfigError, FedFMError, QuorumError
+from fedfm.federation import aggregate_round, load_server_state
 from fedfm.strategies import build_strategy
 from fedfm.strategies.fedavg import FedAvg
 
@@ -80,10 +80,14 @@ def test_fedavg_with_no_updates_is_an_error():
 
 def test_strategies_are_chosen_by_name_with_checked_parameters():
     assert isinstance(build_strategy(StrategyConfig(name="fedavg")), FedAvg)
-    with pytest.raises(ConfigError, match="strategy.name 'fedsgd' is unknown; choose one of fedavg"):
+    with pytest.raises(ConfigError, match="strategy.name 'fedsgd' is unknown; choose one of fedadagrad, fedadam, "):
         build_strategy(StrategyConfig(name="fedsgd"))
     with pytest.raises(ConfigError, match="takes no parameter momentum"):
         build_strategy(StrategyConfig(name="fedavg", params={"momentum": 0.9}))
+    with pytest.raises(ConfigError, match="fedadam: eta and tau must be > 0"):
+        build_strategy(StrategyConfig(name="fedadam", params={"eta": -1}))
+    with pytest.raises(ConfigError, match="strategy 'fedavgm': bad parameters"):
+        build_strategy(StrategyConfig(name="fedavgm", params={"server_momentum": "high"}))
 
 
 class TestAggregateRound:
@@ -198,3 +202,61 @@ class TestAggregateRound:
         meta = aggregate_round(at_quorum, 1, str(global_path), two, str(tmp_path / "next.safetensors"), missing)
         assert sorted(meta.metrics["clients"]) == ["tenant-0", "tenant-1"] and meta.samples == 30
         assert meta.metrics["missing"] == missing
+
+    def test_server_state_goes_from_round_to_round_through_files(self, setup, tmp_path):
+        """FedAdam over two rounds of the aggregate step (state file in, state file out) equals the
+        rule run twice in memory; the file says whose state it is, and is never overwritten."""
+        cfg, global_path, paths = setup
+        cfg = cfg.with_overrides({"strategy.name": "fedadam", "strategy.params": {"eta": 0.05}})
+        pairs = [(c, str(p)) for c, p in paths.items()]
+        first, second = tmp_path / "g1.safetensors", tmp_path / "g2.safetensors"
+        state1, state2 = tmp_path / "s1.safetensors", tmp_path / "s2.safetensors"
+        aggregate_round(cfg, 1, str(global_path), pairs, str(first), state_out=str(state1))
+        updates = [load_adapter(p) for p in paths.values()]
+        later = []  # round 2: the same changes again, sent for round 2
+        for client, adapter in zip(paths, updates):
+            adapter.meta.round = 2
+            save_adapter(tmp_path / f"{client}-2.safetensors", adapter.tensors, adapter.meta)
+            later.append((client, str(tmp_path / f"{client}-2.safetensors")))
+        aggregate_round(cfg, 2, str(first), later, str(second), state_in=str(state1), state_out=str(state2))
+
+        strategy = build_strategy(cfg.strategy)
+        memory = strategy.aggregate(load_adapter(global_path).tensors, iter(updates), {})
+        memory = strategy.aggregate(memory.tensors, iter(updates), memory.state)
+        for name in NAMES:
+            torch.testing.assert_close(load_adapter(second).tensors[name], memory.tensors[name])
+        state = load_server_state(str(state2), "fedadam")
+        assert state["step"] == 2 and set(state) == {"step"} | {f"{m}.{n}" for m in "mv" for n in NAMES}
+
+        with pytest.raises(FedFMError, match="belongs to strategy 'fedadam', not 'fedyogi'"):
+            load_server_state(str(state2), "fedyogi")
+        damaged = tmp_path / "damaged.safetensors"
+        damaged.write_bytes(state2.read_bytes()[:50])
+        with pytest.raises(FedFMError, match="server state .*damaged.safetensors is damaged"):
+            load_server_state(str(damaged), "fedadam")
+        before = state2.read_bytes()
+        with pytest.raises(Exception, match="s2.safetensors already exists"):
+            aggregate_round(cfg, 3, str(second), later, str(tmp_path / "g3.safetensors"), state_in=str(state2),
+                            state_out=str(state2))
+        assert state2.read_bytes() == before and not (tmp_path / "g3.safetensors").exists()
+
+    @pytest.mark.parametrize("rule", ["fedavg", "fedmedian"])
+    def test_norm_bounding_scales_each_update_before_any_rule(self, setup, tmp_path, rule):
+        cfg, global_path, paths = setup
+        updates = {c: load_adapter(p) for c, p in paths.items()}
+        norms = {c: float(torch.cat([t.flatten() for t in u.tensors.values()]).norm()) for c, u in updates.items()}
+        bound = sorted(norms.values())[1] * 1.001  # the largest update is scaled down, the others pass as they are
+        cfg = cfg.with_overrides({"strategy.name": rule, "strategy.clip_norm": bound})
+        meta = aggregate_round(cfg, 1, str(global_path), [(c, str(p)) for c, p in paths.items()],
+                               str(tmp_path / "next.safetensors"))
+        largest = max(norms, key=norms.get)
+        assert meta.metrics["clipped"] == pytest.approx({largest: norms[largest]})
+        clipped = []
+        for client, adapter in updates.items():
+            scale = min(1.0, bound / norms[client])
+            clipped.append(Adapter({n: t * scale for n, t in adapter.tensors.items()}, adapter.meta))
+        expected = build_strategy(StrategyConfig(name=rule)).aggregate(load_adapter(global_path).tensors,
+                                                                      iter(clipped), {})
+        for name in NAMES:
+            torch.testing.assert_close(load_adapter(tmp_path / "next.safetensors").tensors[name],
+                                       expected.tensors[name])
