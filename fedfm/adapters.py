@@ -144,11 +144,13 @@ def _header_of(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + length]).get("__metadata__", {})
 
 
-def validate_update(update: Adapter, reference: Adapter, *, client: str, round_index: int) -> None:
+def validate_update(update: Adapter, reference: Adapter, *, client: str, round_index: int,
+                    expected_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Check one client's update against the round's global adapter; raise naming the client and tensor.
 
     Checks, in order: it is an update for this round, trained on the same base model, with exactly the
-    global adapter's tensors and shapes, and every value finite.
+    tensors and shapes expected of this client (``expected_shapes``; default: the global adapter's),
+    and every value finite.
     """
     meta = update.meta
     if meta.kind != "update":
@@ -165,21 +167,22 @@ def validate_update(update: Adapter, reference: Adapter, *, client: str, round_i
         )
     if meta.samples <= 0:
         raise AdapterValidationError(f"client {client} reports {meta.samples} training samples", client=client)
-    expected, got = reference.tensors, update.tensors
+    got = update.tensors
+    expected = expected_shapes or {name: tuple(value.shape) for name, value in reference.tensors.items()}
     for name in sorted(expected):
         if name not in got:
             raise AdapterValidationError(f"client {client}'s update lacks tensor {name}", client=client, tensor=name)
     for name in sorted(got):
         if name not in expected:
-            raise AdapterValidationError(
-                f"client {client}'s update has tensor {name}, which the global adapter does not", client=client,
-                tensor=name,
-            )
+            why = "this client trains it frozen" if name in reference.tensors else "the global adapter does not have it"
+            raise AdapterValidationError(f"client {client}'s update has tensor {name}, which it should not send "
+                                         f"({why})", client=client, tensor=name)
     for name in sorted(expected):
-        if tuple(got[name].shape) != tuple(expected[name].shape):
+        if tuple(got[name].shape) != tuple(expected[name]):
+            whose = "the global adapter's is" if expected_shapes is None else "this client's should be"
             raise AdapterValidationError(
-                f"client {client}'s tensor {name} has shape {tuple(got[name].shape)}; the global adapter's is "
-                f"{tuple(expected[name].shape)}",
+                f"client {client}'s tensor {name} has shape {tuple(got[name].shape)}; {whose} "
+                f"{tuple(expected[name])}",
                 client=client,
                 tensor=name,
             )

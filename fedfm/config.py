@@ -109,6 +109,12 @@ class ClientConfig(_Section):
     eval: str | None = Field(None, description="the tenant's own evaluation data")
     namespace: str | None = Field(None, description="the tenant's Kubernetes namespace in cluster mode "
                                                     "(default: the client's name)")
+    state_uri: str | None = Field(None, description="where this client keeps what it never sends (FedSA-LoRA's "
+                                                   "lora_B), one file per round (default: "
+                                                   "execution.client_state_uri/NAME)")
+    lora_r: int | None = Field(None, ge=1, le=1024, description="this client's LoRA rank (default lora.r): a "
+                                                                 "GPU-rich tenant can train a larger one; mixed ranks "
+                                                                 "need a rank-aware strategy (hetlora, flexlora)")
 
     @field_validator("namespace")
     @classmethod
@@ -129,9 +135,21 @@ class LoRAConfig(_Section):
     """PEFT LoRA settings. ``target_modules`` None uses PEFT's default for the model family."""
 
     r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(16.0, gt=0, description="LoRA's scaling is alpha / r; clients of other ranks keep "
+                                                 "that scaling (their alpha is scaled with their rank)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = None
+    freeze_a: bool = Field(False, description="keep every lora_A at its initial value and train (and send) only "
+                                              "lora_B, as FFA-LoRA does (the ffalora strategy sets it)")
+    restart: bool = Field(False, description="each round, fold the global adapter into the base weights and "
+                                             "train a fresh LoRA on top, as FLoRA does (the flora strategy sets it)")
+    keep_b_local: bool = Field(False, description="each client keeps its lora_B as its personalization and sends "
+                                                  "only lora_A (and any head), as FedSA-LoRA does (the fedsalora "
+                                                  "strategy sets it)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
 
 
 class TrainingConfig(_Section):
@@ -196,6 +214,9 @@ class ExecutionConfig(_Section):
     federation_namespace: str | None = Field(None, description="namespace of the Federation object (default: "
                                                                "the pipeline pod's own namespace)")
     poll_seconds: float = Field(2.0, gt=0, description="how often a step checks its ClientRounds")
+    client_state_uri: str | None = Field(None, description="fsspec URI under which each client without its own "
+                                                           "state_uri keeps its personal state (fedfm run: the "
+                                                           "run's directory)")
 
     @model_validator(mode="after")
     def _storage_for_kubernetes(self) -> ExecutionConfig:
@@ -291,6 +312,30 @@ class FederationConfig(_Section):
             if client.name == name:
                 return client
         raise ConfigError(f"client {name!r} is not in this federation (clients: {', '.join(self.client_names)})")
+
+    def client_state_location(self, name: str) -> str | None:
+        """Where ``name`` keeps its personal state, if anywhere is configured."""
+        client = None if name == CENTRALIZED_CLIENT else self.client(name)
+        if client is not None and client.state_uri:
+            return client.state_uri.rstrip("/")
+        if self.execution.client_state_uri:
+            return f"{self.execution.client_state_uri.rstrip('/')}/{name}"
+        return None
+
+    def client_rank(self, name: str) -> int:
+        """The LoRA rank ``name`` trains (a pooled client trains the federation's widest)."""
+        if name == CENTRALIZED_CLIENT:
+            return self.global_rank
+        return self.client(name).lora_r or self.lora.r
+
+    @property
+    def global_rank(self) -> int:
+        """The global adapter's LoRA rank: the largest any client trains."""
+        return max(client.lora_r or self.lora.r for client in self.clients)
+
+    @property
+    def mixed_ranks(self) -> bool:
+        return len({self.client_rank(name) for name in self.training_clients}) > 1
 
     def sampled_clients(self, round_index: int) -> list[str]:
         """The clients drawn for ``round_index``: ``policy.sample_fraction`` of them (never fewer than the

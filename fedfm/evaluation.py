@@ -24,12 +24,26 @@ def evaluate_clients(cfg: FederationConfig, adapter_uri: str, clients: list[str]
     from fedfm.data import load_client_data
     from fedfm.modeling import build_model, load_adapter_tensors
 
+    from fedfm.personal import load_personal
+    from fedfm.strategies import configure_client
+
+    from fedfm.lora import rank_of
+
     adapter = load_adapter(adapter_uri, who="the federation")
-    loaded = build_model(cfg)
+    loaded = build_model(cfg, rank=rank_of(adapter.tensors) or None)  # FLoRA's global rank grows each round
     load_adapter_tensors(loaded.model, adapter.tensors, where=f"adapter {adapter_uri}")
     model = loaded.model.eval()
-    return {client: _evaluate_frame(model, loaded.tokenizer, load_client_data(cfg, client).eval, cfg)
-            for client in clients}
+    sums = {}
+    for client in clients:
+        # a client that keeps part of its adapter (FedSA-LoRA's B) is scored with it: the model it uses
+        personal = (load_personal(cfg, client, adapter.meta.round)
+                    if configure_client(cfg, client, adapter.meta.round).lora.keep_b_local else {})
+        if personal:
+            load_adapter_tensors(model, {**adapter.tensors, **personal}, where=f"client {client}'s adapter")
+        sums[client] = _evaluate_frame(model, loaded.tokenizer, load_client_data(cfg, client).eval, cfg)
+        if personal:
+            load_adapter_tensors(model, adapter.tensors, where=f"adapter {adapter_uri}")
+    return sums
 
 
 def summarize(task: str, sums: dict[str, LossSums]) -> dict[str, Any]:

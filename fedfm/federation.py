@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from fedfm import storage
+from fedfm import lora, storage
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, read_meta, save_adapter, validate_update
 from fedfm.config import FederationConfig
 from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, StorageError
-from fedfm.strategies import ServerState, build_strategy
+from fedfm.strategies import ServerState, build_strategy, check_federation, expected_update_shapes
 from fedfm.strategies.norm_bound import bound_norms
 
 SERVER_STATE_FORMAT = "fedfm-server-state/1"
@@ -45,6 +45,7 @@ def initialize(cfg: FederationConfig, global_out: str) -> AdapterMeta:
     """
     from fedfm.modeling import adapter_tensors, build_model, peft_config_dict
 
+    check_federation(cfg)  # a strategy that cannot run this federation fails here, before any training
     loaded = build_model(cfg)
     meta = AdapterMeta(kind="global", base_model=loaded.fingerprint, peft_config=peft_config_dict(loaded.model),
                        round=0, metrics={"clients": {}, "created_at": time.time()})
@@ -95,7 +96,11 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     starts = [figures["started_at"] for figures in clients.values() if "started_at" in figures]
     if starts:  # the round proper: from the first client's start to the new global adapter
         metrics["round_seconds"] = finished - min(starts)
-    meta = AdapterMeta(kind="global", base_model=current.meta.base_model, peft_config=current.meta.peft_config,
+    peft_config = dict(current.meta.peft_config)
+    rank = lora.rank_of(aggregate.tensors)
+    if rank and peft_config.get("r", rank) != rank:  # a rule that changes the rank (FLoRA's stacking)
+        peft_config.update(r=rank, lora_alpha=cfg.lora.scaling * rank)
+    meta = AdapterMeta(kind="global", base_model=current.meta.base_model, peft_config=peft_config,
                        round=round_index, samples=aggregate.samples, metrics=metrics)
     if state_out:
         save_server_state(state_out, strategy.name, round_index, aggregate.state)
@@ -146,12 +151,14 @@ def _validated(cfg: FederationConfig, round_index: int, current: Adapter, update
         if update.meta.client != client:
             raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
                                          client=client)
-        validate_update(update, current, client=client, round_index=round_index)
+        validate_update(update, current, client=client, round_index=round_index,
+                        expected_shapes=expected_update_shapes(cfg, client, round_index, current.tensors))
         figures = {key: update.meta.metrics[key] for key in _CLIENT_FIELDS if key in update.meta.metrics}
         figures["samples"] = update.meta.samples
         figures["bytes_up"] = storage.size(uri)
         clients[client] = figures
         yield update
+        del update  # not held while the next one loads
 
 
 def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: float) -> dict[str, Any]:

@@ -7,12 +7,14 @@ without network. Everything else goes through ``from_pretrained`` unchanged, hub
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import enum
 import hashlib
 import importlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,13 +75,47 @@ def load_tokenizer(cfg: FederationConfig):
     return tokenizer
 
 
-def build_model(cfg: FederationConfig) -> LoadedModel:
-    """The base model for ``cfg.task`` wrapped with LoRA, its tokenizer, and its base fingerprint.
+# While reuse_base_models() is active: the pristine base models (before LoRA) that build_model copies,
+# by what determines them, with their tokenizer, fingerprint and the random state a fresh load leaves.
+_BASE_MODELS: dict[tuple, tuple[Any, Any, str, torch.Tensor]] | None = None
 
-    Weights the checkpoint lacks (a new classification head) are initialized from ``cfg.seed``, so
-    every process builds the same model; the global adapter then overwrites every trainable tensor.
-    """
-    from peft import get_peft_model
+
+@contextlib.contextmanager
+def reuse_base_models() -> Iterator[None]:
+    """Within this block :func:`build_model` loads each base model and tokenizer from disk once and then
+    hands out deep copies of them (an in-process simulation builds the same model for every client and
+    evaluation). A copy is what a fresh load gives: the same weights, fingerprint, and random state after
+    loading, so LoRA initializes the same. The models are let go when the outermost block ends."""
+    global _BASE_MODELS
+    outermost = _BASE_MODELS is None
+    if outermost:
+        _BASE_MODELS = {}
+    try:
+        yield
+    finally:
+        if outermost:
+            _BASE_MODELS = None
+
+
+def _base_model(cfg: FederationConfig) -> tuple[Any, Any, str]:
+    """The tokenizer, the base model for ``cfg.task`` before LoRA, and its fingerprint: loaded, or copied
+    from the models :func:`reuse_base_models` keeps."""
+    if _BASE_MODELS is None:
+        return _load_base_model(cfg)
+    labels = tuple(cfg.data.labels or ()) if cfg.task == "classification" else ()
+    key = (resolve_model_source(cfg.model.name_or_path), cfg.model.revision, cfg.model.trust_remote_code, cfg.task,
+           labels, cfg.seed)
+    if key not in _BASE_MODELS:
+        tokenizer, model, fingerprint = _load_base_model(cfg)
+        _BASE_MODELS[key] = (tokenizer, model, fingerprint, torch.get_rng_state())
+    tokenizer, model, fingerprint, rng_state = _BASE_MODELS[key]
+    torch.manual_seed(cfg.seed)
+    torch.set_rng_state(rng_state)
+    return copy.deepcopy(tokenizer), copy.deepcopy(model), fingerprint
+
+
+def _load_base_model(cfg: FederationConfig) -> tuple[Any, Any, str]:
+    """Load the tokenizer and the base model for ``cfg.task`` from disk (or the hub)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(cfg)
@@ -109,20 +145,35 @@ def build_model(cfg: FederationConfig) -> LoadedModel:
         raise ModelError(_load_failure("model", cfg.model.name_or_path, exc)) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     fingerprint = base_fingerprint(model, skip=info.get("missing_keys", ()))
+    return tokenizer, model, fingerprint
+
+
+def build_model(cfg: FederationConfig, rank: int | None = None) -> LoadedModel:
+    """The base model for ``cfg.task`` wrapped with LoRA of ``rank`` (default: the global adapter's),
+    its tokenizer, and its base fingerprint.
+
+    Weights the checkpoint lacks (a new classification head) are initialized from ``cfg.seed``, so
+    every process builds the same model; the global adapter then overwrites every trainable tensor.
+    """
+    from peft import get_peft_model
+
+    tokenizer, model, fingerprint = _base_model(cfg)
     try:
-        peft_model = get_peft_model(model, lora_config(cfg))
+        peft_model = get_peft_model(model, lora_config(cfg, rank or cfg.global_rank))
     except ValueError as exc:
         raise ModelError(f"cannot apply LoRA to {cfg.model.name_or_path!r}: {exc}") from None
     return LoadedModel(model=peft_model, tokenizer=tokenizer, fingerprint=fingerprint)
 
 
-def lora_config(cfg: FederationConfig):
+def lora_config(cfg: FederationConfig, rank: int):
+    """PEFT's LoraConfig at ``rank``; alpha follows the rank so every rank has the scaling ``lora.alpha / lora.r``
+    (a truncated or zero-padded adapter then means the same ΔW to every client)."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
         task_type=TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM,
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
+        r=rank,
+        lora_alpha=cfg.lora.scaling * rank,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         bias="none",
@@ -224,3 +275,11 @@ def _load_failure(what: str, name: str, exc: Exception) -> str:
     )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"cannot load {what} {name!r}: {first_line}. {hint}"
+
+
+def restart_lora(loaded: LoadedModel, cfg: FederationConfig, rank: int) -> None:
+    """Fold the model's LoRA into its base weights and put a fresh LoRA of ``rank`` on top (FLoRA's
+    clients each round); a task head carries over as the new adapter's saved module."""
+    from peft import get_peft_model
+
+    loaded.model = get_peft_model(loaded.model.merge_and_unload(), lora_config(cfg, rank))

@@ -33,6 +33,9 @@ from fedfm import storage
 from fedfm.adapters import AdapterMeta, l2_norm, load_adapter, save_adapter
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, TrainingError
+from fedfm.lora import is_lora_a, is_lora_b, rank_of, truncate
+from fedfm.personal import load_personal, save_personal
+from fedfm.strategies import configure_client
 
 _TORCHRUN_LOG_TAIL = 40
 
@@ -64,20 +67,11 @@ class TrainResult:
 def train_client(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
                  update_out: str) -> TrainResult:
     """Fine-tune ``client`` from ``global_adapter`` and write its update to ``update_out``."""
-    cfg = client_round_config(cfg, client, round_index)
+    cfg = configure_client(cfg, client, round_index)
     if cfg.training.world_size == 1:
         with single_process_group():
             return run_rank(cfg, client, round_index, global_adapter, update_out)
     return _launch_ranks(cfg, client, round_index, global_adapter, update_out)
-
-
-def client_round_config(cfg: FederationConfig, client: str, round_index: int) -> FederationConfig:
-    """The config ``client`` trains with in ``round_index``: the federation's, with what the strategy's
-    :meth:`~fedfm.strategies.Strategy.configure` hook sets for that client and round."""
-    from fedfm.strategies import build_strategy
-
-    overrides = build_strategy(cfg.strategy).configure(round_index, client)
-    return cfg.with_overrides(overrides) if overrides else cfg
 
 
 def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
@@ -88,7 +82,7 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
     :func:`_rank_main` joins under ``torch.distributed.run``.
     """
     from fedfm.data import load_client_data
-    from fedfm.modeling import build_model, load_adapter_tensors, peft_config_dict
+    from fedfm.modeling import adapter_tensors, build_model, load_adapter_tensors, peft_config_dict, restart_lora
     from fedfm.tasks import collate, encode
 
     started = time.time()
@@ -98,13 +92,29 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
                             f"training.world_size={cfg.training.world_size}")
 
     global_state = load_adapter(global_adapter, who="the federation")
-    loaded = build_model(cfg)
+    lora_rank = cfg.client_rank(client)
+    loaded = build_model(cfg, rank=rank_of(global_state.tensors) if cfg.lora.restart else lora_rank)
     if global_state.meta.base_model != loaded.fingerprint:
         raise TrainingError(
             f"client {client}: the local base model {cfg.model.name_or_path!r} (fingerprint "
             f"{loaded.fingerprint[:16]}…) is not the federation's ({global_state.meta.base_model[:16]}…)"
         )
-    load_adapter_tensors(loaded.model, global_state.tensors, where=f"global adapter {global_adapter}")
+    if cfg.lora.restart:  # FLoRA: the global adapter goes into the base weights; a fresh LoRA trains on top
+        load_adapter_tensors(loaded.model, global_state.tensors, where=f"global adapter {global_adapter}")
+        torch.manual_seed(_client_seed(cfg, client, round_index))  # this client's and round's fresh A
+        restart_lora(loaded, cfg, lora_rank)
+        # the update is the fresh factors themselves (their change from nothing); a head, its change
+        start = {name: torch.zeros_like(value) if is_lora_a(name) or is_lora_b(name) else value
+                 for name, value in adapter_tensors(loaded.model).items()}
+    else:
+        start = truncate(global_state.tensors, lora_rank)  # the client's view of the global adapter, at its rank
+        if cfg.lora.keep_b_local:  # FedSA-LoRA: this client's own B from its last round replaces the global one
+            start.update(load_personal(cfg, client, round_index - 1))
+        load_adapter_tensors(loaded.model, start, where=f"global adapter {global_adapter} at LoRA rank {lora_rank}")
+    if cfg.lora.freeze_a:  # FFA-LoRA: A stays as initialized; only B (and any head) trains and is sent
+        for name, parameter in loaded.model.named_parameters():
+            if is_lora_a(name):
+                parameter.requires_grad_(False)
 
     train = load_client_data(cfg, client).train
     examples = encode(train, loaded.tokenizer, cfg)
@@ -151,7 +161,11 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
         step_seconds=loop_seconds / steps, bytes_down=storage.size(global_adapter),
     )
     if rank == 0:
-        delta = {name: local_state[name] - global_state.tensors[name] for name in global_state.tensors}
+        # what trained and is shared, and only that
+        delta = {name: local_state[name] - start[name] for name in local_state
+                 if not (cfg.lora.keep_b_local and is_lora_b(name))}
+        if cfg.lora.keep_b_local:
+            save_personal(cfg, client, round_index, {n: v for n, v in local_state.items() if is_lora_b(n)})
         result.update_norm = l2_norm(delta)
         meta = AdapterMeta(
             kind="update", base_model=loaded.fingerprint, peft_config=peft_config_dict(loaded.model),
@@ -306,7 +320,8 @@ def _launch_ranks(cfg: FederationConfig, client: str, round_index: int, global_a
                 sys.stdout.write(line)
                 tail.append(line.rstrip())
                 if reason is None and line.startswith("FedFMError: "):
-                    reason = line.removeprefix("FedFMError: ").rstrip()
+                    # ranks failing together can interleave their reports on one line: keep the first
+                    reason = line.removeprefix("FedFMError: ").split("FedFMError: ")[0].rstrip()
             code = process.wait()
         if code != 0 or not result_path.exists():
             raise TrainingError(

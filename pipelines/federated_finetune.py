@@ -75,6 +75,9 @@ def compile_pipeline(cfg: FederationConfig, output: str, image: str = DEFAULT_IM
     and image always give the same bytes."""
     from kfp import compiler
 
+    from fedfm.strategies import check_federation
+
+    check_federation(cfg)  # a federation its strategy cannot run is refused before anything is written
     compiler.Compiler().compile(build_pipeline(cfg, image), package_path=str(output))
     path = Path(output)
     path.write_text(_stable_header(path.read_text()))

@@ -63,6 +63,7 @@ def run_local(cfg: FederationConfig, output: Path,
 
     output = Path(output)
     claim_output(output)
+    cfg = with_client_state_here(cfg, output)
     events_path, log_path = output / "events.jsonl", output / "run.log"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output / "kfp"),
                raise_on_error=True)
@@ -86,6 +87,17 @@ def run_local(cfg: FederationConfig, output: Path,
     mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
     plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
     return run
+
+
+def with_client_state_here(cfg: FederationConfig, output: Path) -> FederationConfig:
+    """``cfg``, with clients that keep a personal adapter part (FedSA-LoRA) keeping it under
+    ``output/client-state/`` unless the config says where."""
+    from fedfm.strategies import configure_client
+
+    keeps = any(configure_client(cfg, client, 1).lora.keep_b_local for client in cfg.training_clients)
+    if not keeps or cfg.execution.client_state_uri:
+        return cfg
+    return cfg.with_overrides({"execution.client_state_uri": str(Path(output).resolve() / "client-state")})
 
 
 def claim_output(output: Path) -> None:

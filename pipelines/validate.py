@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from fedfm.config import FederationConfig
+from fedfm.strategies import check_federation
 from fedfm.errors import ConfigError, PipelineError
 
 
@@ -56,6 +57,7 @@ def validate_pipeline(path: str | Path, cfg: FederationConfig | None = None) -> 
         raise PipelineError(f"{path} has no `config` parameter with a default")
     try:
         compiled = FederationConfig.parse(parameter["defaultValue"], source=f"{path}'s config parameter")
+        check_federation(compiled)  # e.g. mixed LoRA ranks under a rule that needs one rank
     except ConfigError as exc:
         raise PipelineError(str(exc)) from None
     if compiled.rounds != compiled_rounds:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 
-from fedfm.config import StrategyConfig
+from fedfm import lora
+from fedfm.adapters import Tensors
+from fedfm.config import FederationConfig, StrategyConfig
 from fedfm.errors import ConfigError
 from fedfm.strategies.base import Aggregate, ServerState, Strategy
 from fedfm.strategies.fedadagrad import FedAdagrad
@@ -13,14 +15,57 @@ from fedfm.strategies.fedavg import FedAvg
 from fedfm.strategies.fedavgm import FedAvgM
 from fedfm.strategies.fedmedian import FedMedian
 from fedfm.strategies.fedprox import FedProx
+from fedfm.strategies.fedsalora import FedSALoRA
 from fedfm.strategies.fedtrimmedavg import FedTrimmedAvg
 from fedfm.strategies.fedyogi import FedYogi
+from fedfm.strategies.ffalora import FFALoRA
+from fedfm.strategies.flexlora import FlexLoRA
+from fedfm.strategies.flora import FLoRA
+from fedfm.strategies.hetlora import HetLoRA
 from fedfm.strategies.krum import Krum, MultiKrum
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum)
+    for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum,
+                HetLoRA, FlexLoRA, FLoRA, FFALoRA, FedSALoRA)
 }
+
+
+def configure_client(cfg: FederationConfig, client: str, round_index: int) -> FederationConfig:
+    """The config ``client`` trains with in ``round_index``: the federation's, with what the strategy's
+    :meth:`Strategy.configure` hook sets for that client and round."""
+    overrides = build_strategy(cfg.strategy).configure(round_index, client)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def expected_update_shapes(cfg: FederationConfig, client: str, round_index: int,
+                           global_tensors: Tensors) -> dict[str, tuple[int, ...]] | None:
+    """The tensors, with their shapes, that ``client``'s update for ``round_index`` must hold: the global
+    adapter's at the client's LoRA rank, without lora_A where the client trains with A frozen and
+    without lora_B where it keeps B; None when that is exactly the global adapter's tensors."""
+    client_lora = configure_client(cfg, client, round_index).lora
+    if not (cfg.mixed_ranks or client_lora.freeze_a or client_lora.keep_b_local or client_lora.restart):
+        return None
+    rank = cfg.client_rank(client) if cfg.mixed_ranks or client_lora.restart else lora.rank_of(global_tensors)
+    return {name: lora.shape_at(name, tuple(value.shape), rank) for name, value in global_tensors.items()
+            if not (client_lora.freeze_a and lora.is_lora_a(name))
+            and not (client_lora.keep_b_local and lora.is_lora_b(name))}
+
+
+def check_federation(cfg: FederationConfig) -> Strategy:
+    """The federation's strategy, checked against the rest of the config (mixed LoRA ranks need a
+    rule that can combine them)."""
+    strategy = build_strategy(cfg.strategy)
+    for client in cfg.training_clients:
+        if configure_client(cfg, client, 1).lora.keep_b_local and cfg.client_state_location(client) is None:
+            raise ConfigError(f"strategy {strategy.name!r} keeps each client's lora_B with the client; client "
+                              f"{client} has nowhere to keep it: set its state_uri or execution.client_state_uri")
+    if cfg.mixed_ranks and not strategy.mixed_ranks:
+        ranks = ", ".join(f"{name}: {cfg.client_rank(name)}" for name in cfg.training_clients)
+        able = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.mixed_ranks))
+        raise ConfigError(f"clients train different LoRA ranks ({ranks}); strategy {strategy.name!r} needs one "
+                          f"rank; choose a rank-aware strategy ({able})")
+    return strategy
 
 
 def build_strategy(config: StrategyConfig) -> Strategy:
@@ -43,4 +88,5 @@ def build_strategy(config: StrategyConfig) -> Strategy:
         raise ConfigError(f"strategy {config.name!r}: bad parameters {config.params}: {exc}") from None
 
 
-__all__ = ["STRATEGIES", "Aggregate", "ServerState", "Strategy", "build_strategy"]
+__all__ = ["STRATEGIES", "Aggregate", "ServerState", "Strategy", "build_strategy", "check_federation",
+           "configure_client", "expected_update_shapes"]

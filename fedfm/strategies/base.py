@@ -36,6 +36,8 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
+    # whether the rule combines updates of clients training different LoRA ranks
+    mixed_ranks: ClassVar[bool] = False
 
     @abstractmethod
     def aggregate(self, global_tensors: Tensors, updates: Iterable[Adapter], state: ServerState) -> Aggregate:

@@ -18,5 +18,5 @@ class FedAdagrad(FedOpt):
     def __init__(self, eta: float = 1e-2, beta_1: float = 0.0, tau: float = 1e-3):
         super().__init__(eta=eta, beta_1=beta_1, tau=tau)
 
-    def second_moment(self, previous: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return previous + delta * delta
+    def second_moment(self, previous: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+        return delta.square() if previous is None else previous.addcmul(delta, delta)

@@ -27,8 +27,10 @@ class FedAdam(FedOpt):
         super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
         self.bias_correction = bias_correction
 
-    def second_moment(self, previous: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return self.beta_2 * previous + (1 - self.beta_2) * delta * delta
+    def second_moment(self, previous: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+        if previous is None:
+            return delta.square().mul_(1 - self.beta_2)
+        return previous.mul(self.beta_2).addcmul_(delta, delta, value=1 - self.beta_2)
 
     def step_size(self, step: int) -> float:
         if not self.bias_correction:

@@ -33,8 +33,9 @@ class FedOpt(Strategy):
         self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
 
     @abstractmethod
-    def second_moment(self, previous: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The new ``v`` from the previous one (zeros in round 1) and this round's mean update."""
+    def second_moment(self, previous: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+        """The new ``v`` (a new tensor) from the previous one (None, meaning zeros, in round 1) and this
+        round's mean update."""
 
     def step_size(self, step: int) -> float:
         """η for the ``step``-th aggregation (1-based)."""
@@ -46,9 +47,14 @@ class FedOpt(Strategy):
         eta = self.step_size(step)
         new_state: ServerState = {"step": step}
         tensors = {}
+        # In place where it can be (never on the inputs): one tensor at a time holds the mean, the new m
+        # and v, and the result, which reuses the mean's buffer once m and v are taken from it.
         for name, delta in mean.items():
-            m = state.get(f"m.{name}", torch.zeros_like(delta)) * self.beta_1 + (1 - self.beta_1) * delta
-            v = self.second_moment(state.get(f"v.{name}", torch.zeros_like(delta)), delta)
+            previous = state.get(f"m.{name}")
+            m = delta.mul(1 - self.beta_1) if previous is None else (
+                previous.mul(self.beta_1).add_(delta, alpha=1 - self.beta_1))
+            v = self.second_moment(state.get(f"v.{name}"), delta)
             new_state[f"m.{name}"], new_state[f"v.{name}"] = m, v
-            tensors[name] = global_tensors[name] + eta * m / (v.sqrt() + self.tau)
+            step = torch.sqrt(v, out=delta).add_(self.tau).reciprocal_().mul_(m).mul_(eta)  # η·m / (√v + τ)
+            tensors[name] = step.add_(global_tensors[name])
         return Aggregate(tensors=tensors, state=new_state, clients=clients, samples=total)

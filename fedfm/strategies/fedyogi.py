@@ -19,6 +19,9 @@ class FedYogi(FedOpt):
 
     name = "fedyogi"
 
-    def second_moment(self, previous: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        squared = delta * delta
-        return previous - (1 - self.beta_2) * squared * torch.sign(previous - squared)
+    def second_moment(self, previous: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+        squared = delta.square()
+        if previous is None:  # v = 0: sign(0 − Δ̄²) = −1 wherever Δ̄² > 0
+            return squared.mul_(1 - self.beta_2)
+        # v − (1−β₂)·Δ̄²·sign(v − Δ̄²), built in the sign's buffer
+        return torch.sub(previous, squared).sign_().mul_(squared).mul_(-(1 - self.beta_2)).add_(previous)

@@ -88,8 +88,9 @@ def test_two_processes_train_like_one(tiny_config, tmp_path):
 def test_a_failing_rank_reports_the_reason(tiny_config, tmp_path):
     cfg = tiny_config(**{"training.world_size": 2})
     initialize(cfg, str(tmp_path / "global.safetensors"))
-    with pytest.raises(TrainingError, match="client nobody: 2 DeepSpeed processes exited with status 1: "
-                                            "unknown client 'nobody'; the clients of this federation are"):
+    with pytest.raises(TrainingError, match=r"client nobody: 2 DeepSpeed processes exited with status 1: "
+                                            r"client 'nobody' is not in this federation \(clients: tenant-0, "
+                                            r"tenant-1, tenant-2\)$"):
         train_client(cfg, "nobody", 1, str(tmp_path / "global.safetensors"), str(tmp_path / "u.safetensors"))
     assert not (tmp_path / "u.safetensors").exists()
 

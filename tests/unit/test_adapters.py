@@ -126,7 +126,8 @@ class TestValidateUpdate:
 
     def test_extra_key(self, tmp_path):
         values = dict(tensors(1), extra=torch.zeros(2))
-        with pytest.raises(AdapterValidationError, match="has tensor extra, which the global adapter does not"):
+        with pytest.raises(AdapterValidationError,
+                           match=r"has tensor extra, which it should not send \(the global adapter does not have it\)"):
             validate_update(self.update(tmp_path, values), self.reference(tmp_path), client="tenant-0", round_index=1)
 
     def test_other_base_model(self, tmp_path):
