@@ -3,7 +3,7 @@
 ``fedfm run`` fine-tunes locally through the KFP pipeline under ``kfp.local``; ``fedfm compile`` writes
 that pipeline's YAML for the Kubeflow UI. Both take a config file and/or flags; flags override the
 file, and with neither the embedded default runs (all-MiniLM-L6-v2 on the built-in topics data, 4
-tenants, 3 rounds).
+tenants, 3 rounds). ``fedfm simulate`` runs the same federation in this process, without KFP.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def run(
             if console.is_terminal:
                 live.update(progress.render())
             elif line:
-                live.console.print(line)
+                live.console.print(line, markup=False, highlight=False)  # "[round 1]" is text, not markup
 
         result = run_local(cfg, output, on_event=on_event)
         live.update(progress.render())
@@ -144,6 +144,62 @@ def run(
     chance = f" (chance {1 / len(cfg.data.labels):.3f})" if cfg.task == "classification" else ""
     console.print(f"global {metric}: {first:.4f} → {last:.4f}{chance} in {result.seconds:.0f} s")
     console.print(f"results in {output}/: metrics.json, report.png, adapter/ (PeftModel.from_pretrained), run.log")
+    if reporter:
+        console.print(f"metrics pushed to {pushgateway} (job={reporter.job}, federation={cfg.name})"
+                      + (f"; {reporter.failures} push(es) failed" if reporter.failures else ""))
+
+
+@app.command()
+@_with_config
+def simulate(
+    cfg: FederationConfig,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/NAME-TIME)."),
+    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", envvar="FEDFM_PUSHGATEWAY",
+                                              help="Push the run's metrics to this Prometheus Pushgateway URL."),
+) -> None:
+    """Simulate the federation in this process, without KFP: clients train one after another on a model
+    loaded once (research, benchmarks, many clients). Same results as `fedfm run`."""
+    from fedfm.data import describe_clients
+    from fedfm.errors import ConfigError
+    from fedfm.pipelines.local_runner import claim_output
+    from fedfm.simulation import simulate as simulate_federation
+
+    if cfg.execution.mode != "local":
+        raise ConfigError(f"fedfm simulate runs every client in this process; execution.mode is "
+                          f"{cfg.execution.mode!r}: set it to 'local'")
+    console = _console()
+    output = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    reporter = None
+    if pushgateway:
+        from fedfm.pushgateway import PushgatewayReporter
+
+        reporter = PushgatewayReporter(pushgateway, cfg.name)
+    claim_output(output)
+    mode = "centralized baseline" if cfg.centralized else f"{len(cfg.clients)} tenants"
+    console.print(f"[bold]FedFM simulation[/] {cfg.task} · {cfg.model.name_or_path} · {cfg.data.source} "
+                  f"({cfg.data.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
+    console.print(_tenant_table(cfg, describe_clients(cfg)))
+    progress = RunProgress(cfg)
+    with Live(progress.render(), console=console, refresh_per_second=4, auto_refresh=console.is_terminal,
+              redirect_stdout=False, redirect_stderr=False) as live:
+        def on_event(event: dict[str, Any]) -> None:
+            if reporter:
+                reporter.on_event(event)
+            line = progress.update(event)
+            if console.is_terminal:
+                live.update(progress.render())
+            elif line:
+                live.console.print(line, markup=False, highlight=False)  # "[round 1]" is text, not markup
+
+        result = simulate_federation(cfg, output, on_event=on_event)
+        live.update(progress.render())
+    metric = quality_metric(cfg.task)
+    console.print(_summary_table(cfg, result.history))
+    first, last = result.history[0]["eval"]["global"][metric], result.history[-1]["eval"]["global"][metric]
+    chance = f" (chance {1 / len(cfg.data.labels):.3f})" if cfg.task == "classification" else ""
+    console.print(f"global {metric}: {first:.4f} → {last:.4f}{chance} in {result.seconds:.0f} s")
+    console.print(f"results in {output}/: metrics.json, report.png, adapter/ (PeftModel.from_pretrained), run.log, "
+                  "work/ (every round's adapters)")
     if reporter:
         console.print(f"metrics pushed to {pushgateway} (job={reporter.job}, federation={cfg.name})"
                       + (f"; {reporter.failures} push(es) failed" if reporter.failures else ""))

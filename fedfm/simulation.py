@@ -1,0 +1,222 @@
+"""``fedfm simulate``: a whole federation in this process, without KFP — many clients on one machine.
+
+The steps of the ``federated_finetune`` pipeline, in its order and through the same core functions:
+init, evaluate round 0, then per round the sampled clients' fine-tunes (one after another), the
+aggregate (the strategy's server state chained from round to round) and the evaluation, and finally
+the export. Each base model is loaded from disk once (:func:`fedfm.modeling.reuse_base_models`);
+every client and evaluation gets a copy of it. A client whose fine-tune raises is a missing client
+with the error as its reason, and the quorum (``policy.min_clients``) decides whether the round
+aggregates, as for a failed Job in cluster mode.
+
+What it leaves in ``OUTPUT`` is what ``fedfm run`` leaves (``metrics.json`` with ``run.runner``
+"simulate", ``report.png``, ``adapter/``, ``run.log``, ``events.jsonl``), plus ``work/``: every
+round's global adapter, the clients' updates, the server state and the history so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedfm import events
+from fedfm.config import FederationConfig
+from fedfm.errors import ConfigError
+from fedfm.pipelines.local_runner import LocalRun, _follow, claim_output, with_client_state_here
+
+RUNNER = "simulate"
+FAILED = "Failed"  # the ClientRound phase of a fine-tune that ended in an error
+
+
+def simulate(cfg: FederationConfig, output: Path, on_event: Callable[[dict[str, Any]], None] | None = None, *,
+             reuse_models: bool = True) -> LocalRun:
+    """Run the federation ``cfg`` in this process; write ``metrics.json``, ``report.png`` and the final
+    PEFT adapter under ``output``, as :func:`fedfm.pipelines.local_runner.run_local` does.
+
+    ``on_event`` sees each step's progress event (:mod:`fedfm.events`) on a background thread while
+    ``sys.stdout`` and ``sys.stderr`` go to ``run.log``. ``reuse_models=False`` loads the base model
+    from disk for every client and evaluation, as the pipeline's separate steps do (for comparisons).
+    """
+    from fedfm.federation import step_config
+    from fedfm.modeling import reuse_base_models
+    from fedfm.report import plot_report, write_metrics
+
+    if cfg.execution.mode != "local":
+        raise ConfigError(f"fedfm simulate runs every client in this process; execution.mode is "
+                          f"{cfg.execution.mode!r}: set it to 'local', or run the pipeline on the cluster "
+                          "(fedfm submit)")
+    output = Path(output)
+    claim_output(output)
+    cfg = with_client_state_here(cfg, output)  # as fedfm run: clients' personal adapter parts under output/
+    events_path, log_path = output / "events.jsonl", output / "run.log"
+    started = time.time()
+    reuse = reuse_base_models() if reuse_models else contextlib.nullcontext()
+    with open(log_path, "w", buffering=1) as log, _output_to(log), _environment(events_path), \
+            _follow(events_path, on_event), reuse:
+        history = _federate(step_config(cfg.as_dict()), output / "work", output / "adapter")
+    seconds = time.time() - started
+
+    run = LocalRun(output=output, history=history, seconds=seconds)
+    write_metrics(run.metrics_path, cfg.as_dict(), history,
+                  {"seconds": seconds, "runner": RUNNER, "centralized": cfg.centralized,
+                   "clients": cfg.training_clients})
+    mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
+    plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
+    return run
+
+
+def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path) -> list[dict[str, Any]]:
+    """The pipeline's steps, one after another; returns the run's history (rounds 0..R)."""
+    from fedfm.federation import aggregate_round, export, initialize
+
+    global_uri = str(work / "round-0" / "global_adapter.safetensors")
+    with events.step("init"):
+        initialize(cfg, global_uri)
+    history_uri = _evaluate(cfg, global_uri, None, str(work / "round-0" / "history.json"))
+    state_uri: str | None = None  # round 1 starts without server state
+    for round_index in range(1, cfg.rounds + 1):
+        round_dir = work / f"round-{round_index}"
+        updates: list[tuple[str, str]] = []
+        missing: dict[str, str] = {}
+        for client in cfg.sampled_clients(round_index):
+            update_uri = str(round_dir / "updates" / f"{client}.safetensors")
+            failure = _finetune(cfg, client, round_index, global_uri, update_uri)
+            if failure is None:
+                updates.append((client, update_uri))
+            else:
+                missing[client] = failure
+        new_global, new_state = str(round_dir / "global_adapter.safetensors"), str(round_dir / "server_state")
+        with events.step("aggregate", round=round_index) as figures:
+            meta = aggregate_round(cfg, round_index, global_uri, updates, new_global, missing,
+                                   state_in=state_uri, state_out=new_state)
+            figures.update(clients=len(updates), missing=len(missing), samples=meta.samples,
+                           round_seconds=meta.metrics.get("round_seconds"))
+        global_uri, state_uri = new_global, new_state
+        history_uri = _evaluate(cfg, global_uri, history_uri, str(round_dir / "history.json"))
+    with events.step("export"):
+        export(cfg, global_uri, str(adapter_dir))
+    return json.loads(Path(history_uri).read_text())
+
+
+def _finetune(cfg: FederationConfig, client: str, round_index: int, global_uri: str, update_uri: str) -> str | None:
+    """Train ``client``; None when its update is at ``update_uri``, else why there is none."""
+    from fedfm import training
+    from fedfm.adapters import read_meta
+
+    try:
+        with events.step("client_finetune", client=client, round=round_index) as figures:
+            training.train_client(cfg, client, round_index, global_uri, update_uri)
+            meta = read_meta(update_uri)
+            figures.update(train_loss=meta.metrics["train_loss"], samples=meta.samples,
+                           seconds=meta.metrics["seconds"])
+    except Exception as exc:  # a client's crash is its own: the round goes on without it (quorum permitting)
+        print(f"client {client}, round {round_index} failed:", file=sys.stderr)
+        traceback.print_exc()  # into run.log
+        return f"{FAILED}: {type(exc).__name__}: {exc}"
+    finally:
+        gc.collect()  # the client's model, optimizer and engine, before the next client builds its own
+    return None
+
+
+def _evaluate(cfg: FederationConfig, adapter_uri: str, history_in: str | None, history_out: str) -> str:
+    """Score the global adapter on every tenant's evaluation split and extend the history."""
+    from fedfm.adapters import read_meta
+    from fedfm.evaluation import evaluate_clients, summarize
+    from fedfm.federation import append_history, round_record
+
+    round_index = read_meta(adapter_uri).round
+    with events.step("evaluate", round=round_index) as figures:
+        started = time.time()
+        result = summarize(cfg.task, evaluate_clients(cfg, adapter_uri, cfg.client_names))
+        record = round_record(adapter_uri, result, time.time() - started)
+        record["eval_missing"] = {}  # every tenant's data is here
+        append_history(history_in, record, history_out)
+        figures.update(record["eval"]["global"])
+    gc.collect()
+    return history_out
+
+
+@contextlib.contextmanager
+def _environment(events_path: Path) -> Iterator[None]:
+    """Where the steps report progress, for the duration of the run."""
+    values = {events.ENV: str(events_path), "TOKENIZERS_PARALLELISM": "false"}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _output_to(log: TextIO) -> Iterator[None]:
+    """Send what the libraries print and log (transformers, DeepSpeed) to ``log`` while the run lasts.
+
+    Logging handlers set up before the run hold the terminal's streams themselves, so they are pointed
+    at the log too, and back afterwards; handlers created during the run keep a stream that writes to
+    the log until the run ends and to the terminal after.
+    """
+    # afterwards, the process's own streams: a stream swapped in for this run (a test's capture) may be gone
+    out, err = _Forward(log, sys.__stdout__ or sys.stdout), _Forward(log, sys.__stderr__ or sys.stderr)
+    streams = {id(sys.stdout): out, id(sys.stderr): err, id(sys.__stdout__): out, id(sys.__stderr__): err}
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    swapped = [(handler, handler.stream) for logger in loggers for handler in logger.handlers
+               if type(handler) is logging.StreamHandler and id(handler.stream) in streams]
+    for handler, stream in swapped:
+        handler.setStream(streams[id(stream)])
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _descriptor_to(2, log):
+            yield
+    finally:
+        for handler, stream in swapped:
+            handler.setStream(stream)
+        out.target, err.target = out.after, err.after
+
+
+@contextlib.contextmanager
+def _descriptor_to(fd: int, log: TextIO) -> Iterator[None]:
+    """Point file descriptor ``fd`` at ``log``: what subprocesses and native code write to stderr (a
+    compiler probe of DeepSpeed's, gloo) goes to the log too. Standard output stays: the progress
+    display writes there."""
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no such descriptor: nothing to redirect
+        yield
+        return
+    if sys.__stderr__:
+        sys.__stderr__.flush()
+    os.dup2(log.fileno(), fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+class _Forward:
+    """A text stream that writes to ``target``: the run's log, then (``after``) the process's stream."""
+
+    def __init__(self, target: TextIO, after: TextIO):
+        self.target, self.after = target, after
+
+    def write(self, text: str) -> int:
+        return self.target.write(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
