@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfm-stack
 ARGS  ?=
 
-.PHONY: venv run test compile images bench-quality bench-overhead clean
+.PHONY: venv run test compile images bench-quality bench-overhead bench-aggregate clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/install-stack.sh
 	scripts/install-stack.sh $(VENV)
@@ -38,6 +38,9 @@ bench-quality: venv
 
 bench-overhead: venv
 	$(PY) bench/overhead.py $(ARGS)
+
+bench-aggregate: venv
+	$(PY) bench/aggregate.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs pipeline.yaml .pytest_cache

@@ -1,12 +1,21 @@
-"""Federated vs centralized quality on real data (AG News), through the same pipeline `fedfm run` uses.
+"""Federated quality on real data (AG News): against the centralized baseline, and rule against rule.
 
     python bench/quality.py [--data ../shared/data/ag_news_test.csv] [--rounds 10] [--clients 8] [--alpha 0.3]
+    python bench/quality.py --strategy fedavg --strategy fedadam --strategy 'fedyogi:{"eta": 0.01}' \
+        --strategy fedprox --strategy fedmedian --strategy flexlora [--engine simulate]
 
 Setup (DEVELOPERS.md / issue #2): all-MiniLM-L6-v2 + LoRA, 8 tenants with Dirichlet(0.3) label skew,
 each tenant's rows split 80/20 into train/eval (the union of the eval splits is the global test set),
-10 rounds of FedAvg with 30 local steps of batch 16 per client and round. The centralized baseline pools every tenant's training rows into one client and
-runs the same total number of optimizer steps (clients × local steps per round) over the same rounds,
-evaluated on the same rows. Prints both accuracies and their ratio (target ≥ 0.98).
+10 rounds with 30 local steps of batch 16 per client and round.
+
+Without ``--strategy``: FedAvg against the centralized baseline, which pools every tenant's training
+rows into one client and runs the same total number of optimizer steps (clients × local steps per
+round) over the same rounds, evaluated on the same rows; prints both accuracies and their ratio
+(target ≥ 0.98). With ``--strategy NAME[:PARAMS_JSON]`` (repeatable): each rule on the same tenants,
+data and budget, side by side, accuracy per round. Rank-aware rules (hetlora, flexlora, flora) get
+mixed client ranks (``--mixed-ranks``, cycled over the clients); the others train ``--lora-r``.
+``--engine pipeline`` (default) runs through the local KFP pipeline as ``fedfm run`` does;
+``--engine simulate`` runs in process as ``fedfm simulate`` does (same results, less overhead).
 """
 
 from __future__ import annotations
@@ -33,7 +42,13 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=ROOT / "runs" / f"bench-quality-{time.strftime('%Y%m%d-%H%M%S')}")
+    parser.add_argument("--strategy", action="append", default=[], metavar="NAME[:PARAMS_JSON]",
+                        help="compare these rules side by side (repeatable) instead of FedAvg vs centralized")
+    parser.add_argument("--mixed-ranks", default="4,8,16", help="LoRA ranks cycled over the clients for "
+                                                                "rank-aware rules")
+    parser.add_argument("--engine", choices=["pipeline", "simulate"], default="pipeline")
+    parser.add_argument("--output", type=Path,
+                        default=ROOT / "runs" / f"bench-quality-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args()
 
     if not args.data.exists():
@@ -62,6 +77,11 @@ def main() -> int:
     for client, info in describe_clients(cfg).items():
         print(f"  {client}: train {info['train']:4d} eval {info['eval']:4d}  labels {info['labels']}")
 
+    if args.engine == "simulate":
+        from fedfm.simulation import simulate as run_local  # noqa: F811 (same signature, in process)
+    if args.strategy:
+        return compare_strategies(cfg, args, run_local)
+
     results = {}
     for mode, run_cfg in (("federated", cfg), ("centralized", cfg.with_overrides({"centralized": True}))):
         print(f"\n== {mode}: {len(run_cfg.training_clients)} training client(s), "
@@ -84,6 +104,42 @@ def main() -> int:
           f"centralized {max(results['centralized']['accuracy']):.4f})")
     summary = {"config": cfg.as_dict(), "results": results, "ratio": ratio, "best_round_ratio": best}
     (args.output / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"details: {args.output}/summary.json, {args.output}/*/metrics.json, report.png")
+    return 0
+
+
+def compare_strategies(cfg, args, run) -> int:
+    """Each ``--strategy`` on the same federation; a table of accuracy per round, and the finals."""
+    from fedfm.strategies import STRATEGIES
+
+    ranks = [int(rank) for rank in args.mixed_ranks.split(",")]
+    results = {}
+    for spec in args.strategy:
+        name, _, params = spec.partition(":")
+        overrides = {"strategy.name": name, "strategy.params": json.loads(params) if params else {}}
+        label = spec
+        if STRATEGIES[name].mixed_ranks:
+            clients = [{"name": client, "lora_r": ranks[index % len(ranks)]}
+                       for index, client in enumerate(cfg.client_names)]
+            overrides["clients"] = clients
+            label = f"{spec} (ranks {','.join(str(c['lora_r']) for c in clients)})"
+        run_cfg = cfg.with_overrides(overrides)
+        print(f"\n== {label}")
+        started = time.time()
+        history = run(run_cfg, args.output / name, on_event=_round_printer(sys.stdout)).history
+        accuracy = [record["eval"]["global"]["accuracy"] for record in history]
+        results[label] = {"accuracy": accuracy, "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy),
+                          "seconds": time.time() - started}
+    labels = list(results)
+    print("\nround  " + "  ".join(f"{label.split(' ')[0][:14]:>14}" for label in labels))
+    for index in range(cfg.rounds + 1):
+        print(f"{index:5d}  " + "  ".join(f"{results[label]['accuracy'][index]:14.4f}" for label in labels))
+    print()
+    for label, result in results.items():
+        print(f"{label:40s} final {result['final_accuracy']:.4f}  best {result['best_accuracy']:.4f}  "
+              f"({result['seconds']:.0f} s)")
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "summary.json").write_text(json.dumps({"config": cfg.as_dict(), "results": results}, indent=1))
     print(f"details: {args.output}/summary.json, {args.output}/*/metrics.json, report.png")
     return 0
 
