@@ -266,9 +266,11 @@ def memory_child(count: int, rule: str) -> None:
 
     def stream(n: int, round_index: int):
         for i in range(n):  # made when asked for, so only the updates the rule still holds are alive
-            flat = torch.full((FLOATS,), 1e-3 * (i % 7 - 3))
-            yield Adapter(split(flat), AdapterMeta(kind="update", base_model="m", peft_config={},
-                                                   round=round_index, samples=100 + i, client=f"c{i}"))
+            update = Adapter(split(torch.full((FLOATS,), 1e-3 * (i % 7 - 3))),
+                             AdapterMeta(kind="update", base_model="m", peft_config={}, round=round_index,
+                                         samples=100 + i, client=f"c{i}"))
+            yield update
+            del update  # as the aggregate step's loader does: not held while the next one is made
 
     # round 1 (small): warms torch up, and gives FedOpt the server state it carries into round 2
     first = strategy.aggregate({name: torch.zeros(shape) for name, shape in layout()}, stream(2, 1), {})
