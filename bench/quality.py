@@ -114,7 +114,7 @@ def compare_strategies(cfg, args, run) -> int:
 
     ranks = [int(rank) for rank in args.mixed_ranks.split(",")]
     results = {}
-    for spec in args.strategy:
+    for index, spec in enumerate(args.strategy):
         name, _, params = spec.partition(":")
         overrides = {"strategy.name": name, "strategy.params": json.loads(params) if params else {}}
         label = spec
@@ -126,7 +126,7 @@ def compare_strategies(cfg, args, run) -> int:
         run_cfg = cfg.with_overrides(overrides)
         print(f"\n== {label}")
         started = time.time()
-        history = run(run_cfg, args.output / name, on_event=_round_printer(sys.stdout)).history
+        history = run(run_cfg, args.output / f"{index}-{name}", on_event=_round_printer(sys.stdout)).history
         accuracy = [record["eval"]["global"]["accuracy"] for record in history]
         results[label] = {"accuracy": accuracy, "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy),
                           "seconds": time.time() - started}

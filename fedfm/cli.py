@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import json
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,11 @@ _CONFIG_FLAGS: dict[str, tuple[str, Any, str]] = {
     "batch_size": ("training.batch_size", Optional[int], "Examples per optimizer step."),
     "learning_rate": ("training.learning_rate", Optional[float], "AdamW learning rate."),
     "lora_r": ("lora.r", Optional[int], "LoRA rank."),
+    "strategy": ("strategy.name", Optional[str], "Aggregation rule: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, "
+                                                  "fedprox, fedmedian, fedtrimmedavg, krum, multikrum, hetlora, "
+                                                  "flexlora, flora, ffalora, fedsalora."),
+    "strategy_params": ("strategy.params", Optional[str], "The rule's parameters as JSON, e.g. '{\"eta\": 0.01}'."),
+    "clip_norm": ("strategy.clip_norm", Optional[float], "Scale each client update to at most this L2 norm."),
     "zero_stage": ("training.zero_stage", Optional[int], "DeepSpeed ZeRO stage (0-3)."),
     "bf16": ("training.bf16", Optional[bool], "Train in bf16 (DeepSpeed mixed precision)."),
     "world_size": ("training.world_size", Optional[int], "DeepSpeed processes per client."),
@@ -91,6 +97,11 @@ def _with_config(command):
         overrides = {}
         for name, (path, _, _) in _CONFIG_FLAGS.items():
             value = kwargs.pop(name)
+            if name == "strategy_params" and value is not None:
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise typer.BadParameter(f"not JSON: {exc}", param_hint="--strategy-params") from None
             overrides[path] = value.value if isinstance(value, enum.Enum) else value
         cfg = load_config(config_path) if config_path else FederationConfig()
         cfg = resolve_labels(cfg.with_overrides(overrides))

@@ -134,6 +134,20 @@ def test_cli_compile_and_run(tiny_config, tiny_classifier, tmp_path):
     loaded = load_component_from_file(str(tmp_path / "p.yaml"))
     assert loaded.component_spec.inputs["config"].default["rounds"] == 4
 
+    # a strategy, its parameters and norm bounding from flags
+    result = runner.invoke(app, ["compile", "--config", str(config_file), "--strategy", "fedadam", "--strategy-params",
+                                 '{"eta": 0.05, "tau": 0.01}', "--clip-norm", "2.5", "--output",
+                                 str(tmp_path / "adam.yaml")])
+    assert result.exit_code == 0, result.output
+    strategy = load_component_from_file(str(tmp_path / "adam.yaml")).component_spec.inputs["config"].default["strategy"]
+    assert strategy == {"name": "fedadam", "params": {"eta": 0.05, "tau": 0.01}, "clip_norm": 2.5}
+    for bad, message in ((["--strategy", "fedsgd"], "strategy.name 'fedsgd' is unknown"),
+                         (["--strategy-params", "{eta"], "not JSON")):
+        result = runner.invoke(app, ["compile", "--config", str(config_file), *bad, "--output",
+                                     str(tmp_path / "bad.yaml")])
+        # a FedFMError reaches fedfm's main(), which prints it; a bad flag value is typer's usage error
+        assert result.exit_code != 0 and message in result.output + str(result.exception), result.output
+
     result = runner.invoke(app, [
         "run", "--model", tiny_classifier, "--dataset", "builtin:topics", "--max-samples", "200",
         "--clients", "2", "--partition", "dirichlet:1.0", "--rounds", "1", "--local-steps", "3", "--lora-r", "2",
