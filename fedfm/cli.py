@@ -120,44 +120,7 @@ def run(
                                               help="Push the run's metrics to this Prometheus Pushgateway URL."),
 ) -> None:
     """Run a federated fine-tune locally through the KFP pipeline (kfp.local)."""
-    from fedfm.data import describe_clients
-    from fedfm.pipelines.local_runner import claim_output, run_local
-
-    console = _console()
-    output = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    reporter = None
-    if pushgateway:
-        from fedfm.pushgateway import PushgatewayReporter
-
-        reporter = PushgatewayReporter(pushgateway, cfg.name)  # an unreachable URL fails here, before any work
-    claim_output(output)
-    mode = "centralized baseline" if cfg.centralized else f"{len(cfg.clients)} tenants"
-    console.print(f"[bold]FedFM[/] {cfg.task} · {cfg.model.name_or_path} · {cfg.data.source} "
-                  f"({cfg.data.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
-    console.print(_tenant_table(cfg, describe_clients(cfg)))
-    progress = RunProgress(cfg)
-    with Live(progress.render(), console=console, refresh_per_second=4, auto_refresh=console.is_terminal,
-              redirect_stdout=False, redirect_stderr=False) as live:
-        def on_event(event: dict[str, Any]) -> None:
-            if reporter:
-                reporter.on_event(event)
-            line = progress.update(event)
-            if console.is_terminal:
-                live.update(progress.render())
-            elif line:
-                live.console.print(line, markup=False, highlight=False)  # "[round 1]" is text, not markup
-
-        result = run_local(cfg, output, on_event=on_event)
-        live.update(progress.render())
-    metric = quality_metric(cfg.task)
-    console.print(_summary_table(cfg, result.history))
-    first, last = result.history[0]["eval"]["global"][metric], result.history[-1]["eval"]["global"][metric]
-    chance = f" (chance {1 / len(cfg.data.labels):.3f})" if cfg.task == "classification" else ""
-    console.print(f"global {metric}: {first:.4f} → {last:.4f}{chance} in {result.seconds:.0f} s")
-    console.print(f"results in {output}/: metrics.json, report.png, adapter/ (PeftModel.from_pretrained), run.log")
-    if reporter:
-        console.print(f"metrics pushed to {pushgateway} (job={reporter.job}, federation={cfg.name})"
-                      + (f"; {reporter.failures} push(es) failed" if reporter.failures else ""))
+    _run_locally(cfg, output, pushgateway, simulated=False)
 
 
 @app.command()
@@ -170,25 +133,30 @@ def simulate(
 ) -> None:
     """Simulate the federation in this process, without KFP: clients train one after another on a model
     loaded once (research, benchmarks, many clients). Same results as `fedfm run`."""
-    from fedfm.data import describe_clients
-    from fedfm.errors import ConfigError
-    from fedfm.pipelines.local_runner import claim_output
-    from fedfm.simulation import simulate as simulate_federation
+    _run_locally(cfg, output, pushgateway, simulated=True)
 
-    if cfg.execution.mode != "local":
-        raise ConfigError(f"fedfm simulate runs every client in this process; execution.mode is "
-                          f"{cfg.execution.mode!r}: set it to 'local'")
+
+def _run_locally(cfg: FederationConfig, output: Optional[Path], pushgateway: Optional[str], *,
+                 simulated: bool) -> None:
+    """`fedfm run` (the pipeline under kfp.local) or `fedfm simulate` (in process), with live progress
+    and a summary."""
+    from fedfm.data import describe_clients
+    from fedfm.pipelines.local_runner import claim_output, run_local
+    from fedfm.simulation import check_simulated, simulate as simulate_federation
+
+    if simulated:
+        check_simulated(cfg)  # before the output directory is made
     console = _console()
     output = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     reporter = None
     if pushgateway:
         from fedfm.pushgateway import PushgatewayReporter
 
-        reporter = PushgatewayReporter(pushgateway, cfg.name)
+        reporter = PushgatewayReporter(pushgateway, cfg.name)  # an unreachable URL fails here, before any work
     claim_output(output)
     mode = "centralized baseline" if cfg.centralized else f"{len(cfg.clients)} tenants"
-    console.print(f"[bold]FedFM simulation[/] {cfg.task} · {cfg.model.name_or_path} · {cfg.data.source} "
-                  f"({cfg.data.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
+    console.print(f"[bold]FedFM{' simulation' if simulated else ''}[/] {cfg.task} · {cfg.model.name_or_path} · "
+                  f"{cfg.data.source} ({cfg.data.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
     console.print(_tenant_table(cfg, describe_clients(cfg)))
     progress = RunProgress(cfg)
     with Live(progress.render(), console=console, refresh_per_second=4, auto_refresh=console.is_terminal,
@@ -202,15 +170,15 @@ def simulate(
             elif line:
                 live.console.print(line, markup=False, highlight=False)  # "[round 1]" is text, not markup
 
-        result = simulate_federation(cfg, output, on_event=on_event)
+        result = (simulate_federation if simulated else run_local)(cfg, output, on_event=on_event)
         live.update(progress.render())
     metric = quality_metric(cfg.task)
     console.print(_summary_table(cfg, result.history))
     first, last = result.history[0]["eval"]["global"][metric], result.history[-1]["eval"]["global"][metric]
     chance = f" (chance {1 / len(cfg.data.labels):.3f})" if cfg.task == "classification" else ""
     console.print(f"global {metric}: {first:.4f} → {last:.4f}{chance} in {result.seconds:.0f} s")
-    console.print(f"results in {output}/: metrics.json, report.png, adapter/ (PeftModel.from_pretrained), run.log, "
-                  "work/ (every round's adapters)")
+    console.print(f"results in {output}/: metrics.json, report.png, adapter/ (PeftModel.from_pretrained), run.log"
+                  + (", work/ (every round's adapters)" if simulated else ""))
     if reporter:
         console.print(f"metrics pushed to {pushgateway} (job={reporter.job}, federation={cfg.name})"
                       + (f"; {reporter.failures} push(es) failed" if reporter.failures else ""))

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from fedfm import events
 from fedfm.config import FederationConfig
 from fedfm.errors import ConfigError
-from fedfm.pipelines.local_runner import LocalRun, _follow, claim_output, with_client_state_here
+from fedfm.pipelines.local_runner import LocalRun, _follow, claim_output, environ, with_client_state_here
 
 RUNNER = "simulate"
 FAILED = "Failed"  # the ClientRound phase of a fine-tune that ended in an error
@@ -49,10 +49,7 @@ def simulate(cfg: FederationConfig, output: Path, on_event: Callable[[dict[str, 
     from fedfm.modeling import reuse_base_models
     from fedfm.report import plot_report, write_metrics
 
-    if cfg.execution.mode != "local":
-        raise ConfigError(f"fedfm simulate runs every client in this process; execution.mode is "
-                          f"{cfg.execution.mode!r}: set it to 'local', or run the pipeline on the cluster "
-                          "(fedfm submit)")
+    check_simulated(cfg)
     output = Path(output)
     claim_output(output)
     cfg = with_client_state_here(cfg, output)  # as fedfm run: clients' personal adapter parts under output/
@@ -71,6 +68,14 @@ def simulate(cfg: FederationConfig, output: Path, on_event: Callable[[dict[str, 
     mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
     plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
     return run
+
+
+def check_simulated(cfg: FederationConfig) -> None:
+    """A simulation runs every client here: ``cfg`` must be a local federation."""
+    if cfg.execution.mode != "local":
+        raise ConfigError(f"fedfm simulate runs every client in this process; execution.mode is "
+                          f"{cfg.execution.mode!r}: set it to 'local', or run the pipeline on the cluster "
+                          "(fedfm submit)")
 
 
 def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path) -> list[dict[str, Any]]:
@@ -144,20 +149,9 @@ def _evaluate(cfg: FederationConfig, adapter_uri: str, history_in: str | None, h
     return history_out
 
 
-@contextlib.contextmanager
-def _environment(events_path: Path) -> Iterator[None]:
+def _environment(events_path: Path):
     """Where the steps report progress, for the duration of the run."""
-    values = {events.ENV: str(events_path), "TOKENIZERS_PARALLELISM": "false"}
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return environ({events.ENV: str(events_path), "TOKENIZERS_PARALLELISM": "false"})
 
 
 @contextlib.contextmanager

@@ -117,6 +117,13 @@ def _step_environment(cfg: FederationConfig, events_path: Path):
     values = {events.ENV: str(events_path), "TOKENIZERS_PARALLELISM": "false"}
     if "OMP_NUM_THREADS" not in os.environ:
         values["OMP_NUM_THREADS"] = str(threads)
+    with environ(values):
+        yield
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set while the block runs, and as it was before afterwards."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
