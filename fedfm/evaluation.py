@@ -22,12 +22,10 @@ _EVAL_BATCH = 32
 def evaluate_clients(cfg: FederationConfig, adapter_uri: str, clients: list[str]) -> dict[str, LossSums]:
     """Each of ``clients``' evaluation split, scored with the adapter at ``adapter_uri`` (one model load)."""
     from fedfm.data import load_client_data
+    from fedfm.lora import rank_of
     from fedfm.modeling import build_model, load_adapter_tensors
-
     from fedfm.personal import load_personal
     from fedfm.strategies import configure_client
-
-    from fedfm.lora import rank_of
 
     adapter = load_adapter(adapter_uri, who="the federation")
     loaded = build_model(cfg, rank=rank_of(adapter.tensors) or None)  # FLoRA's global rank grows each round
