@@ -111,13 +111,18 @@ def _with_config(command):
     return wrapper
 
 
+# The options `fedfm run` and `fedfm simulate` share (beside every config flag).
+_RUN_OUTPUT = typer.Option(None, "--output", "-o", help="Run directory (default runs/NAME-TIME).")
+_PUSHGATEWAY = typer.Option(None, "--pushgateway", envvar="FEDFM_PUSHGATEWAY",
+                            help="Push the run's metrics to this Prometheus Pushgateway URL.")
+
+
 @app.command()
 @_with_config
 def run(
     cfg: FederationConfig,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/NAME-TIME)."),
-    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", envvar="FEDFM_PUSHGATEWAY",
-                                              help="Push the run's metrics to this Prometheus Pushgateway URL."),
+    output: Optional[Path] = _RUN_OUTPUT,
+    pushgateway: Optional[str] = _PUSHGATEWAY,
 ) -> None:
     """Run a federated fine-tune locally through the KFP pipeline (kfp.local)."""
     _run_locally(cfg, output, pushgateway, simulated=False)
@@ -127,9 +132,8 @@ def run(
 @_with_config
 def simulate(
     cfg: FederationConfig,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/NAME-TIME)."),
-    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", envvar="FEDFM_PUSHGATEWAY",
-                                              help="Push the run's metrics to this Prometheus Pushgateway URL."),
+    output: Optional[Path] = _RUN_OUTPUT,
+    pushgateway: Optional[str] = _PUSHGATEWAY,
 ) -> None:
     """Simulate the federation in this process, without KFP: clients train one after another on a model
     loaded once (research, benchmarks, many clients). Same results as `fedfm run`."""
