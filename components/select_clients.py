@@ -4,5 +4,9 @@
 def select_clients(config: dict, round_index: int) -> list:
     """The clients that train in ``round_index``: the items of that round's ParallelFor."""
     from fedfm.config import FederationConfig
+    from fedfm.privacy import check_budget, noise_multiplier, sampling_rate
 
-    return FederationConfig.parse(config, source="pipeline parameter 'config'").sampled_clients(round_index)
+    cfg = FederationConfig.parse(config, source="pipeline parameter 'config'")
+    if cfg.privacy.enabled:  # a round the budget cannot pay for is not started (the config may differ from compile time)
+        check_budget(cfg, round_index, [(sampling_rate(cfg), noise_multiplier(cfg))] * (round_index - 1))
+    return cfg.sampled_clients(round_index)

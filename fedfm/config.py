@@ -194,6 +194,86 @@ class TrainingConfig(_Section):
         return self.batch_size // (self.world_size * self.gradient_accumulation_steps)
 
 
+class UpdateChecksConfig(_Section):
+    """Checks on each update beyond its shapes, finite values and base model: an update whose L2 norm is an
+    outlier among the round's (above median + ``norm_mads`` × the median absolute deviation) is handled by
+    ``action``."""
+
+    norm_mads: float | None = Field(None, gt=0, description="how many median absolute deviations above the "
+                                                            "round's median norm an update may be (None: off)")
+    action: Literal["reject", "clip", "quarantine"] = Field(
+        "reject", description="reject: leave the update out of the round; clip: scale it down to the bound; "
+                              "quarantine: leave it out and take no more updates from the client")
+    min_updates: int = Field(3, ge=3, description="the outlier check needs at least this many updates in a round")
+
+
+class AdaptiveClippingConfig(_Section):
+    """Adaptive clipping (Andrew et al. 2021, https://arxiv.org/abs/1905.03871): the clip norm follows the
+    ``target_quantile`` of the clients' update norms, estimated privately each round."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    learning_rate: float = Field(0.2, gt=0, description="geometric step of the clip norm per round")
+    count_stddev: float | None = Field(None, gt=0, description="noise on the count of unclipped clients "
+                                                               "(default: expected clients per round / 20)")
+
+
+class PrivacyConfig(_Section):
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018, https://arxiv.org/abs/1710.06963).
+
+    Each client's update is clipped to ``clip_norm`` and Gaussian noise of standard deviation
+    ``noise_multiplier × clip_norm`` is added to the sum, which is divided by the expected number of
+    clients. Clients are Poisson-sampled with probability ``policy.sample_fraction``. Give
+    ``noise_multiplier``, or ``target_epsilon`` (the multiplier that spends it over ``rounds`` is
+    computed), or both (the run stops before a round that would exceed ``target_epsilon``).
+    """
+
+    noise_multiplier: float | None = Field(None, ge=0, description="σ: noise standard deviation / clip_norm")
+    target_epsilon: float | None = Field(None, gt=0, description="the (ε, delta) budget of the whole run")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip_norm: float | None = Field(None, gt=0, description="C: every client's update is scaled to at most this "
+                                                            "L2 norm (the initial norm with adaptive clipping)")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's Rényi-DP or privacy-loss-"
+                                                                 "distribution accountant")
+    adaptive_clipping: AdaptiveClippingConfig | None = None
+    noise_seed: int | None = Field(None, description="seed the noise, for reproducible experiments only: whoever "
+                                                     "knows it can remove the noise (default: the OS's randomness)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    @model_validator(mode="after")
+    def _clip_norm_when_enabled(self) -> PrivacyConfig:
+        if self.enabled and self.clip_norm is None:
+            raise ValueError("privacy.clip_norm is required with differential privacy: it bounds what one client "
+                             "can change (the noise is noise_multiplier × clip_norm)")
+        if self.adaptive_clipping is not None and not self.enabled:
+            raise ValueError("privacy.adaptive_clipping needs differential privacy: set privacy.noise_multiplier "
+                             "or privacy.target_epsilon")
+        return self
+
+
+class SecureAggregationConfig(_Section):
+    """Secure aggregation (Bonawitz et al. 2017, https://eprint.iacr.org/2017/281): the server sees only
+    masked updates and their sum. ``threshold`` clients must stay to the end of a round (and any
+    ``threshold`` of them can recover the masks of clients that dropped)."""
+
+    enabled: bool = False
+    threshold: int | None = Field(None, ge=2, description="t (default: a majority of the round's clients)")
+    fraction_bits: int = Field(24, ge=8, le=40, description="fixed-point precision of the masked values "
+                                                            "(2^-bits), in a ring of 2^64")
+
+
+class CompressionConfig(_Section):
+    """How updates are encoded on the way up (the global adapter always goes down in float32)."""
+
+    method: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
+    block_size: int = Field(64, ge=8, le=65536, description="int8: values per absmax scale")
+    topk_fraction: float = Field(0.1, gt=0, le=1, description="topk: share of each tensor's values sent")
+    error_feedback: bool = Field(True, description="topk and int8: carry what was not sent into the client's "
+                                                   "next update (kept in its state_uri)")
+
+
 class PolicyConfig(_Section):
     """Who takes part in a round and what a round needs to count."""
 
@@ -203,6 +283,7 @@ class PolicyConfig(_Section):
                                                            "(default: every client drawn)")
     round_deadline_seconds: float | None = Field(None, gt=0, description="a client's fine-tune must finish "
                                                                         "within this (cluster mode)")
+    update_checks: UpdateChecksConfig = Field(default_factory=UpdateChecksConfig)
 
 
 class ExecutionConfig(_Section):
@@ -249,6 +330,9 @@ class FederationConfig(_Section):
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     seed: int = 0
     parallelism: int = Field(2, ge=1, description="clients trained at once in one round")
     centralized: bool = Field(
@@ -290,6 +374,21 @@ class FederationConfig(_Section):
         if self.strategy.name == "fedprox" and self.training.zero_stage == 3:
             raise ValueError("strategy fedprox needs training.zero_stage 0-2: its proximal term compares the "
                              "whole adapter, which ZeRO-3 partitions")
+        secagg = self.secure_aggregation
+        if secagg.enabled:
+            if self.compression.method != "none":
+                raise ValueError(f"compression.method {self.compression.method!r} cannot be combined with "
+                                 "secure_aggregation: masked values are uniform ring elements, which neither "
+                                 "quantize nor sparsify; turn one of them off")
+            if self.policy.update_checks.norm_mads is not None:
+                raise ValueError("policy.update_checks.norm_mads needs each update's norm, which secure aggregation "
+                                 "hides from the server; bound what a client can send with privacy.clip_norm instead")
+            if len(self.training_clients) < 3:
+                raise ValueError("secure_aggregation needs at least 3 clients: with 2, the sum and one's own update "
+                                 "give away the other's")
+            if secagg.threshold is not None and secagg.threshold > len(self.training_clients):
+                raise ValueError(f"secure_aggregation.threshold {secagg.threshold} exceeds the "
+                                 f"{len(self.training_clients)} client(s) that train")
         own_data = [client.name for client in self.clients if client.train]
         if self.centralized and own_data:
             raise ValueError("centralized runs pool a simulated partition; clients with their own data "
@@ -339,15 +438,27 @@ class FederationConfig(_Section):
 
     def sampled_clients(self, round_index: int) -> list[str]:
         """The clients drawn for ``round_index``: ``policy.sample_fraction`` of them (never fewer than the
-        quorum), the same draw in every process for a given seed and round."""
+        quorum), the same draw in every process for a given seed and round. Under differential privacy
+        each client is drawn with probability ``policy.sample_fraction`` instead (Poisson sampling), so
+        a round may draw fewer than the quorum."""
         import numpy as np
 
         clients = self.training_clients
+        if self.privacy.enabled:  # Poisson sampling: each client independently, as the privacy accountant assumes
+            if self.policy.sample_fraction >= 1:
+                return list(clients)
+            draws = np.random.default_rng([self.seed, round_index]).random(len(clients))
+            return [client for client, draw in zip(clients, draws) if draw < self.policy.sample_fraction]
         count = max(math.ceil(self.policy.sample_fraction * len(clients)), self.policy.min_clients or 1)
         if count >= len(clients):
             return list(clients)
         chosen = np.random.default_rng([self.seed, round_index]).choice(len(clients), size=count, replace=False)
         return [clients[index] for index in sorted(chosen)]
+
+    def secagg_threshold(self, sampled: int) -> int:
+        """t for a round with ``sampled`` clients: the configured threshold (at most ``sampled``), else a majority."""
+        threshold = self.secure_aggregation.threshold or sampled // 2 + 1
+        return max(2, min(threshold, sampled))
 
     def quorum(self, sampled: int) -> int:
         """Updates a round with ``sampled`` clients needs before it aggregates."""

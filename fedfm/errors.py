@@ -52,9 +52,21 @@ class QuorumError(FedFMError):
     """Too few clients sent a usable update for a round to aggregate."""
 
 
+class SecureAggregationError(FedFMError):
+    """A secure-aggregation message or round is unusable: a value does not fit the fixed-point ring, a
+    ciphertext fails authentication, shares are inconsistent, or too few clients remain for the threshold.
+
+    It fails the round rather than produce a wrong or unmasked aggregate.
+    """
+
+
 class PipelineError(FedFMError):
     """A compiled pipeline is not one FedFM can run."""
 
 
 class SubmitError(FedFMError):
     """A Kubeflow Pipelines endpoint refused a submission or could not be reached."""
+
+
+class PrivacyBudgetError(FedFMError):
+    """A round would spend more differential-privacy budget than the run's target allows."""

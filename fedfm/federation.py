@@ -16,9 +16,10 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedfm import lora, storage
-from fedfm.adapters import Adapter, AdapterMeta, load_adapter, read_meta, save_adapter, validate_update
+from fedfm.adapters import Adapter, AdapterMeta, Tensors, load_adapter, read_meta, save_adapter, validate_update
 from fedfm.config import FederationConfig
 from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, StorageError
+from fedfm.privacy import PrivacyState, noisy_mean
 from fedfm.strategies import ServerState, build_strategy, check_federation, expected_update_shapes
 from fedfm.strategies.norm_bound import bound_norms
 
@@ -80,19 +81,30 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     if current.meta.kind != "global":
         raise FedFMError(f"{global_uri} is a client update, not a global adapter")
     strategy = build_strategy(cfg.strategy)
-    state = load_server_state(state_in, strategy.name) if state_in else {}
+    privacy_state, state = PrivacyState.split(load_server_state(state_in, strategy.name) if state_in else {})
     clients: dict[str, dict[str, Any]] = {}
     stream = _validated(cfg, round_index, current, updates, clients)
     clipped: dict[str, float] = {}
     if cfg.strategy.clip_norm is not None:
         stream = bound_norms(stream, cfg.strategy.clip_norm, clipped)
+    privacy_figures = None
+    if cfg.privacy.enabled:  # DP-FedAvg: the rule sees only the clipped, noised mean
+        shapes = _sent_shapes(cfg, round_index, current.tensors)
+        mean, privacy_figures, privacy_state = noisy_mean(cfg, round_index, stream, shapes, privacy_state)
+        stream = [_mean_update(current, mean, round_index)]
     aggregate = strategy.aggregate(current.tensors, stream, state=state)
+    if privacy_figures is not None:
+        aggregate.clients = sorted(clients)
+        aggregate.samples = sum(figures["samples"] for figures in clients.values())
+        aggregate.state = {**aggregate.state, **privacy_state.as_state()}
     finished = time.time()
     # "counted": the clients the rule used (a robust rule such as Krum may leave valid updates out)
     metrics = {"clients": clients, "counted": sorted(aggregate.clients), "missing": missing,
                "strategy": strategy.name, "aggregate_seconds": finished - started}
     if clipped:  # the norms of the updates that norm bounding scaled down
         metrics["clipped"] = clipped
+    if privacy_figures is not None:
+        metrics["privacy"] = privacy_figures
     starts = [figures["started_at"] for figures in clients.values() if "started_at" in figures]
     if starts:  # the round proper: from the first client's start to the new global adapter
         metrics["round_seconds"] = finished - min(starts)
@@ -106,6 +118,19 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
         save_server_state(state_out, strategy.name, round_index, aggregate.state)
     save_adapter(global_out, aggregate.tensors, meta)
     return meta
+
+
+def _sent_shapes(cfg: FederationConfig, round_index: int, global_tensors: Tensors) -> dict[str, tuple[int, ...]]:
+    """The tensors (and shapes) every client of a one-rank federation sends this round."""
+    shapes = expected_update_shapes(cfg, cfg.training_clients[0], round_index, global_tensors)
+    return shapes if shapes is not None else {name: tuple(value.shape) for name, value in global_tensors.items()}
+
+
+def _mean_update(current: Adapter, tensors: Tensors, round_index: int) -> Adapter:
+    """The round's mean update as one update, for a rule that needs only the mean (``Strategy.from_mean``)."""
+    meta = AdapterMeta(kind="update", base_model=current.meta.base_model, peft_config=current.meta.peft_config,
+                       round=round_index, samples=1, client="mean")
+    return Adapter(tensors=tensors, meta=meta)
 
 
 def save_server_state(uri: str, strategy: str, round_index: int, state: ServerState) -> None:
@@ -179,6 +204,8 @@ def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: flo
     }
     if "round_seconds" in meta.metrics:
         record["round_seconds"] = meta.metrics["round_seconds"]
+    if "privacy" in meta.metrics:  # ε spent so far, δ, σ, the clip norm
+        record["privacy"] = meta.metrics["privacy"]
     if clients:
         record["train_loss"] = _weighted_mean(clients, "train_loss")
     return record

@@ -81,13 +81,14 @@ def check_simulated(cfg: FederationConfig) -> None:
 def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path) -> list[dict[str, Any]]:
     """The pipeline's steps, one after another; returns the run's history (rounds 0..R)."""
     from fedfm.federation import aggregate_round, export, initialize
+    from fedfm.privacy import rounds_within_budget
 
     global_uri = str(work / "round-0" / "global_adapter.safetensors")
     with events.step("init"):
         initialize(cfg, global_uri)
     history_uri = _evaluate(cfg, global_uri, None, str(work / "round-0" / "history.json"))
     state_uri: str | None = None  # round 1 starts without server state
-    for round_index in range(1, cfg.rounds + 1):
+    for round_index in range(1, rounds_within_budget(cfg) + 1):  # a privacy budget may end the run early
         round_dir = work / f"round-{round_index}"
         updates: list[tuple[str, str]] = []
         missing: dict[str, str] = {}

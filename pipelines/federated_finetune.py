@@ -24,6 +24,7 @@ from kfp.dsl import Artifact, Model
 
 from fedfm.components import DEFAULT_IMAGE, build_components
 from fedfm.config import FederationConfig
+from fedfm.privacy import rounds_within_budget
 
 PIPELINE_NAME = "federated-finetune"
 
@@ -45,7 +46,7 @@ def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
         global_adapter, server_state = init.outputs["global_adapter"], init.outputs["server_state"]
         evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
                                     history_in=init.outputs["history"]).set_display_name("round 0: evaluate")
-        for round_index in range(1, cfg.rounds + 1):
+        for round_index in range(1, rounds_within_budget(cfg) + 1):  # a privacy budget may allow fewer
             selection = steps.select_clients(config=config, round_index=round_index).after(init)
             selection.set_display_name(f"round {round_index}: select clients")
             with dsl.ParallelFor(selection.output, parallelism=cfg.parallelism,

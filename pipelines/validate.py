@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from fedfm.config import FederationConfig
+from fedfm.privacy import rounds_within_budget
 from fedfm.strategies import check_federation
 from fedfm.errors import ConfigError, PipelineError
 
@@ -60,10 +61,11 @@ def validate_pipeline(path: str | Path, cfg: FederationConfig | None = None) -> 
         check_federation(compiled)  # e.g. mixed LoRA ranks under a rule that needs one rank
     except ConfigError as exc:
         raise PipelineError(str(exc)) from None
-    if compiled.rounds != compiled_rounds:
-        raise PipelineError(f"{path}: its config asks for {compiled.rounds} rounds but the DAG unrolls "
+    # a privacy budget can allow fewer rounds than config.rounds; the DAG unrolls those it allows
+    if rounds_within_budget(compiled) != compiled_rounds:
+        raise PipelineError(f"{path}: its config asks for {rounds_within_budget(compiled)} rounds but the DAG unrolls "
                             f"{compiled_rounds}")
-    if cfg is not None and cfg.rounds != compiled_rounds:
+    if cfg is not None and rounds_within_budget(cfg) != compiled_rounds:
         raise PipelineError(f"{path} is compiled for {compiled_rounds} rounds and the config asks for {cfg.rounds}: "
                             "recompile it (rounds are unrolled at compile time)")
     images = sorted({executor["container"]["image"]

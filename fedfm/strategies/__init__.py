@@ -60,6 +60,19 @@ def check_federation(cfg: FederationConfig) -> Strategy:
         if configure_client(cfg, client, 1).lora.keep_b_local and cfg.client_state_location(client) is None:
             raise ConfigError(f"strategy {strategy.name!r} keeps each client's lora_B with the client; client "
                               f"{client} has nowhere to keep it: set its state_uri or execution.client_state_uri")
+    for feature, on in (("privacy (DP-FedAvg)", cfg.privacy.enabled),
+                        ("secure_aggregation", cfg.secure_aggregation.enabled)):
+        if on and not strategy.from_mean:
+            able = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.from_mean))
+            raise ConfigError(f"{feature} gives the server only the round's mean update; strategy {strategy.name!r} "
+                              f"needs each update; choose one that works from the mean ({able})")
+    if cfg.privacy.enabled:
+        from fedfm.privacy import noise_multiplier, rounds_within_budget, update_noise_multiplier
+
+        update_noise_multiplier(cfg)  # a budget no noise multiplier meets is refused here
+        if rounds_within_budget(cfg) == 0:
+            raise ConfigError(f"privacy.target_epsilon {cfg.privacy.target_epsilon} does not pay for one round at "
+                              f"noise multiplier {noise_multiplier(cfg):.4g}: raise it, or the noise")
     if cfg.mixed_ranks and not strategy.mixed_ranks:
         ranks = ", ".join(f"{name}: {cfg.client_rank(name)}" for name in cfg.training_clients)
         able = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.mixed_ranks))

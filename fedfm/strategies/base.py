@@ -38,6 +38,9 @@ class Strategy(ABC):
     name: ClassVar[str]
     # whether the rule combines updates of clients training different LoRA ranks
     mixed_ranks: ClassVar[bool] = False
+    # whether the rule depends on the updates only through their weighted mean, so that it can run on
+    # a mean the server never saw the parts of (secure aggregation) or that carries noise (privacy)
+    from_mean: ClassVar[bool] = False
 
     @abstractmethod
     def aggregate(self, global_tensors: Tensors, updates: Iterable[Adapter], state: ServerState) -> Aggregate:

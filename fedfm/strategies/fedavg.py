@@ -58,6 +58,7 @@ class FedAvg(Strategy):
     """``global + Σ nᵢ·Δᵢ / Σ nᵢ``, with nᵢ the client's sample count; streams (see :func:`weighted_mean`)."""
 
     name = "fedavg"
+    from_mean = True
 
     def aggregate(self, global_tensors: Tensors, updates: Iterable[Adapter], state: ServerState) -> Aggregate:
         mean, clients, total = weighted_mean(global_tensors, updates, self.name)

@@ -23,6 +23,7 @@ class FedAvgM(Strategy):
     """
 
     name = "fedavgm"
+    from_mean = True
 
     def __init__(self, server_learning_rate: float = 1.0, server_momentum: float = 0.9):
         if server_learning_rate <= 0 or not 0 <= server_momentum < 1:

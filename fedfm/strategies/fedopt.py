@@ -27,6 +27,8 @@ class FedOpt(Strategy):
     jumps each coordinate by ±0.1 in round 1).
     """
 
+    from_mean = True
+
     def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3):
         if eta <= 0 or tau <= 0 or not 0 <= beta_1 < 1 or not 0 <= beta_2 < 1:
             raise ConfigError(f"{self.name}: eta and tau must be > 0, beta_1 and beta_2 in [0, 1)")
