@@ -166,7 +166,7 @@ def update_noise_multiplier(cfg: FederationConfig) -> float:
     rest = sigma ** -2 - (2 * count_sigma) ** -2
     if rest <= 0:
         raise ConfigError(f"privacy.adaptive_clipping.count_stddev {count_sigma:.4g} leaves no budget for the update "
-                          f"at noise multiplier {sigma:.4g}: it must exceed {1 / (2 * sigma) if sigma else math.inf:.4g}")
+                          f"at noise multiplier {sigma:.4g}: it must exceed {1 / (2 * sigma):.4g}")
     return rest ** -0.5
 
 
@@ -237,9 +237,14 @@ def noisy_mean(cfg: FederationConfig, round_index: int, updates: Iterable[Adapte
 
 
 def next_clip_norm(cfg: FederationConfig, round_index: int, clip: float, unclipped: float) -> float:
-    """Andrew et al.'s geometric update of C from the noised share of unclipped clients."""
+    """Andrew et al.'s geometric update of C from the share of unclipped clients, noised here."""
+    noise = float(torch.normal(0.0, count_stddev(cfg), (1,), generator=generator(cfg, round_index, purpose=1)))
+    return clip_step(cfg, clip, unclipped + noise)
+
+
+def clip_step(cfg: FederationConfig, clip: float, noised_unclipped: float) -> float:
+    """``C·exp(−η(b̄ − γ))`` with ``b̄`` the noised count of unclipped clients over the expected clients."""
     adaptive = cfg.privacy.adaptive_clipping
     assert adaptive is not None
-    noise = float(torch.normal(0.0, count_stddev(cfg), (1,), generator=generator(cfg, round_index, purpose=1)))
-    share = (unclipped + noise) / expected_clients(cfg)
+    share = noised_unclipped / expected_clients(cfg)
     return clip * math.exp(-adaptive.learning_rate * (share - adaptive.target_quantile))

@@ -90,6 +90,10 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path) -> list[dict
     state_uri: str | None = None  # round 1 starts without server state
     for round_index in range(1, rounds_within_budget(cfg) + 1):  # a privacy budget may end the run early
         round_dir = work / f"round-{round_index}"
+        if cfg.secure_aggregation.enabled:
+            global_uri, state_uri = _secure_round(cfg, round_index, global_uri, state_uri, round_dir)
+            history_uri = _evaluate(cfg, global_uri, history_uri, str(round_dir / "history.json"))
+            continue
         updates: list[tuple[str, str]] = []
         missing: dict[str, str] = {}
         for client in cfg.sampled_clients(round_index):
@@ -110,6 +114,68 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path) -> list[dict
     with events.step("export"):
         export(cfg, global_uri, str(adapter_dir))
     return json.loads(Path(history_uri).read_text())
+
+
+def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, state_uri: str | None,
+                  round_dir: Path) -> tuple[str, str]:
+    """One round under secure aggregation: the protocol's four client steps and the server's relays
+    (:mod:`fedfm.secure_round`), each client step one after another; a client whose step raises drops
+    out, and the protocol recovers its masks while ``threshold`` clients remain."""
+    from fedfm import secure_round
+    from fedfm.federation import load_server_state
+    from fedfm.privacy import PrivacyState
+    from fedfm.strategies import build_strategy
+
+    box, missing = round_dir / "secagg", {}
+
+    def each(clients: list[str], phase: str, step: Callable[[str], None]) -> list[str]:
+        done = []
+        for client in clients:
+            try:
+                step(client)
+                done.append(client)
+            except Exception as exc:  # the client drops out of the round; the protocol goes on without it
+                print(f"client {client}, round {round_index}, secure aggregation {phase} failed:", file=sys.stderr)
+                traceback.print_exc()
+                missing[client] = f"{FAILED} in secure aggregation {phase}: {type(exc).__name__}: {exc}"
+        return done
+
+    def at(kind: str, client: str = "") -> str:
+        return str(box / kind / f"{client}.json") if client else str(box / f"{kind}.json")
+
+    advertised = each(cfg.sampled_clients(round_index), "advertise",
+                      lambda client: secure_round.advertise(cfg, client, round_index, at("keys", client)))
+    advertisers = secure_round.relay_keys(cfg, round_index, {c: at("keys", c) for c in advertised}, at("keys"))
+    shared = each(advertisers, "share", lambda client: secure_round.share(cfg, client, round_index, at("keys"),
+                                                                           at("shares", client)))
+    secure_round.relay_shares(at("keys"), {c: at("shares", c) for c in shared}, at("keys-shared"),
+                              {c: at("inbox", c) for c in shared})
+    clip = None  # adaptive clipping's current clip norm, which each client needs to clip its own update
+    if cfg.privacy.enabled and state_uri:
+        clip = PrivacyState.split(load_server_state(state_uri, build_strategy(cfg.strategy).name))[0].clip_norm
+    masked = {}
+    for client in shared:
+        plain = secure_round.private_update_uri(cfg, client, round_index)
+        failure = _finetune(cfg, client, round_index, global_uri, plain)
+        if failure is not None:
+            missing[client] = failure
+            continue
+        uri = str(box / "masked" / f"{client}.safetensors")
+        if each([client], "mask", lambda c: secure_round.mask(cfg, c, round_index, plain, at("keys-shared"), uri,
+                                                              clip)):
+            masked[client] = uri
+    new_global, new_state = str(round_dir / "global_adapter.safetensors"), str(round_dir / "server_state")
+    with events.step("aggregate", round=round_index) as figures:
+        clients = secure_round.sum_masked(cfg, round_index, global_uri, masked, at("keys-shared"), at("survivors"),
+                                          str(box / "masked-sum.bin"))
+        answered = each(sorted(clients), "reveal", lambda client: secure_round.reveal(
+            cfg, client, round_index, at("keys-shared"), at("inbox", client), at("survivors"), at("reveal", client)))
+        meta = secure_round.finish(cfg, round_index, global_uri, at("keys-shared"), at("survivors"),
+                                   str(box / "masked-sum.bin"), {c: at("reveal", c) for c in answered}, clients,
+                                   new_global, missing, state_in=state_uri, state_out=new_state)
+        figures.update(clients=len(clients), missing=len(missing), samples=meta.samples,
+                       round_seconds=meta.metrics.get("round_seconds"))
+    return new_global, new_state
 
 
 def _finetune(cfg: FederationConfig, client: str, round_index: int, global_uri: str, update_uri: str) -> str | None:

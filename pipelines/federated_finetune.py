@@ -24,6 +24,7 @@ from kfp.dsl import Artifact, Model
 
 from fedfm.components import DEFAULT_IMAGE, build_components
 from fedfm.config import FederationConfig
+from fedfm.errors import ConfigError
 from fedfm.privacy import rounds_within_budget
 
 PIPELINE_NAME = "federated-finetune"
@@ -31,6 +32,9 @@ PIPELINE_NAME = "federated-finetune"
 
 def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
     """The pipeline function for ``cfg`` (compile it, or call it under ``kfp.local``)."""
+    if cfg.secure_aggregation.enabled:
+        raise ConfigError("secure_aggregation runs in `fedfm simulate` only for now: the pipeline does not yet have "
+                          "the protocol's key-exchange and unmasking steps (turn it off, or use fedfm simulate)")
     steps = build_components(image)
     default_config = cfg.as_dict()
     Outputs = NamedTuple("Outputs", [("adapter", Model), ("history", Artifact)])

@@ -90,11 +90,14 @@ def run_local(cfg: FederationConfig, output: Path,
 
 
 def with_client_state_here(cfg: FederationConfig, output: Path) -> FederationConfig:
-    """``cfg``, with clients that keep a personal adapter part (FedSA-LoRA) keeping it under
-    ``output/client-state/`` unless the config says where."""
+    """``cfg``, with clients that keep state of their own (FedSA-LoRA's lora_B, secure aggregation's keys
+    and plain update, compression's residual) keeping it under ``output/client-state/`` unless the config
+    says where."""
     from fedfm.strategies import configure_client
 
-    keeps = any(configure_client(cfg, client, 1).lora.keep_b_local for client in cfg.training_clients)
+    keeps = (cfg.secure_aggregation.enabled
+             or (cfg.compression.error_feedback and cfg.compression.method in ("int8", "topk"))
+             or any(configure_client(cfg, client, 1).lora.keep_b_local for client in cfg.training_clients))
     if not keeps or cfg.execution.client_state_uri:
         return cfg
     return cfg.with_overrides({"execution.client_state_uri": str(Path(output).resolve() / "client-state")})

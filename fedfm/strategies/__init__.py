@@ -66,6 +66,10 @@ def check_federation(cfg: FederationConfig) -> Strategy:
             able = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.from_mean))
             raise ConfigError(f"{feature} gives the server only the round's mean update; strategy {strategy.name!r} "
                               f"needs each update; choose one that works from the mean ({able})")
+    for client in cfg.training_clients:
+        if cfg.secure_aggregation.enabled and cfg.client_state_location(client) is None:
+            raise ConfigError(f"secure_aggregation keeps each client's keys and plain update with the client; client "
+                              f"{client} has nowhere to keep them: set its state_uri or execution.client_state_uri")
     if cfg.privacy.enabled:
         from fedfm.privacy import noise_multiplier, rounds_within_budget, update_noise_multiplier
 

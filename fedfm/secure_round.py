@@ -1,0 +1,327 @@
+"""One round under secure aggregation, as steps that exchange files: the protocol of :mod:`fedfm.secagg`
+carried over the same storage as updates.
+
+Client steps (each runs where the client's data is, and keeps its secrets in its own state location,
+``cfg.client_state_location(client)``, which the server never reads):
+
+1. :func:`advertise` — fresh key pairs; the public keys go to the server.
+2. :func:`share` — given every advertised key (U1), encrypted Shamir shares of its seeds for each peer.
+3. :func:`mask` — given who shared (U2), its update as a fixed-point vector with masks that cancel in
+   the sum. The plain update stays in the client's state location; only the masked one is sent.
+4. :func:`reveal` — given who sent a masked update (U3), the shares that let the server remove the
+   masks: of each survivor's self-mask seed and of each dropped client's mask key, never both.
+
+Server steps: :func:`relay_keys`, :func:`relay_shares` (which passes each client its inbox of ciphertexts),
+:func:`sum_masked`, and :func:`finish`, which unmasks the sum, turns it into the round's mean update,
+and runs the strategy on it (a rule that works from the mean: ``Strategy.from_mean``).
+
+What a client contributes: without differential privacy, ``n·Δ`` and ``n`` (its sample count), so that
+the server learns ``Σ nΔ / Σ n`` and not who had how many samples. With differential privacy the noise
+must be in the sum before the server sees it, so each client clips ``Δ`` to C and adds Gaussian noise of
+variance ``σ_Δ²C² / m`` with m the round's quorum: the noise of any m survivors adds up to the
+mechanism's ``σ_Δ²C²`` (more survivors: more noise, never less). Adaptive clipping's unclipped-count
+indicator travels in the same masked vector, with its share of the count noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from fedfm import privacy, secagg, storage
+from fedfm.adapters import AdapterMeta, Tensors, l2_norm, load_adapter, save_adapter
+from fedfm.config import FederationConfig
+from fedfm.errors import FedFMError, QuorumError, SecureAggregationError, StorageError
+from fedfm.strategies import build_strategy
+
+MASKED_FORMAT = "fedfm-masked-update/1"
+WEIGHT = "secagg.weight"  # the extra entries of a contribution, beside the adapter's tensors
+UNCLIPPED = "secagg.unclipped"
+
+
+def context(cfg: FederationConfig, round_index: int) -> bytes:
+    """What binds every key and ciphertext to this federation and round."""
+    return f"{cfg.name}/round-{round_index}".encode()
+
+
+def _private(cfg: FederationConfig, client: str, round_index: int, name: str) -> str:
+    location = cfg.client_state_location(client)
+    if location is None:
+        raise FedFMError(f"client {client} takes part in secure aggregation but has nowhere to keep its keys: set "
+                         "its state_uri or execution.client_state_uri")
+    return f"{location}/secagg/round-{round_index:04d}/{name}"
+
+
+def private_update_uri(cfg: FederationConfig, client: str, round_index: int) -> str:
+    """Where a client's plain update stays (its own state location); only its masked form is sent."""
+    return _private(cfg, client, round_index, "update.safetensors")
+
+
+def _read_json(uri: str, what: str) -> Any:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SecureAggregationError(f"{what} {uri} is not valid JSON: {exc}") from None
+
+
+def _write_json(uri: str, value: Any) -> None:
+    storage.write_bytes(uri, json.dumps(value, sort_keys=True).encode())
+
+
+# --- client steps ----------------------------------------------------------------------------------------
+
+
+def advertise(cfg: FederationConfig, client: str, round_index: int, public_out: str) -> None:
+    private, public = secagg.advertise(client)
+    storage.write_bytes(_private(cfg, client, round_index, "keys.json"), private)
+    _write_json(public_out, public)
+
+
+def share(cfg: FederationConfig, client: str, round_index: int, keys_uri: str, shares_out: str) -> None:
+    keys = _read_json(keys_uri, "the advertised keys")
+    private = storage.read_bytes(_private(cfg, client, round_index, "keys.json"))
+    shared, ciphertexts = secagg.share_keys(client, private, keys["public"], keys["threshold"],
+                                            context(cfg, round_index))
+    storage.write_bytes(_private(cfg, client, round_index, "shared.json"), shared)
+    _write_json(shares_out, ciphertexts)
+
+
+def mask(cfg: FederationConfig, client: str, round_index: int, update_uri: str, keys_uri: str, masked_out: str,
+         clip_norm: float | None = None) -> None:
+    """Mask the client's plain update (in its own state location) for the clients that shared (U2)."""
+    keys = _read_json(keys_uri, "the keys of the clients that shared")
+    update = load_adapter(update_uri, who=f"client {client}")
+    contribution = _contribution(cfg, round_index, client, update.tensors, update.meta.samples, clip_norm)
+    vector, layout = secagg.encode(contribution, cfg.secure_aggregation.fraction_bits)
+    private = storage.read_bytes(_private(cfg, client, round_index, "shared.json"))
+    masked = secagg.mask(client, private, keys["public"], vector, context(cfg, round_index))
+    header = {"format": MASKED_FORMAT, "client": client, "round": str(round_index),
+              "base_model": update.meta.base_model, "layout": json.dumps(layout),
+              "fraction_bits": str(cfg.secure_aggregation.fraction_bits),
+              "metrics": json.dumps({key: value for key, value in update.meta.metrics.items()
+                                     if key not in ("update_norm",)}, sort_keys=True)}
+    storage.write_bytes(masked_out, safetensors_save({"masked": torch.from_numpy(masked.view(np.int64))},
+                                                     metadata=header))
+
+
+def _contribution(cfg: FederationConfig, round_index: int, client: str, tensors: Tensors, samples: int,
+                  clip_norm: float | None) -> Tensors:
+    """What the client puts into the sum (see the module docstring)."""
+    if not cfg.privacy.enabled:
+        weighted = {name: value * samples for name, value in tensors.items()}
+        return {**weighted, WEIGHT: torch.tensor([float(samples)])}
+    clip = clip_norm if clip_norm is not None else float(cfg.privacy.clip_norm)
+    norm = l2_norm(tensors)
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    share_of_noise = math.sqrt(cfg.quorum(len(cfg.sampled_clients(round_index))) or 1)
+    noise = _client_generator(cfg, client, round_index)
+    stddev = privacy.update_noise_multiplier(cfg) * clip / share_of_noise
+    contribution = {name: value * scale + torch.normal(0.0, stddev, value.shape, generator=noise)
+                    for name, value in tensors.items()}
+    if cfg.privacy.adaptive_clipping is not None:
+        count_noise = float(torch.normal(0.0, privacy.count_stddev(cfg) / share_of_noise, (1,), generator=noise))
+        contribution[UNCLIPPED] = torch.tensor([float(norm <= clip) + count_noise])
+    return contribution
+
+
+def _client_generator(cfg: FederationConfig, client: str, round_index: int) -> torch.Generator:
+    seed = cfg.privacy.noise_seed
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    return torch.Generator().manual_seed(hash((seed, client, round_index)) & (2 ** 63 - 1))
+
+
+def reveal(cfg: FederationConfig, client: str, round_index: int, keys_uri: str, inbox_uri: str, survivors_uri: str,
+           reveal_out: str) -> None:
+    """The client's shares for the server, once per round: a second request (another survivor list) is the
+    attack the protocol's honest clients refuse."""
+    done = _private(cfg, client, round_index, "revealed")
+    if storage.exists(done):
+        raise SecureAggregationError(f"client {client} has already revealed its shares for round {round_index}; "
+                                     "it does not answer twice")
+    keys = _read_json(keys_uri, "the keys of the clients that shared")
+    survivors = _read_json(survivors_uri, "the survivors")
+    private = storage.read_bytes(_private(cfg, client, round_index, "shared.json"))
+    shares = secagg.reveal(client, private, keys["public"], _read_json(inbox_uri, "the inbox"), survivors,
+                           keys["threshold"], context(cfg, round_index))
+    storage.write_bytes(done, b"")
+    _write_json(reveal_out, shares)
+
+
+# --- server steps ----------------------------------------------------------------------------------------
+
+
+def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str], keys_out: str) -> list[str]:
+    """Collect the advertised keys (U1) into one file every client reads; returns U1."""
+    public = {}
+    for client, uri in sorted(published.items()):
+        message = _read_json(uri, f"client {client}'s public keys")
+        if message.get("client") != client:
+            raise SecureAggregationError(f"the keys at {uri} are {message.get('client')!r}'s, not client {client}'s")
+        public[client] = message
+    threshold = cfg.secagg_threshold(len(cfg.sampled_clients(round_index)))
+    if len(public) < threshold:
+        raise QuorumError(f"round {round_index}: {len(public)} clients advertised keys, below the secure "
+                          f"aggregation threshold of {threshold}; no client masks anything")
+    _write_json(keys_out, {"public": public, "threshold": threshold})
+    return sorted(public)
+
+
+def relay_shares(keys_uri: str, sent: dict[str, str], keys_out: str, inboxes: dict[str, str]) -> list[str]:
+    """Pass each client the ciphertexts addressed to it (``inboxes[client]``), and write the keys of the
+    clients that shared (U2) to ``keys_out``; returns U2."""
+    keys = _read_json(keys_uri, "the advertised keys")
+    shared = {client: _read_json(uri, f"client {client}'s shares") for client, uri in sorted(sent.items())}
+    for client in shared:
+        _write_json(inboxes[client], {sender: ciphertexts[client] for sender, ciphertexts in shared.items()
+                                      if sender != client and client in ciphertexts})
+    public = {client: keys["public"][client] for client in shared}
+    _write_json(keys_out, {"public": public, "threshold": keys["threshold"]})
+    return sorted(public)
+
+
+def sum_masked(cfg: FederationConfig, round_index: int, global_uri: str, masked: dict[str, str], keys_uri: str,
+               survivors_out: str, sum_out: str) -> dict[str, dict[str, Any]]:
+    """Add the masked updates that arrived (mod 2^64, one at a time) and announce who survived (U3).
+
+    Each is checked for what can be checked on a masked value: whose, which round, which base model,
+    and its layout (the global adapter's tensors, at the fraction bits configured). Returns each
+    survivor's reported figures (its training metrics and the bytes it sent)."""
+    keys = _read_json(keys_uri, "the keys of the clients that shared")
+    current = load_adapter(global_uri, who="the federation")
+    expected = _layout(cfg, round_index, current.tensors)
+    total, figures = None, {}
+    for client, uri in sorted(masked.items()):
+        if client not in keys["public"]:
+            raise SecureAggregationError(f"client {client} sent a masked update but did not share keys (U2)")
+        vector, header = _read_masked(uri, client)
+        if header.get("round") != str(round_index) or header.get("client") != client:
+            raise SecureAggregationError(f"client {client}'s masked update {uri} is for round {header.get('round')} "
+                                         f"of {header.get('client')!r}, not round {round_index} of {client}")
+        if header.get("base_model") != current.meta.base_model:
+            raise SecureAggregationError(f"client {client} trained on another base model than the federation's")
+        if json.loads(header.get("layout", "null")) != [[name, list(shape)] for name, shape in expected] \
+                or header.get("fraction_bits") != str(cfg.secure_aggregation.fraction_bits):
+            raise SecureAggregationError(f"client {client}'s masked update does not have the tensors, shapes and "
+                                         "precision this round expects")
+        total = secagg.add_masked(total, vector)
+        figures[client] = {**json.loads(header.get("metrics", "{}")), "bytes_up": storage.size(uri)}
+    survivors = sorted(figures)
+    threshold = keys["threshold"]
+    if len(survivors) < threshold:
+        raise QuorumError(f"round {round_index}: {len(survivors)} masked updates arrived, below the secure "
+                          f"aggregation threshold of {threshold}; no aggregate is produced")
+    _write_json(survivors_out, survivors)
+    storage.write_bytes(sum_out, secagg.vector_to_bytes(total))
+    return figures
+
+
+def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: str, survivors_uri: str,
+           sum_uri: str, revealed: dict[str, str], figures: dict[str, dict[str, Any]], global_out: str,
+           missing: dict[str, str] | None = None, *, state_in: str | None = None,
+           state_out: str | None = None) -> AdapterMeta:
+    """Unmask the sum, make it the round's mean update, and write the next global adapter as
+    :func:`fedfm.federation.aggregate_round` does (same record, server state chained)."""
+    from fedfm.federation import load_server_state, save_server_state
+
+    started = time.time()
+    missing = dict(missing or {})
+    for out in (global_out, state_out):
+        if out and storage.exists(out):
+            raise StorageError(f"{out} already exists; refusing to overwrite it")
+    keys = _read_json(keys_uri, "the keys of the clients that shared")
+    survivors = _read_json(survivors_uri, "the survivors")
+    quorum = cfg.quorum(len(survivors) + len(missing))
+    if len(survivors) < quorum:
+        absent = "; ".join(f"{client}: {reason}" for client, reason in sorted(missing.items()))
+        raise QuorumError(f"round {round_index}: {len(survivors)} of {len(survivors) + len(missing)} clients sent "
+                          f"an update, below the quorum of {quorum} (policy.min_clients) — {absent}")
+    shares = {client: _read_json(uri, f"client {client}'s revealed shares") for client, uri in revealed.items()}
+    total = secagg.unmask(secagg.vector_from_bytes(storage.read_bytes(sum_uri)), keys["public"], survivors, shares,
+                          keys["threshold"], context(cfg, round_index))
+    current = load_adapter(global_uri, who="the federation")
+    summed = secagg.decode(total, _layout(cfg, round_index, current.tensors), cfg.secure_aggregation.fraction_bits)
+
+    strategy = build_strategy(cfg.strategy)
+    privacy_state, state = privacy.PrivacyState.split(load_server_state(state_in, strategy.name) if state_in else {})
+    metrics: dict[str, Any] = {"clients": figures, "missing": missing, "strategy": strategy.name,
+                               "secure_aggregation": {"survivors": survivors, "threshold": keys["threshold"],
+                                                      "dropped": sorted(set(keys["public"]) - set(survivors))}}
+    if cfg.privacy.enabled:
+        mean, metrics["privacy"], privacy_state = _private_mean(cfg, round_index, summed, privacy_state)
+        samples = sum(int(client.get("samples", 0)) for client in figures.values())
+    else:
+        weight = float(summed.pop(WEIGHT)[0])
+        mean = {name: value / weight for name, value in summed.items()}
+        samples = int(round(weight))
+    from fedfm.federation import _mean_update  # the same one-update form the privacy path hands a rule
+
+    aggregate = strategy.aggregate(current.tensors, [_mean_update(current, mean, round_index)], state=state)
+    finished = time.time()
+    metrics.update(counted=survivors, aggregate_seconds=finished - started)
+    starts = [client["started_at"] for client in figures.values() if "started_at" in client]
+    if starts:
+        metrics["round_seconds"] = finished - min(starts)
+    peft_config = dict(current.meta.peft_config)
+    meta = AdapterMeta(kind="global", base_model=current.meta.base_model, peft_config=peft_config,
+                       round=round_index, samples=samples, metrics=metrics)
+    if state_out:
+        extra = privacy_state.as_state() if cfg.privacy.enabled else {}
+        save_server_state(state_out, strategy.name, round_index, {**aggregate.state, **extra})
+    save_adapter(global_out, aggregate.tensors, meta)
+    return meta
+
+
+def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, state: privacy.PrivacyState
+                  ) -> tuple[Tensors, dict[str, Any], privacy.PrivacyState]:
+    """DP-FedAvg's mean from a sum the clients already noised: the budget, the fixed denominator, and
+    adaptive clipping's next norm from the noised count."""
+    epsilon_after = privacy.check_budget(cfg, round_index, state.rounds)
+    clip = state.clip_norm if state.clip_norm is not None else float(cfg.privacy.clip_norm)
+    unclipped = float(summed.pop(UNCLIPPED)[0]) if UNCLIPPED in summed else None
+    mean = {name: value / privacy.expected_clients(cfg) for name, value in summed.items()}
+    sigma = privacy.noise_multiplier(cfg)
+    after = privacy.PrivacyState(rounds=[*state.rounds, (privacy.sampling_rate(cfg), sigma)], clip_norm=clip)
+    figures = {"epsilon": epsilon_after, "delta": cfg.privacy.delta, "noise_multiplier": sigma,
+               "update_noise_multiplier": privacy.update_noise_multiplier(cfg), "clip_norm": clip,
+               "sampling_rate": privacy.sampling_rate(cfg), "noise": "client"}
+    if unclipped is not None:
+        after.clip_norm = privacy.clip_step(cfg, clip, unclipped)
+        figures.update(unclipped=unclipped, next_clip_norm=after.clip_norm)
+    return mean, figures, after
+
+
+def _layout(cfg: FederationConfig, round_index: int, global_tensors: Tensors) -> list[tuple[str, tuple[int, ...]]]:
+    """The names and shapes of a contribution, in :func:`secagg.encode`'s (sorted) order."""
+    from fedfm.strategies import expected_update_shapes
+
+    shapes = expected_update_shapes(cfg, cfg.training_clients[0], round_index, global_tensors)
+    shapes = dict(shapes) if shapes is not None else {name: tuple(value.shape) for name, value in
+                                                      global_tensors.items()}
+    if cfg.privacy.enabled:
+        if cfg.privacy.adaptive_clipping is not None:
+            shapes[UNCLIPPED] = (1,)
+    else:
+        shapes[WEIGHT] = (1,)
+    return [(name, tuple(shapes[name])) for name in sorted(shapes)]
+
+
+def _read_masked(uri: str, client: str) -> tuple[np.ndarray, dict[str, str]]:
+    data = storage.read_bytes(uri)
+    try:
+        tensors = safetensors_load(data)
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + length]).get("__metadata__") or {}
+    except Exception as exc:  # safetensors and json raise several types for damaged bytes
+        raise SecureAggregationError(f"client {client}'s masked update {uri} is damaged: {exc}") from None
+    if header.get("format") != MASKED_FORMAT or set(tensors) != {"masked"} or tensors["masked"].dtype != torch.int64:
+        raise SecureAggregationError(f"{uri} is not a FedFM masked update (client {client})")
+    return tensors["masked"].numpy().view(np.uint64), header
