@@ -146,6 +146,8 @@ def federation_crd() -> dict:
                                   "seconds": _NUMBER,
                                   "clients": {"type": "array", "items": _STRING},
                                   "missing": {"type": "object", "additionalProperties": _STRING},
+                                  "privacy": _object({"epsilon": _NUMBER, "delta": _NUMBER, "noiseMultiplier": _NUMBER,
+                                                      "clipNorm": _NUMBER}),
                                   "time": _TIME}),
         "lastFailure": _object({"round": _INTEGER, "runId": _STRING, "message": _STRING, "time": _TIME}),
         "lastEvaluation": _object({"round": _INTEGER, "metrics": {"type": "object", "additionalProperties": _NUMBER},

@@ -65,10 +65,15 @@ class KubernetesExecutor(Executor):
         return sums, missing
 
     def round_aggregated(self, cfg, meta: AdapterMeta, adapter_uri):
-        self._report({"lastAggregate": {
+        aggregate = {
             "round": meta.round, "uri": self._publish(adapter_uri), "sha256": meta.sha256, "samples": meta.samples,
             "clients": sorted(meta.metrics.get("clients", {})), "missing": meta.metrics.get("missing", {}),
-            "seconds": meta.metrics.get("round_seconds", 0.0), "time": kube.now()}})
+            "seconds": meta.metrics.get("round_seconds", 0.0), "time": kube.now()}
+        spent = meta.metrics.get("privacy")
+        if spent:  # the budget spent so far, for users and for the operator's fedfm_privacy_epsilon
+            aggregate["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"],
+                                    "noiseMultiplier": spent["noise_multiplier"], "clipNorm": spent["clip_norm"]}
+        self._report({"lastAggregate": aggregate})
 
     def round_evaluated(self, cfg, round_index, global_metrics):
         figures = {key: float(value) for key, value in global_metrics.items()

@@ -314,7 +314,7 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
     evaluation = (status.get("lastEvaluation") or {}).get("metrics", {})
     metrics.federation_observed(name, aggregate.get("round", 0), evaluation,
                                 kube.seconds_since(min(unfinished)) if unfinished else 0.0,
-                                policy.get("round_deadline_seconds"))
+                                policy.get("round_deadline_seconds"), (aggregate.get("privacy") or {}).get("epsilon"))
     changed = {key: value for key, value in new.items() if status.get(key) != value}
     if changed:
         patch.status.update(changed)

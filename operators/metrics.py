@@ -30,6 +30,8 @@ ROUND_SECONDS = Histogram("fedfm_round_duration_seconds", "A round from its firs
                           buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400))
 GLOBAL_EVAL = {metric: Gauge(f"fedfm_global_eval_{metric}", f"Global evaluation {metric} of the last evaluated "
                              "global adapter", ["federation"]) for metric in ("loss", "accuracy", "perplexity")}
+PRIVACY_EPSILON = Gauge("fedfm_privacy_epsilon", "Differential-privacy ε spent so far (at the run's δ), from the "
+                        "Federation's status.lastAggregate.privacy", ["federation"])
 ROUND_RUNNING = Gauge("fedfm_round_running_seconds", "Age of the federation's oldest unfinished ClientRound "
                       "(0: none)", ["federation"])
 ROUND_DEADLINE = Gauge("fedfm_round_deadline_seconds", "The federation's round deadline (policy)", ["federation"])
@@ -65,9 +67,11 @@ def client_round_finished(federation: str, namespace: str, purpose: str, outcome
 
 
 def federation_observed(federation: str, completed_round: int, evaluation: dict[str, float],
-                        running_seconds: float, deadline_seconds: float | None) -> None:
+                        running_seconds: float, deadline_seconds: float | None, epsilon: float | None = None) -> None:
     """The gauges of one Federation, from its status and its ClientRounds."""
     ROUNDS_COMPLETED.labels(federation).set(completed_round)
+    if epsilon is not None:
+        PRIVACY_EPSILON.labels(federation).set(epsilon)
     for metric, gauge in GLOBAL_EVAL.items():
         if metric in evaluation:
             gauge.labels(federation).set(evaluation[metric])
@@ -83,7 +87,7 @@ def round_completed(federation: str, seconds: float) -> None:
 
 
 def federation_deleted(federation: str) -> None:
-    for gauge in (ROUNDS_COMPLETED, ROUND_RUNNING, ROUND_DEADLINE, *GLOBAL_EVAL.values()):
+    for gauge in (ROUNDS_COMPLETED, ROUND_RUNNING, ROUND_DEADLINE, PRIVACY_EPSILON, *GLOBAL_EVAL.values()):
         _forget(gauge, federation)
 
 
