@@ -3,6 +3,8 @@
     python bench/quality.py [--data ../shared/data/ag_news_test.csv] [--rounds 10] [--clients 8] [--alpha 0.3]
     python bench/quality.py --strategy fedavg --strategy fedadam --strategy 'fedyogi:{"eta": 0.01}' \
         --strategy fedprox --strategy fedmedian --strategy flexlora [--engine simulate]
+    python bench/quality.py --variant 'plain:{}' --variant 'int8:{"compression.method": "int8"}' \
+        --variant 'eps=8:{"privacy.target_epsilon": 8, "privacy.clip_norm": 1}' [--engine simulate]
 
 Setup (DEVELOPERS.md / issue #2): all-MiniLM-L6-v2 + LoRA, 8 tenants with Dirichlet(0.3) label skew,
 each tenant's rows split 80/20 into train/eval (the union of the eval splits is the global test set),
@@ -12,8 +14,10 @@ Without ``--strategy``: FedAvg against the centralized baseline, which pools eve
 rows into one client and runs the same total number of optimizer steps (clients × local steps per
 round) over the same rounds, evaluated on the same rows; prints both accuracies and their ratio
 (target ≥ 0.98). With ``--strategy NAME[:PARAMS_JSON]`` (repeatable): each rule on the same tenants,
-data and budget, side by side, accuracy per round. Rank-aware rules (hetlora, flexlora, flora) get
-mixed client ranks (``--mixed-ranks``, cycled over the clients); the others train ``--lora-r``.
+data and budget, side by side, accuracy per round. ``--variant LABEL:OVERRIDES_JSON`` (repeatable)
+does the same for config overrides (dotted paths) on top of FedAvg: compression, privacy. Rank-aware
+rules (hetlora, flexlora, flora) get mixed client ranks (``--mixed-ranks``, cycled over the clients);
+the others train ``--lora-r``.
 ``--engine pipeline`` (default) runs through the local KFP pipeline as ``fedfm run`` does;
 ``--engine simulate`` runs in process as ``fedfm simulate`` does (same results, less overhead).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,6 +49,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategy", action="append", default=[], metavar="NAME[:PARAMS_JSON]",
                         help="compare these rules side by side (repeatable) instead of FedAvg vs centralized")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES_JSON",
+                        help="compare these config variants (dotted-path overrides) side by side (repeatable)")
     parser.add_argument("--mixed-ranks", default="4,8,16", help="LoRA ranks cycled over the clients for "
                                                                 "rank-aware rules")
     parser.add_argument("--engine", choices=["pipeline", "simulate"], default="pipeline")
@@ -79,8 +86,8 @@ def main() -> int:
 
     if args.engine == "simulate":
         from fedfm.simulation import simulate as run_local  # noqa: F811 (same signature, in process)
-    if args.strategy:
-        return compare_strategies(cfg, args, run_local)
+    if args.strategy or args.variant:
+        return compare(cfg, args, run_local)
 
     results = {}
     for mode, run_cfg in (("federated", cfg), ("centralized", cfg.with_overrides({"centralized": True}))):
@@ -108,13 +115,46 @@ def main() -> int:
     return 0
 
 
-def compare_strategies(cfg, args, run) -> int:
-    """Each ``--strategy`` on the same federation; a table of accuracy per round, and the finals."""
+def compare(cfg, args, run) -> int:
+    """Each ``--strategy`` and ``--variant`` on the same federation; a table of accuracy per round, and the
+    finals."""
+    results = {}
+    for index, (label, overrides) in enumerate(_contenders(cfg, args)):
+        name = re.sub(r"[^a-z0-9.=-]+", "-", label.split(" ")[0].lower())
+        run_cfg = cfg.with_overrides(overrides)
+        print(f"\n== {label}")
+        started = time.time()
+        history = run(run_cfg, args.output / f"{index}-{name}", on_event=_round_printer(sys.stdout)).history
+        accuracy = [record["eval"]["global"]["accuracy"] for record in history]
+        results[label] = {"accuracy": accuracy, "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy),
+                          "seconds": time.time() - started, "bytes_up": [r["bytes_up"] for r in history[1:]]}
+        if "privacy" in history[-1]:
+            results[label]["epsilon"] = history[-1]["privacy"]["epsilon"]
+    labels = list(results)
+    rows = max(len(result["accuracy"]) for result in results.values())  # a privacy budget may allow fewer rounds
+    print("\nround  " + "  ".join(f"{label.split(' ')[0][:14]:>14}" for label in labels))
+    for index in range(rows):
+        print(f"{index:5d}  " + "  ".join(f"{results[label]['accuracy'][index]:14.4f}"
+                                          if index < len(results[label]["accuracy"]) else f"{'-':>14}"
+                                          for label in labels))
+    print()
+    for label, result in results.items():
+        spent = f"  ε {result['epsilon']:.3f}" if "epsilon" in result else ""
+        print(f"{label:40s} final {result['final_accuracy']:.4f}  best {result['best_accuracy']:.4f}  "
+              f"bytes up/round {sum(result['bytes_up']) / max(len(result['bytes_up']), 1):,.0f}{spent}  "
+              f"({result['seconds']:.0f} s)")
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "summary.json").write_text(json.dumps({"config": cfg.as_dict(), "results": results}, indent=1))
+    print(f"details: {args.output}/summary.json, {args.output}/*/metrics.json, report.png")
+    return 0
+
+
+def _contenders(cfg, args):
+    """``(label, overrides)`` for each ``--strategy`` (rank-aware rules get mixed ranks) and ``--variant``."""
     from fedfm.strategies import STRATEGIES
 
     ranks = [int(rank) for rank in args.mixed_ranks.split(",")]
-    results = {}
-    for index, spec in enumerate(args.strategy):
+    for spec in args.strategy:
         name, _, params = spec.partition(":")
         overrides = {"strategy.name": name, "strategy.params": json.loads(params) if params else {}}
         label = spec
@@ -123,25 +163,10 @@ def compare_strategies(cfg, args, run) -> int:
                        for index, client in enumerate(cfg.client_names)]
             overrides["clients"] = clients
             label = f"{spec} (ranks {','.join(str(c['lora_r']) for c in clients)})"
-        run_cfg = cfg.with_overrides(overrides)
-        print(f"\n== {label}")
-        started = time.time()
-        history = run(run_cfg, args.output / f"{index}-{name}", on_event=_round_printer(sys.stdout)).history
-        accuracy = [record["eval"]["global"]["accuracy"] for record in history]
-        results[label] = {"accuracy": accuracy, "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy),
-                          "seconds": time.time() - started}
-    labels = list(results)
-    print("\nround  " + "  ".join(f"{label.split(' ')[0][:14]:>14}" for label in labels))
-    for index in range(cfg.rounds + 1):
-        print(f"{index:5d}  " + "  ".join(f"{results[label]['accuracy'][index]:14.4f}" for label in labels))
-    print()
-    for label, result in results.items():
-        print(f"{label:40s} final {result['final_accuracy']:.4f}  best {result['best_accuracy']:.4f}  "
-              f"({result['seconds']:.0f} s)")
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "summary.json").write_text(json.dumps({"config": cfg.as_dict(), "results": results}, indent=1))
-    print(f"details: {args.output}/summary.json, {args.output}/*/metrics.json, report.png")
-    return 0
+        yield label, overrides
+    for spec in args.variant:
+        label, _, overrides = spec.partition(":")
+        yield label, json.loads(overrides) if overrides else {}
 
 
 def _round_printer(stream):

@@ -7,6 +7,6 @@ def select_clients(config: dict, round_index: int) -> list:
     from fedfm.privacy import check_budget, noise_multiplier, sampling_rate
 
     cfg = FederationConfig.parse(config, source="pipeline parameter 'config'")
-    if cfg.privacy.enabled:  # a round the budget cannot pay for is not started (the config may differ from compile time)
+    if cfg.privacy.enabled:  # a round the budget cannot pay for is not started (the config may have changed)
         check_budget(cfg, round_index, [(sampling_rate(cfg), noise_multiplier(cfg))] * (round_index - 1))
     return cfg.sampled_clients(round_index)

@@ -6,7 +6,11 @@ carries: the format tag, kind, base-model fingerprint, PEFT config, round, sampl
 free-form metrics, and a sha256 over the tensor content that :func:`load_adapter` verifies.
 
 Tensors are stored as float32 under PEFT's own state-dict names (``get_peft_model_state_dict``), so a
-global adapter converts to a ``PeftModel.from_pretrained`` directory without renaming.
+global adapter converts to a ``PeftModel.from_pretrained`` directory without renaming. An update may
+instead be stored compressed (``compression``, see :mod:`fedfm.compression`): its header's
+``encoding`` field then describes the stored tensors, the sha256 covers them as stored, and
+:func:`load_adapter` hands back float32 tensors under the PEFT names all the same. A file without
+``encoding`` is plain float32.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedfm import storage
+from fedfm.compression import compress, decode_description, decompress, encode_description
+from fedfm.config import CompressionConfig
 from fedfm.errors import AdapterError, AdapterValidationError, StorageError
 
 FORMAT = "fedfm-adapter/1"
@@ -42,6 +48,7 @@ class AdapterMeta:
     client: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
+    encoding: dict[str, Any] | None = None  # how the stored tensors encode the update (None: plain float32)
 
     def to_header(self) -> dict[str, str]:
         header = {
@@ -56,6 +63,8 @@ class AdapterMeta:
         }
         if self.client is not None:
             header["client"] = self.client
+        if self.encoding is not None:
+            header["encoding"] = encode_description(self.encoding)
         return header
 
     @classmethod
@@ -74,6 +83,7 @@ class AdapterMeta:
                 client=header.get("client"),
                 metrics=json.loads(header["metrics"]),
                 sha256=header["sha256"],
+                encoding=decode_description(header["encoding"], where) if "encoding" in header else None,
             )
         except (KeyError, ValueError) as exc:
             raise AdapterError(f"{where} has a damaged FedFM header ({exc})") from None
@@ -95,9 +105,19 @@ def content_sha256(tensors: Tensors) -> str:
     return digest.hexdigest()
 
 
-def save_adapter(uri: str | os.PathLike, tensors: Tensors, meta: AdapterMeta, *, overwrite: bool = False) -> str:
-    """Write an adapter file atomically; returns the content sha256 it recorded."""
+def save_adapter(uri: str | os.PathLike, tensors: Tensors, meta: AdapterMeta, *, overwrite: bool = False,
+                 compression: CompressionConfig | None = None) -> str:
+    """Write an adapter file atomically; returns the content sha256 it recorded.
+
+    With ``compression`` (a method other than none) an update is stored encoded, and ``meta.encoding``
+    says how; global adapters always go down in float32.
+    """
     tensors = {name: value.detach().to("cpu", torch.float32).contiguous() for name, value in tensors.items()}
+    meta.encoding = None
+    if compression is not None and compression.method != "none":
+        if meta.kind != "update":
+            raise ValueError(f"only updates are stored compressed, not a {meta.kind!r} adapter")
+        tensors, meta.encoding = compress(tensors, compression)
     meta.sha256 = content_sha256(tensors)
     storage.write_bytes(uri, safetensors_save(tensors, metadata=meta.to_header()), overwrite=overwrite)
     return meta.sha256
@@ -132,6 +152,8 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None) -> Adapter:
     meta = AdapterMeta.from_header(header, where)
     if content_sha256(tensors) != meta.sha256:
         raise AdapterError(f"{where} fails its sha256 check: the tensor data was altered or damaged")
+    if meta.encoding is not None:
+        tensors = decompress(tensors, meta.encoding, where=where)
     return Adapter(tensors=tensors, meta=meta)
 
 

@@ -1,4 +1,5 @@
-"""What a client keeps and never sends: its personal part of the adapter (FedSA-LoRA's lora_B).
+"""What a client keeps and never sends: its personal part of the adapter (FedSA-LoRA's lora_B), and
+the residual that compression with error feedback left out of its updates (``compression-residual/``).
 
 One safetensors file per round under the client's state location
 (:meth:`~fedfm.config.FederationConfig.client_state_location`), so a round never overwrites an earlier
@@ -15,18 +16,36 @@ from fedfm.adapters import Tensors
 from fedfm.config import FederationConfig
 from fedfm.errors import ConfigError, FedFMError
 
+RESIDUAL_DIRECTORY = "compression-residual"
 
-def _location(cfg: FederationConfig, client: str) -> str:
+
+def _location(cfg: FederationConfig, client: str, what: str = "a personal adapter part", remedy: str = "") -> str:
     location = cfg.client_state_location(client)
     if location is None:
-        raise ConfigError(f"client {client} keeps a personal adapter part but has nowhere to keep it: set its "
-                          "state_uri or execution.client_state_uri")
+        raise ConfigError(f"client {client} keeps {what} but has nowhere to keep it: set its state_uri or "
+                          f"execution.client_state_uri{remedy}")
     return location
+
+
+def _round_file(directory: str, round_index: int) -> str:
+    return f"{directory}/round-{round_index:04d}.safetensors"
+
+
+def _newest(directory: str, before: int, client: str, what: str) -> Tensors:
+    """The tensors of the newest round file in ``directory`` from round ``before`` back ({} if none)."""
+    for earlier in range(before, 0, -1):
+        uri = _round_file(directory, earlier)
+        if storage.exists(uri):
+            try:
+                return safetensors_load(storage.read_bytes(uri))
+            except Exception as exc:  # safetensors raises several types for damaged bytes
+                raise FedFMError(f"client {client}'s {what} {uri} is damaged: {exc}") from None
+    return {}
 
 
 def save_personal(cfg: FederationConfig, client: str, round_index: int, tensors: Tensors) -> str:
     """Write ``client``'s personal tensors after ``round_index``; returns the URI."""
-    uri = f"{_location(cfg, client)}/round-{round_index:04d}.safetensors"
+    uri = _round_file(_location(cfg, client), round_index)
     # a retried round (a Job's second attempt) replaces its own unused first attempt; earlier rounds'
     # files are never touched
     storage.write_bytes(uri, safetensors_save({name: value.contiguous() for name, value in tensors.items()},
@@ -38,12 +57,38 @@ def save_personal(cfg: FederationConfig, client: str, round_index: int, tensors:
 def load_personal(cfg: FederationConfig, client: str, round_index: int) -> Tensors:
     """``client``'s personal tensors as of ``round_index`` (its newest file at or before it; none before
     it first trained)."""
-    location = _location(cfg, client)
-    for earlier in range(round_index, 0, -1):
-        uri = f"{location}/round-{earlier:04d}.safetensors"
-        if storage.exists(uri):
-            try:
-                return safetensors_load(storage.read_bytes(uri))
-            except Exception as exc:  # safetensors raises several types for damaged bytes
-                raise FedFMError(f"client {client}'s personal state {uri} is damaged: {exc}") from None
-    return {}
+    return _newest(_location(cfg, client), round_index, client, "personal state")
+
+
+def _residual_directory(cfg: FederationConfig, client: str) -> str:
+    location = _location(cfg, client, "its compression error-feedback residual",
+                         " (or set compression.error_feedback to false)")
+    return f"{location}/{RESIDUAL_DIRECTORY}"
+
+
+def residual_uri(cfg: FederationConfig, client: str, round_index: int) -> str:
+    """Where ``client`` keeps what its update for ``round_index`` left unsent."""
+    return _round_file(_residual_directory(cfg, client), round_index)
+
+
+def load_residual(cfg: FederationConfig, client: str, round_index: int) -> Tensors:
+    """What ``client``'s earlier updates left unsent, to add to its update for ``round_index`` (its
+    newest residual file before it: a client not drawn in a round keeps what it had; none: nothing).
+
+    Called before the client trains, so that it also fails fast where ``round_index``'s own residual
+    already exists: residuals are never overwritten, and a state location serves one run.
+    """
+    own = residual_uri(cfg, client, round_index)
+    if storage.exists(own):
+        raise FedFMError(f"client {client}'s error-feedback residual for round {round_index} already exists at "
+                         f"{own}: this round already ran with this state location; give a new run its own "
+                         "state_uri or execution.client_state_uri")
+    return _newest(_residual_directory(cfg, client), round_index - 1, client, "error-feedback residual")
+
+
+def save_residual(cfg: FederationConfig, client: str, round_index: int, tensors: Tensors) -> str:
+    """Write what ``client``'s update for ``round_index`` left unsent (never over an existing file)."""
+    uri = residual_uri(cfg, client, round_index)
+    storage.write_bytes(uri, safetensors_save({name: value.contiguous() for name, value in tensors.items()},
+                                              metadata={"client": client, "round": str(round_index)}))
+    return uri

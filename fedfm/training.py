@@ -1,7 +1,8 @@
 """One client's local fine-tune: PEFT LoRA on a Hugging Face model, trained through DeepSpeed.
 
 :func:`train_client` is the whole client step: read the global adapter, train on the client's own
-data for the configured steps, write the update (local − global) with its metadata. With
+data for the configured steps, write the update (local − global) with its metadata, compressed as
+``compression`` says (with error feedback, plus what compression left out of earlier updates). With
 ``training.world_size > 1`` it runs ``world_size`` data-parallel DeepSpeed processes under
 ``torch.distributed.run``; each process executes :func:`run_rank`, rank 0 writes the update.
 
@@ -30,11 +31,12 @@ import numpy as np
 import torch
 
 from fedfm import storage
-from fedfm.adapters import AdapterMeta, l2_norm, load_adapter, save_adapter
-from fedfm.config import FederationConfig
+from fedfm.adapters import AdapterMeta, Tensors, l2_norm, load_adapter, save_adapter
+from fedfm.compression import compress, decompress, tensor_bytes, unsent, uses_error_feedback, with_error_feedback
+from fedfm.config import CompressionConfig, FederationConfig
 from fedfm.errors import FedFMError, TrainingError
 from fedfm.lora import is_lora_a, is_lora_b, rank_of, truncate
-from fedfm.personal import load_personal, save_personal
+from fedfm.personal import load_personal, load_residual, save_personal, save_residual
 from fedfm.strategies import configure_client
 
 _TORCHRUN_LOG_TAIL = 40
@@ -52,6 +54,8 @@ class TrainResult:
     setup_seconds: float = 0.0
     step_seconds: float = 0.0
     bytes_down: int = 0
+    bytes_raw: int = 0  # the update's values in float32
+    bytes_stored: int = 0  # the same, as stored (compressed); the server measures the whole file as bytes_up
     update_norm: float = 0.0
     sha256: str = ""
 
@@ -92,6 +96,8 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
                             f"training.world_size={cfg.training.world_size}")
 
     global_state = load_adapter(global_adapter, who="the federation")
+    # read first, so that a client with nowhere to keep its residual fails before it trains
+    residual = load_residual(cfg, client, round_index) if uses_error_feedback(cfg.compression) else None
     lora_rank = cfg.client_rank(client)
     loaded = build_model(cfg, rank=rank_of(global_state.tensors) if cfg.lora.restart else lora_rank)
     if global_state.meta.base_model != loaded.fingerprint:
@@ -167,14 +173,31 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
         if cfg.lora.keep_b_local:
             save_personal(cfg, client, round_index, {n: v for n, v in local_state.items() if is_lora_b(n)})
         result.update_norm = l2_norm(delta)
+        update, left_out, result.bytes_stored = _compressed(cfg.compression, delta, residual,
+                                                            f"client {client}'s error-feedback residual")
+        result.bytes_raw = tensor_bytes(update)
         meta = AdapterMeta(
             kind="update", base_model=loaded.fingerprint, peft_config=peft_config_dict(loaded.model),
             round=round_index, samples=len(examples), client=client,
             metrics=dict(result.metrics(), started_at=started, finished_at=time.time(),
                          world_size=world, zero_stage=cfg.training.zero_stage, bf16=cfg.training.bf16),
         )
-        result.sha256 = save_adapter(update_out, delta, meta)
+        result.sha256 = save_adapter(update_out, update, meta, compression=cfg.compression)
+        if left_out is not None:  # only once the update is written: a failed write leaves no residual
+            save_residual(cfg, client, round_index, left_out)
     return result
+
+
+def _compressed(config: CompressionConfig, delta: Tensors, residual: Tensors | None,
+                residual_where: str) -> tuple[Tensors, Tensors | None, int]:
+    """The update to send (``delta``, plus what earlier rounds left unsent under error feedback), what
+    compressing it leaves unsent (None without error feedback), and the bytes its stored tensors take."""
+    update = delta if residual is None else with_error_feedback(delta, residual, where=residual_where)
+    if config.method == "none":
+        return update, None, tensor_bytes(update)
+    stored, description = compress(update, config)
+    left_out = None if residual is None else unsent(update, decompress(stored, description))
+    return update, left_out, tensor_bytes(stored)
 
 
 def _proximal_term(model: torch.nn.Module, mu: float):

@@ -95,9 +95,12 @@ class KubernetesExecutor(Executor):
         return uri
 
     def _client_config(self, client: str) -> dict:
-        """The config a tenant's Job gets: this federation's, with this client as its only client."""
+        """The config a tenant's Job gets: this federation's, with this client as its only client (its LoRA
+        rank and where it keeps its own state, FedSA-LoRA's lora_B or compression's residual, kept)."""
+        own = ClientConfig(name=client, lora_r=self.cfg.client(client).lora_r,
+                           state_uri=self.cfg.client_state_location(client))
         return self.cfg.model_copy(update={
-            "clients": [ClientConfig(name=client)], "policy": PolicyConfig(), "execution": ExecutionConfig(),
+            "clients": [own], "policy": PolicyConfig(), "execution": ExecutionConfig(),
         }).as_dict()
 
     def _create(self, client: str, round_index: int, purpose: str, global_uri: str, output: str) -> tuple[str, str]:

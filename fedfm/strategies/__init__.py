@@ -56,10 +56,20 @@ def check_federation(cfg: FederationConfig) -> Strategy:
     """The federation's strategy, checked against the rest of the config (mixed LoRA ranks need a
     rule that can combine them)."""
     strategy = build_strategy(cfg.strategy)
+    feedback = cfg.compression.error_feedback and cfg.compression.method in ("int8", "topk")
     for client in cfg.training_clients:
-        if configure_client(cfg, client, 1).lora.keep_b_local and cfg.client_state_location(client) is None:
+        client_lora = configure_client(cfg, client, 1).lora
+        if client_lora.keep_b_local and cfg.client_state_location(client) is None:
             raise ConfigError(f"strategy {strategy.name!r} keeps each client's lora_B with the client; client "
                               f"{client} has nowhere to keep it: set its state_uri or execution.client_state_uri")
+        if feedback and client_lora.restart:
+            raise ConfigError(f"compression.error_feedback carries what one round's update left out into the next; "
+                              f"strategy {strategy.name!r} trains fresh LoRA factors every round, so nothing carries "
+                              "over: set compression.error_feedback to false")
+        if feedback and cfg.client_state_location(client) is None:
+            raise ConfigError(f"compression {cfg.compression.method!r} with error feedback keeps each client's "
+                              f"residual with the client; client {client} has nowhere to keep it: set its state_uri "
+                              "or execution.client_state_uri (or compression.error_feedback to false)")
     for feature, on in (("privacy (DP-FedAvg)", cfg.privacy.enabled),
                         ("secure_aggregation", cfg.secure_aggregation.enabled)):
         if on and not strategy.from_mean:
