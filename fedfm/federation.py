@@ -22,12 +22,14 @@ from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, Storag
 from fedfm.privacy import PrivacyState, noisy_mean
 from fedfm.strategies import ServerState, build_strategy, check_federation, expected_update_shapes
 from fedfm.strategies.norm_bound import bound_norms
+from fedfm.update_checks import Quarantine, judge, measure_norms, reloaded, skipped_record
 
 SERVER_STATE_FORMAT = "fedfm-server-state/1"
 
 # Per-client figures copied from each update into the round record.
 _CLIENT_FIELDS = ("samples", "steps", "train_loss", "loss_first", "loss_last", "seconds", "setup_seconds",
-                  "step_seconds", "bytes_down", "update_norm", "started_at", "finished_at")
+                  "step_seconds", "bytes_down", "update_norm", "started_at", "finished_at", "bytes_raw",
+                  "bytes_stored")
 
 
 def step_config(config: dict[str, Any]) -> FederationConfig:
@@ -65,15 +67,13 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     at most that norm. ``missing`` names the round's clients that sent nothing, with why; with fewer
     updates than the quorum (``policy.min_clients``, default all) the round fails with
     :class:`QuorumError` saying so. Any invalid update fails the round too. Either way nothing is
-    written, and the previous global adapter and state are never modified.
+    written, and the previous global adapter and state are never modified. ``policy.update_checks``
+    runs between validation and everything else (see :mod:`fedfm.update_checks`); the updates it
+    leaves out count as missing.
     """
     started = time.time()
     updates, missing = list(updates), dict(missing or {})
-    quorum = cfg.quorum(len(updates) + len(missing))
-    if len(updates) < quorum:
-        absent = "; ".join(f"{client}: {reason}" for client, reason in sorted(missing.items()))
-        raise QuorumError(f"round {round_index}: {len(updates)} of {len(updates) + len(missing)} clients sent an "
-                          f"update, below the quorum of {quorum} (policy.min_clients) — {absent}")
+    _require_quorum(cfg, round_index, len(updates), missing)
     for out in (global_out, state_out):
         if out and storage.exists(out):
             raise StorageError(f"{out} already exists; refusing to overwrite it")
@@ -82,8 +82,9 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
         raise FedFMError(f"{global_uri} is a client update, not a global adapter")
     strategy = build_strategy(cfg.strategy)
     privacy_state, state = PrivacyState.split(load_server_state(state_in, strategy.name) if state_in else {})
+    quarantine, state = Quarantine.split(state)
     clients: dict[str, dict[str, Any]] = {}
-    stream = _validated(cfg, round_index, current, updates, clients)
+    stream, checks_record = _checked(cfg, round_index, current, updates, missing, clients, quarantine)
     clipped: dict[str, float] = {}
     if cfg.strategy.clip_norm is not None:
         stream = bound_norms(stream, cfg.strategy.clip_norm, clipped)
@@ -105,6 +106,8 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
         metrics["clipped"] = clipped
     if privacy_figures is not None:
         metrics["privacy"] = privacy_figures
+    if checks_record is not None:
+        metrics["update_checks"] = checks_record
     starts = [figures["started_at"] for figures in clients.values() if "started_at" in figures]
     if starts:  # the round proper: from the first client's start to the new global adapter
         metrics["round_seconds"] = finished - min(starts)
@@ -115,9 +118,48 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     meta = AdapterMeta(kind="global", base_model=current.meta.base_model, peft_config=peft_config,
                        round=round_index, samples=aggregate.samples, metrics=metrics)
     if state_out:
-        save_server_state(state_out, strategy.name, round_index, aggregate.state)
+        save_server_state(state_out, strategy.name, round_index, {**aggregate.state, **quarantine.as_state()})
     save_adapter(global_out, aggregate.tensors, meta)
     return meta
+
+
+def _require_quorum(cfg: FederationConfig, round_index: int, sent: int, missing: Mapping[str, str]) -> None:
+    """Fail the round with :class:`QuorumError`, naming every missing client and why, when the ``sent``
+    usable updates are fewer than the quorum of the round's clients (``sent`` + missing)."""
+    quorum = cfg.quorum(sent + len(missing))
+    if sent < quorum:
+        absent = "; ".join(f"{client}: {reason}" for client, reason in sorted(missing.items()))
+        raise QuorumError(f"round {round_index}: {sent} of {sent + len(missing)} clients sent an "
+                          f"update, below the quorum of {quorum} (policy.min_clients) — {absent}")
+
+
+def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates: list[tuple[str, str]],
+             missing: dict[str, str], clients: dict[str, dict[str, Any]],
+             quarantine: Quarantine) -> tuple[Iterable[Adapter], dict[str, Any] | None]:
+    """The round's validated updates as ``policy.update_checks`` leaves them, and its ``update_checks``
+    record (None: the norm check is off).
+
+    Quarantined clients' updates go into ``missing`` unread. With ``norm_mads`` a first pass measures
+    every update's norm (validating it) and the aggregation's pass reloads the kept ones: outliers are
+    rejected or quarantined (into ``missing``, out of ``clients``; the quorum is checked again) or clipped.
+    """
+    updates = quarantine.leave_out(updates, missing)
+    _require_quorum(cfg, round_index, len(updates), missing)
+    checks = cfg.policy.update_checks
+    if checks.norm_mads is None:
+        return _validated(cfg, round_index, current, updates, clients), None
+    if len(updates) < checks.min_updates:
+        return _validated(cfg, round_index, current, updates, clients), skipped_record(len(updates), checks)
+    norms, metas = measure_norms(_validated(cfg, round_index, current, updates, clients))
+    outcome = judge(norms, checks)
+    for client, reason in outcome.left_out.items():
+        missing[client] = reason
+        del clients[client]
+    if checks.action == "quarantine":
+        quarantine.add(outcome.outliers, round_index)
+    kept = [(client, uri) for client, uri in updates if client not in outcome.outliers]
+    _require_quorum(cfg, round_index, len(kept), missing)
+    return reloaded(kept, metas, outcome.scales), outcome.record()
 
 
 def _sent_shapes(cfg: FederationConfig, round_index: int, global_tensors: Tensors) -> dict[str, tuple[int, ...]]:
@@ -206,6 +248,8 @@ def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: flo
         record["round_seconds"] = meta.metrics["round_seconds"]
     if "privacy" in meta.metrics:  # ε spent so far, δ, σ, the clip norm
         record["privacy"] = meta.metrics["privacy"]
+    if "update_checks" in meta.metrics:  # the round's norm statistics and the outliers it handled
+        record["update_checks"] = meta.metrics["update_checks"]
     if clients:
         record["train_loss"] = _weighted_mean(clients, "train_loss")
     return record

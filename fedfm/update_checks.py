@@ -1,0 +1,191 @@
+"""Update checks beyond shapes, finite values and the base model: norm outliers against the round's own statistics.
+
+A poisoned or broken update tends to be far larger than the honest ones (model replacement scales its
+change up; a diverged client's change explodes). Each update's L2 norm, over all its tensors
+together, is computed here on the server: the ``update_norm`` a client reports in its metadata is
+never used, since the client that lies about its update would lie about that too. The round's
+robust statistics are the median of those norms and their median absolute deviation (MAD, unscaled:
+the median of ``|norm − median|``), and an update whose norm exceeds
+
+    bound = median + norm_mads × max(MAD, MAD_FLOOR × median)
+
+is an outlier. The floor matters when the honest norms agree too well: if more than half of them
+are (nearly) identical, the MAD is (nearly) 0, the bound collapses onto the median and float noise
+alone would flag half the round. With the floor, an update within ``norm_mads`` % of the median is
+never an outlier, however tight the round. (When the median itself is 0 — most clients sent no
+change at all — the bound is 0 and any update that moves is an outlier.)
+
+``policy.update_checks.action`` decides what an outlier costs: ``reject`` leaves it out of this round
+(it counts as missing, with a reason naming the client, its norm and the bound); ``clip`` scales it
+down to exactly the bound and keeps it; ``quarantine`` leaves it out of this round and every later
+one. Quarantined clients travel in the server state under ``checks.``-prefixed keys, next to the
+strategy's (as the privacy accountant's ``privacy.`` keys do). With fewer than ``min_updates``
+updates the statistics mean nothing and the check is skipped.
+
+The check costs one extra pass over the updates: the first loads each one (one at a time) to
+measure its norm, the aggregation's pass loads it again. The update must not change in between:
+its header (which carries the sha256 of its tensors) is compared, so a file swapped after its norm
+was measured fails the round instead of slipping in unchecked.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedfm.adapters import Adapter, AdapterMeta, l2_norm, load_adapter
+from fedfm.config import UpdateChecksConfig
+from fedfm.errors import AdapterValidationError
+
+# Keys of the server state that belong to the update checks rather than to the strategy.
+STATE_PREFIX = "checks."
+# The MAD never counts as less than this share of the median (see the module's docstring).
+MAD_FLOOR = 0.01
+
+
+@dataclass
+class Quarantine:
+    """The clients whose updates are no longer taken: client → (round it was quarantined in, why)."""
+
+    since: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    @classmethod
+    def split(cls, state: Mapping[str, Any]) -> tuple[Quarantine, dict[str, Any]]:
+        """This state and the rest (the strategy's), from one loaded server state."""
+        carried = state.get(STATE_PREFIX + "quarantined", {})
+        own = cls(since={client: (int(entry["round"]), str(entry["reason"])) for client, entry in carried.items()})
+        return own, {key: value for key, value in state.items() if not key.startswith(STATE_PREFIX)}
+
+    def as_state(self) -> dict[str, Any]:
+        """The server-state keys to save (none while nobody is quarantined)."""
+        if not self.since:
+            return {}
+        return {STATE_PREFIX + "quarantined": {client: {"round": round_index, "reason": reason}
+                                               for client, (round_index, reason) in sorted(self.since.items())}}
+
+    def add(self, outliers: Mapping[str, str], round_index: int) -> None:
+        """Quarantine ``outliers`` (client → why) from ``round_index`` on."""
+        for client, reason in outliers.items():
+            self.since.setdefault(client, (round_index, reason))
+
+    def leave_out(self, updates: Iterable[tuple[str, str]], missing: dict[str, str]) -> list[tuple[str, str]]:
+        """The ``(client, uri)`` pairs of clients not in quarantine; the others go into ``missing``, with why.
+
+        Their files are not even read: nothing a quarantined client sends is looked at again.
+        """
+        kept = []
+        for client, uri in updates:
+            if client in self.since:
+                round_index, reason = self.since[client]
+                missing[client] = f"quarantined since round {round_index}: {reason}"
+            else:
+                kept.append((client, uri))
+        return kept
+
+
+@dataclass
+class NormStatistics:
+    """The round's robust statistics of update norms and the bound they give."""
+
+    median: float
+    mad: float  # as measured: the median of |norm − median|
+    mad_floor: float  # MAD_FLOOR × median: the least MAD the bound uses
+    bound: float
+
+
+def norm_statistics(norms: Iterable[float], norm_mads: float) -> NormStatistics:
+    """The median, MAD and outlier bound of a round's update norms (see the module's docstring)."""
+    values = list(norms)
+    median = statistics.median(values)
+    mad = statistics.median(abs(value - median) for value in values)
+    floor = MAD_FLOOR * median
+    return NormStatistics(median=median, mad=mad, mad_floor=floor, bound=median + norm_mads * max(mad, floor))
+
+
+@dataclass
+class CheckOutcome:
+    """What the check decided for one round: who is left out (with why), who is scaled (by how much)."""
+
+    action: str
+    norms: dict[str, float]
+    stats: NormStatistics
+    outliers: dict[str, str] = field(default_factory=dict)  # client → why (the ones rejected or quarantined)
+    scales: dict[str, float] = field(default_factory=dict)  # client → factor its update is multiplied by (clip)
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        """The clients this round goes without, with the reason the round's ``missing`` gives."""
+        verb = "rejected" if self.action == "reject" else "quarantined"
+        return {client: f"{verb}: {reason}" for client, reason in self.outliers.items()}
+
+    def record(self) -> dict[str, Any]:
+        """The round's ``update_checks`` metrics: statistics, every norm, and what happened to each outlier."""
+        record: dict[str, Any] = {"action": self.action, "median": self.stats.median, "mad": self.stats.mad,
+                                  "mad_floor": self.stats.mad_floor, "bound": self.stats.bound, "norms": self.norms}
+        if self.action == "clip":
+            record["clipped"] = {client: self.norms[client] for client in self.scales}
+        elif self.action == "reject":
+            record["rejected"] = dict(self.outliers)
+        else:
+            record["quarantined"] = dict(self.outliers)
+        return record
+
+
+def skipped_record(count: int, checks: UpdateChecksConfig) -> dict[str, Any]:
+    """The ``update_checks`` metrics of a round too small for the check."""
+    return {"action": checks.action, "skipped": f"{count} update(s), fewer than policy.update_checks.min_updates "
+                                                f"{checks.min_updates}: too few for the round's norm statistics"}
+
+
+def measure_norms(updates: Iterable[Adapter]) -> tuple[dict[str, float], dict[str, AdapterMeta]]:
+    """The first pass: each update's L2 norm (computed here, not read from its metadata) and its header,
+    one update at a time."""
+    norms: dict[str, float] = {}
+    metas: dict[str, AdapterMeta] = {}
+    for update in updates:
+        client = update.meta.client or f"update {len(norms)}"
+        norms[client] = l2_norm(update.tensors)
+        metas[client] = update.meta
+        update = None  # noqa: F841 — not held while the next one loads
+    return norms, metas
+
+
+def judge(norms: Mapping[str, float], checks: UpdateChecksConfig) -> CheckOutcome:
+    """Find the round's outliers and decide, by ``checks.action``, what happens to each."""
+    assert checks.norm_mads is not None
+    stats = norm_statistics(norms.values(), checks.norm_mads)
+    outcome = CheckOutcome(action=checks.action, norms=dict(norms), stats=stats)
+    for client, norm in sorted(norms.items()):
+        if norm <= stats.bound:
+            continue
+        if checks.action == "clip":
+            outcome.scales[client] = stats.bound / norm
+        else:
+            outcome.outliers[client] = outlier_reason(client, norm, stats, checks.norm_mads)
+    return outcome
+
+
+def outlier_reason(client: str, norm: float, stats: NormStatistics, norm_mads: float) -> str:
+    """Why an update is an outlier: the client, its norm and the bound, with what the bound came from."""
+    spread = f"MAD {stats.mad:.6g}" if stats.mad >= stats.mad_floor else f"the MAD floor {stats.mad_floor:.6g}"
+    return (f"client {client}'s update norm {norm:.6g} exceeds the bound {stats.bound:.6g} "
+            f"(median {stats.median:.6g} + {norm_mads:g} × {spread}; policy.update_checks.norm_mads)")
+
+
+def reloaded(updates: Iterable[tuple[str, str]], metas: Mapping[str, AdapterMeta],
+             scales: Mapping[str, float]) -> Iterator[Adapter]:
+    """The second pass: load each kept update again, one at a time, check it is the one whose norm was
+    measured, and scale it where the check clips it."""
+    for client, uri in updates:
+        update = load_adapter(uri, who=f"client {client}")
+        if update.meta != metas[client]:
+            raise AdapterValidationError(f"client {client}'s update {uri} changed between its norm check and the "
+                                         "aggregation", client=client)
+        scale = scales.get(client)
+        if scale is not None:
+            for value in update.tensors.values():
+                value.mul_(scale)
+        yield update
+        del update  # not held while the next one loads
