@@ -269,9 +269,9 @@ def _job_config(config: Optional[Path], client: str, data: Optional[str], world_
         cfg = FederationConfig.parse(raw, source="FEDFM_CONFIG")
     else:
         raise ConfigError("no config: pass --config or set FEDFM_CONFIG")
-    cfg.client(client)  # the round's config must be for this client
+    own = cfg.client(client).model_dump(mode="json", exclude_none=True)  # the round's config must be for this client
     data_dict = cfg.as_dict()
-    data_dict["clients"] = [{"name": client, **({"train": data} if data else {})}]
+    data_dict["clients"] = [{**own, **({"train": data} if data else {})}]
     if world_size:
         data_dict["training"]["world_size"] = world_size
     return FederationConfig.parse(data_dict, source="the Job's config")
@@ -294,6 +294,30 @@ def client_train(
     result = train_client(cfg, client, round_index, global_adapter, output)
     _console().print(f"client {client}, round {round_index}: {result.steps} steps on {result.samples} samples, "
                      f"train loss {result.train_loss:.4f}; update written to {output}")
+
+
+@app.command("client-secagg")
+def client_secagg(
+    client: str = typer.Option(..., help="This client's name."),
+    round_index: int = typer.Option(..., "--round", help="The round."),
+    step: str = typer.Option(..., help="The protocol step: advertise, share, train or reveal."),
+    inputs: list[str] = typer.Option([], "--input", help="NAME=VALUE, the step's inputs (URIs, numbers)."),
+    output: str = typer.Option(..., help="URI to write the step's message to."),
+    data: Optional[str] = typer.Option(None, help="This client's training data (the train step)."),
+    world_size: Optional[int] = typer.Option(None, help="DeepSpeed processes (GPUs) for the train step."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_JOB_CONFIG_HELP),
+) -> None:
+    """One of this client's secure-aggregation steps for one round (a ClientRound's Job runs it): its keys
+    and plain update stay in its own state location; only protocol messages go to ``output``."""
+    from fedfm.errors import ConfigError
+    from fedfm.secure_round import client_step
+
+    named = dict(item.partition("=")[::2] for item in inputs)
+    if any(not name for name in named):
+        raise ConfigError(f"--input takes NAME=VALUE, not {inputs}")
+    cfg = _job_config(config, client, data, world_size)
+    client_step(cfg, client, round_index, step, named, output)
+    _console().print(f"client {client}, round {round_index}: secure aggregation step {step} written to {output}")
 
 
 @app.command("client-evaluate")

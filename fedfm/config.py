@@ -383,12 +383,6 @@ class FederationConfig(_Section):
             if self.policy.update_checks.norm_mads is not None:
                 raise ValueError("policy.update_checks.norm_mads needs each update's norm, which secure aggregation "
                                  "hides from the server; bound what a client can send with privacy.clip_norm instead")
-            if len(self.training_clients) < 3:
-                raise ValueError("secure_aggregation needs at least 3 clients: with 2, the sum and one's own update "
-                                 "give away the other's")
-            if secagg.threshold is not None and secagg.threshold > len(self.training_clients):
-                raise ValueError(f"secure_aggregation.threshold {secagg.threshold} exceeds the "
-                                 f"{len(self.training_clients)} client(s) that train")
         own_data = [client.name for client in self.clients if client.train]
         if self.centralized and own_data:
             raise ValueError("centralized runs pool a simulated partition; clients with their own data "

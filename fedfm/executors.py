@@ -45,6 +45,12 @@ class Executor(ABC):
                  clients: list[str]) -> tuple[dict[str, LossSums], dict[str, str]]:
         """Each client's evaluation counts for the adapter, and the clients that gave none, with why."""
 
+    @abstractmethod
+    def secure_step(self, cfg: FederationConfig, client: str, round_index: int, phase: str, inputs: dict[str, str],
+                    output: str) -> ClientOutcome:
+        """One of ``client``'s secure-aggregation steps (:func:`fedfm.secure_round.client_step`), its inputs
+        by URI; on success its message is at ``output``."""
+
     def round_aggregated(self, cfg: FederationConfig, meta: AdapterMeta, adapter_uri: str) -> None:
         """Told after a round's new global adapter is written (the cluster publishes it)."""
 
@@ -68,6 +74,12 @@ class LocalExecutor(Executor):
         from fedfm.evaluation import evaluate_clients
 
         return evaluate_clients(cfg, adapter_uri, clients), {}
+
+    def secure_step(self, cfg, client, round_index, phase, inputs, output):
+        from fedfm.secure_round import client_step
+
+        client_step(cfg, client, round_index, phase, inputs, output)
+        return ClientOutcome(client)
 
 
 def build_executor(cfg: FederationConfig, run_id: str = "") -> Executor:

@@ -95,11 +95,12 @@ def share(cfg: FederationConfig, client: str, round_index: int, keys_uri: str, s
 
 
 def mask(cfg: FederationConfig, client: str, round_index: int, update_uri: str, keys_uri: str, masked_out: str,
-         clip_norm: float | None = None) -> None:
-    """Mask the client's plain update (in its own state location) for the clients that shared (U2)."""
+         noise: dict[str, float] | None = None) -> None:
+    """Mask the client's plain update (in its own state location) for the clients that shared (U2);
+    under differential privacy, first clip it and add its share of the noise (:func:`train_inputs`)."""
     keys = _read_json(keys_uri, "the keys of the clients that shared")
     update = load_adapter(update_uri, who=f"client {client}")
-    contribution = _contribution(cfg, round_index, client, update.tensors, update.meta.samples, clip_norm)
+    contribution = _contribution(cfg, round_index, client, update.tensors, update.meta.samples, noise or {})
     vector, layout = secagg.encode(contribution, cfg.secure_aggregation.fraction_bits)
     private = storage.read_bytes(_private(cfg, client, round_index, "shared.json"))
     masked = secagg.mask(client, private, keys["public"], vector, context(cfg, round_index))
@@ -112,22 +113,36 @@ def mask(cfg: FederationConfig, client: str, round_index: int, update_uri: str, 
                                                      metadata=header))
 
 
+def train_inputs(cfg: FederationConfig, round_index: int, state_uri: str | None) -> dict[str, float]:
+    """What a client needs from the server to clip and noise its own update, computed where the whole
+    federation is known (a tenant's Job sees only itself): the clip norm (adaptive clipping's current
+    one), the noise standard deviation per coordinate (σ_Δ·C/√m, m the round's quorum, so any m
+    survivors' noise adds up to σ_Δ·C) and, with adaptive clipping, the count's. Empty without privacy."""
+    if not cfg.privacy.enabled:
+        return {}
+    clip = clip_norm_for(cfg, state_uri) or float(cfg.privacy.clip_norm)
+    share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index))), 1))
+    inputs = {"clip_norm": clip, "noise_stddev": privacy.update_noise_multiplier(cfg) * clip / share}
+    if cfg.privacy.adaptive_clipping is not None:
+        inputs["count_stddev"] = privacy.count_stddev(cfg) / share
+    return inputs
+
+
 def _contribution(cfg: FederationConfig, round_index: int, client: str, tensors: Tensors, samples: int,
-                  clip_norm: float | None) -> Tensors:
+                  noise: dict[str, float]) -> Tensors:
     """What the client puts into the sum (see the module docstring)."""
     if not cfg.privacy.enabled:
         weighted = {name: value * samples for name, value in tensors.items()}
         return {**weighted, WEIGHT: torch.tensor([float(samples)])}
-    clip = clip_norm if clip_norm is not None else float(cfg.privacy.clip_norm)
+    clip = float(noise["clip_norm"])
     norm = l2_norm(tensors)
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    share_of_noise = math.sqrt(cfg.quorum(len(cfg.sampled_clients(round_index))) or 1)
-    noise = _client_generator(cfg, client, round_index)
-    stddev = privacy.update_noise_multiplier(cfg) * clip / share_of_noise
-    contribution = {name: value * scale + torch.normal(0.0, stddev, value.shape, generator=noise)
+    generator = _client_generator(cfg, client, round_index)
+    contribution = {name: value * scale + torch.normal(0.0, float(noise["noise_stddev"]), value.shape,
+                                                       generator=generator)
                     for name, value in tensors.items()}
-    if cfg.privacy.adaptive_clipping is not None:
-        count_noise = float(torch.normal(0.0, privacy.count_stddev(cfg) / share_of_noise, (1,), generator=noise))
+    if "count_stddev" in noise:
+        count_noise = float(torch.normal(0.0, float(noise["count_stddev"]), (1,), generator=generator))
         contribution[UNCLIPPED] = torch.tensor([float(norm <= clip) + count_noise])
     return contribution
 
@@ -154,6 +169,55 @@ def reveal(cfg: FederationConfig, client: str, round_index: int, keys_uri: str, 
                            keys["threshold"], context(cfg, round_index))
     storage.write_bytes(done, b"")
     _write_json(reveal_out, shares)
+
+
+CLIENT_PHASES = ("advertise", "share", "train", "reveal")
+
+
+def client_step(cfg: FederationConfig, client: str, round_index: int, phase: str, inputs: dict[str, str],
+                output: str) -> None:
+    """One of a client's steps, by name, with its inputs as URIs (what a pipeline step or a tenant's Job
+    runs): ``advertise`` (no inputs), ``share`` (``keys``), ``train`` (``global``, ``keys``, and
+    under privacy :func:`train_inputs`'s numbers: fine-tune, keep the plain update, send it masked) and
+    ``reveal`` (``keys``, ``inbox``, ``survivors``)."""
+    if phase == "advertise":
+        advertise(cfg, client, round_index, output)
+    elif phase == "share":
+        share(cfg, client, round_index, inputs["keys"], output)
+    elif phase == "train":
+        from fedfm.training import train_client
+
+        plain = private_update_uri(cfg, client, round_index)
+        train_client(cfg, client, round_index, inputs["global"], plain)
+        noise = {name: float(inputs[name]) for name in ("clip_norm", "noise_stddev", "count_stddev") if name in inputs}
+        mask(cfg, client, round_index, plain, inputs["keys"], output, noise)
+    elif phase == "reveal":
+        reveal(cfg, client, round_index, inputs["keys"], inputs["inbox"], inputs["survivors"], output)
+    else:
+        raise SecureAggregationError(f"unknown secure aggregation step {phase!r} (one of {', '.join(CLIENT_PHASES)})")
+
+
+def check_secure_output(step: str, uri: str, client: str, round_index: int) -> None:
+    """What the operator checks of a client's protocol message: the masked update's header says it is
+    this client's for this round; any other message is non-empty JSON."""
+    if step == "train":
+        _, header = _read_masked(uri, client)
+        if header.get("client") != client or header.get("round") != str(round_index):
+            raise SecureAggregationError(f"the masked update at {uri} is {header.get('client')!r}'s for round "
+                                         f"{header.get('round')}, not client {client}'s for round {round_index}")
+        return
+    if not _read_json(uri, f"client {client}'s {step} message"):
+        raise SecureAggregationError(f"client {client}'s {step} message at {uri} is empty")
+
+
+def clip_norm_for(cfg: FederationConfig, state_uri: str | None) -> float | None:
+    """The clip norm clients use this round: adaptive clipping's current one, from the server state."""
+    if not (cfg.privacy.enabled and cfg.privacy.adaptive_clipping is not None and state_uri):
+        return None
+    from fedfm.federation import load_server_state
+
+    loaded = load_server_state(state_uri, build_strategy(cfg.strategy).name)
+    return privacy.PrivacyState.split(loaded)[0].clip_norm
 
 
 # --- server steps ----------------------------------------------------------------------------------------

@@ -122,9 +122,6 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     (:mod:`fedfm.secure_round`), each client step one after another; a client whose step raises drops
     out, and the protocol recovers its masks while ``threshold`` clients remain."""
     from fedfm import secure_round
-    from fedfm.federation import load_server_state
-    from fedfm.privacy import PrivacyState
-    from fedfm.strategies import build_strategy
 
     box, missing = round_dir / "secagg", {}
 
@@ -150,9 +147,7 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
                                                                            at("shares", client)))
     secure_round.relay_shares(at("keys"), {c: at("shares", c) for c in shared}, at("keys-shared"),
                               {c: at("inbox", c) for c in shared})
-    clip = None  # adaptive clipping's current clip norm, which each client needs to clip its own update
-    if cfg.privacy.enabled and state_uri:
-        clip = PrivacyState.split(load_server_state(state_uri, build_strategy(cfg.strategy).name))[0].clip_norm
+    noise = secure_round.train_inputs(cfg, round_index, state_uri)  # under privacy: how each client clips and noises
     masked = {}
     for client in shared:
         plain = secure_round.private_update_uri(cfg, client, round_index)
@@ -162,7 +157,7 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
             continue
         uri = str(box / "masked" / f"{client}.safetensors")
         if each([client], "mask", lambda c: secure_round.mask(cfg, c, round_index, plain, at("keys-shared"), uri,
-                                                              clip)):
+                                                              noise)):
             masked[client] = uri
     new_global, new_state = str(round_dir / "global_adapter.safetensors"), str(round_dir / "server_state")
     with events.step("aggregate", round=round_index) as figures:

@@ -23,6 +23,8 @@ LABEL_PURPOSE = f"{GROUP}/purpose"
 
 # ClientRound
 TRAIN, EVALUATE = "Train", "Evaluate"
+# One of a client's secure-aggregation steps (spec.secureStep: advertise, share, train, reveal)
+SECURE = "SecureAggregation"
 PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT = "Pending", "Running", "Succeeded", "Failed", "TimedOut"
 FINAL_PHASES = (SUCCEEDED, FAILED, TIMED_OUT)
 # A ClientRound that failed because its update was invalid: the reason that quarantines the client.
@@ -34,14 +36,16 @@ READY, TRAINING, QUARANTINED, EVICTED = "Ready", "Training", "Quarantined", "Evi
 _MAX_NAME = 63  # Job names become Pod label values, which stop at 63 characters
 
 
-def client_round_name(federation: str, run_id: str, round_index: int, purpose: str, client: str) -> str:
+def client_round_name(federation: str, run_id: str, round_index: int, purpose: str, client: str,
+                      step: str = "") -> str:
     """A stable, unique, DNS-1123 name for one client's work in one round of one run.
 
     The same inputs always give the same name, so a retried pipeline step finds its ClientRound
     instead of creating a second one. Long names keep their start and end a hash of the whole.
     """
     run = hashlib.sha256(run_id.encode()).hexdigest()[:8]
-    name = f"{federation}-{run}-r{round_index}-{'eval' if purpose == EVALUATE else 'train'}-{client}"
+    kind = "eval" if purpose == EVALUATE else f"sa-{step}" if purpose == SECURE else "train"
+    name = f"{federation}-{run}-r{round_index}-{kind}-{client}"
     name = re.sub(r"[^a-z0-9-]", "-", name.lower())
     if len(name) <= _MAX_NAME:
         return name

@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 from fedfm.config import FederationConfig
+from fedfm.secure_round import CLIENT_PHASES
 from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDERATED_CLIENTS, FEDERATIONS, GROUP,
-                                 PENDING, QUARANTINED, READY, RUNNING, SUCCEEDED, TIMED_OUT, TRAIN, TRAINING,
+                                 PENDING, QUARANTINED, READY, RUNNING, SECURE, SUCCEEDED, TIMED_OUT, TRAIN, TRAINING,
                                  VERSION)
 
 Schema = dict[str, Any]
@@ -205,7 +206,11 @@ def client_round_crd() -> dict:
         "client": _STRING | {"description": "the FederatedClient (in this namespace) that does the work"},
         "round": _INTEGER | {"minimum": 0},
         "runId": _STRING,
-        "purpose": {"type": "string", "enum": [TRAIN, EVALUATE]},
+        "purpose": {"type": "string", "enum": [TRAIN, EVALUATE, SECURE]},
+        "secureStep": {"type": "string", "enum": list(CLIENT_PHASES),
+                       "description": "with purpose SecureAggregation: which of the client's protocol steps"},
+        "inputs": {"type": "object", "additionalProperties": _STRING,
+                   "description": "a secure-aggregation step's inputs, by name (URIs and numbers)"},
         "globalAdapterURI": _STRING,
         "outputURI": _STRING | {"description": "where the Job writes the update (Train) or the evaluation counts"},
         "config": _FREE_FORM | {"description": "the federation config as this client needs it "

@@ -24,7 +24,7 @@ from fedfm.executors import ClientOutcome, Executor
 from fedfm.operators import kube
 from fedfm.operators.api import (API_VERSION, CLIENT_ROUNDS, EVALUATE, FEDERATIONS, FINAL_PHASES, GROUP,
                                  LABEL_CLIENT, LABEL_FEDERATION, LABEL_PURPOSE, LABEL_ROUND, LABEL_RUN, SUCCEEDED,
-                                 TIMED_OUT, TRAIN, VERSION, client_round_name)
+                                 SECURE, TIMED_OUT, TRAIN, VERSION, client_round_name)
 from fedfm.tasks import LossSums
 
 # Beyond a round's deadline, how long a step waits for the operator to say so before it stops waiting.
@@ -63,6 +63,28 @@ class KubernetesExecutor(Executor):
             else:
                 missing[client] = f"{status.get('phase')}: {status.get('message', '')}"
         return sums, missing
+
+    def secure_step(self, cfg, client, round_index, phase, inputs, output):
+        """The step as a ClientRound (purpose SecureAggregation) in the tenant's namespace: its file inputs
+        are published to the federation's storage, its message copied back to ``output``."""
+        folder = f"{self.root}/runs/{self.run}/round-{round_index}/secagg/{client}"
+        published = {}
+        for name, value in inputs.items():
+            if name == "global":
+                published[name] = self._publish(value)
+            elif isinstance(value, str) and storage.exists(value):
+                published[name] = f"{folder}/{phase}.{name}"
+                storage.write_bytes(published[name], storage.read_bytes(value), overwrite=True)
+            else:
+                published[name] = str(value)  # a number (clip norm, noise)
+        remote = f"{folder}/{phase}.out"
+        key = self._create(client, round_index, SECURE, published.get("global", ""), remote,
+                           secureStep=phase, inputs=published)
+        status = self._wait({key: client})[client]
+        if status.get("phase") != SUCCEEDED:
+            return ClientOutcome(client, status.get("phase", TIMED_OUT), status.get("message", ""))
+        storage.write_bytes(output, storage.read_bytes(remote), overwrite=True)
+        return ClientOutcome(client)
 
     def round_aggregated(self, cfg, meta: AdapterMeta, adapter_uri):
         aggregate = {
@@ -103,12 +125,14 @@ class KubernetesExecutor(Executor):
             "clients": [own], "policy": PolicyConfig(), "execution": ExecutionConfig(),
         }).as_dict()
 
-    def _create(self, client: str, round_index: int, purpose: str, global_uri: str, output: str) -> tuple[str, str]:
+    def _create(self, client: str, round_index: int, purpose: str, global_uri: str, output: str,
+                **extra: object) -> tuple[str, str]:
         namespace = self.cfg.client(client).kubernetes_namespace
-        name = client_round_name(self.cfg.name, self.run_id, round_index, purpose, client)
+        name = client_round_name(self.cfg.name, self.run_id, round_index, purpose, client,
+                                 str(extra.get("secureStep", "")))
         spec = {"federation": {"name": self.cfg.name, "namespace": self.federation_namespace}, "client": client,
                 "round": round_index, "runId": self.run_id, "purpose": purpose, "globalAdapterURI": global_uri,
-                "outputURI": output, "config": self._client_config(client)}
+                "outputURI": output, "config": self._client_config(client), **extra}
         if self.cfg.policy.round_deadline_seconds:
             spec["deadlineSeconds"] = self.cfg.policy.round_deadline_seconds
         body = {"apiVersion": API_VERSION, "kind": "ClientRound",

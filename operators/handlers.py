@@ -30,8 +30,9 @@ from fedfm.operators import kube, metrics
 from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDERATED_CLIENTS, FEDERATIONS,
                                  FINAL_PHASES, GROUP, INVALID_UPDATE, LABEL_CLIENT, LABEL_CLIENT_ROUND,
                                  LABEL_FEDERATION, PENDING, QUARANTINED, READY, RUNNING, SUCCEEDED, TIMED_OUT,
-                                 TRAIN, TRAINING, VERSION, condition, set_condition)
+                                 SECURE, TRAIN, TRAINING, VERSION, condition, set_condition)
 from fedfm.operators.jobs import job_manifest
+from fedfm.secure_round import check_secure_output
 
 STATUS_INTERVAL = 2.0  # seconds between derivations of FederatedClient and Federation status
 DEADLINE_INTERVAL = 1.0
@@ -165,6 +166,11 @@ def _complete(client_round: dict) -> None:
         if spec["purpose"] == EVALUATE:
             counts = json.loads(storage.read_bytes(spec["outputURI"]))
             _finish(client_round, SUCCEEDED, "Evaluated", f"{counts.get('examples', 0)} examples evaluated")
+            return
+        if spec["purpose"] == SECURE:  # what can be checked of a protocol message: that it is there and whose
+            check_secure_output(spec["secureStep"], spec["outputURI"], spec["client"], spec["round"])
+            _finish(client_round, SUCCEEDED, "SecureStepDone", f"secure aggregation step {spec['secureStep']} done",
+                    bytesUp=storage.size(spec["outputURI"]))
             return
         update = load_adapter(spec["outputURI"], who=f"client {spec['client']}")
         reference = load_adapter(spec["globalAdapterURI"], who="the federation")

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from fedfm.operators.api import (API_VERSION, EVALUATE, LABEL_CLIENT, LABEL_CLIENT_ROUND, LABEL_FEDERATION,
-                                 LABEL_PURPOSE, LABEL_ROUND)
+                                 LABEL_PURPOSE, LABEL_ROUND, SECURE)
 
 DATA_MOUNT = "/data"
 CONFIG_ENV = "FEDFM_CONFIG"
@@ -30,6 +30,12 @@ def command(client_round: dict, federated_client: dict) -> list[str]:
     spec = client_round["spec"]
     if spec["purpose"] == EVALUATE:
         args = ["client-evaluate", "--adapter", spec["globalAdapterURI"]]
+    elif spec["purpose"] == SECURE:
+        args = ["client-secagg", "--step", spec["secureStep"],
+                *(part for name, value in sorted((spec.get("inputs") or {}).items())
+                  for part in ("--input", f"{name}={value}"))]
+        if spec["secureStep"] == "train":
+            args += ["--world-size", str(world_size(federated_client))]
     else:
         args = ["client-train", "--global-adapter", spec["globalAdapterURI"],
                 "--world-size", str(world_size(federated_client))]

@@ -76,8 +76,15 @@ def check_federation(cfg: FederationConfig) -> Strategy:
             able = ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.from_mean))
             raise ConfigError(f"{feature} gives the server only the round's mean update; strategy {strategy.name!r} "
                               f"needs each update; choose one that works from the mean ({able})")
+    secagg = cfg.secure_aggregation
+    if secagg.enabled and len(cfg.training_clients) < 3:  # checked here, not in the config: a tenant's Job has one
+        raise ConfigError("secure_aggregation needs at least 3 clients: with 2, the sum and one's own update give "
+                          "away the other's")
+    if secagg.enabled and secagg.threshold is not None and secagg.threshold > len(cfg.training_clients):
+        raise ConfigError(f"secure_aggregation.threshold {secagg.threshold} exceeds the "
+                          f"{len(cfg.training_clients)} client(s) that train")
     for client in cfg.training_clients:
-        if cfg.secure_aggregation.enabled and cfg.client_state_location(client) is None:
+        if secagg.enabled and cfg.client_state_location(client) is None:
             raise ConfigError(f"secure_aggregation keeps each client's keys and plain update with the client; client "
                               f"{client} has nowhere to keep them: set its state_uri or execution.client_state_uri")
     if cfg.privacy.enabled:

@@ -105,4 +105,4 @@ def test_secure_aggregation_is_refused_where_it_cannot_run(tiny_config, tmp_path
     with pytest.raises(ConfigError, match="compression.method 'int8' cannot be combined with secure_aggregation"):
         tiny_config(**{"secure_aggregation.enabled": True, "compression.method": "int8"})
     with pytest.raises(ConfigError, match="needs at least 3 clients"):
-        tiny_config(clients=2, **{"secure_aggregation.enabled": True})
+        check_federation(tiny_config(clients=2, **{"secure_aggregation.enabled": True}))

@@ -11,7 +11,7 @@ import yaml
 
 from fedfm.config import FederationConfig
 from fedfm.operators import crds, rbac
-from fedfm.operators.api import EVALUATE, TRAIN, client_round_name, condition, set_condition
+from fedfm.operators.api import EVALUATE, SECURE, TRAIN, client_round_name, condition, set_condition
 from fedfm.operators.jobs import job_manifest
 from fedfm.operators.kube import selector_matches
 
@@ -109,6 +109,18 @@ def test_pvc_data_is_mounted_read_only_and_evaluation_runs_client_evaluate():
     assert container["command"][:2] == ["fedfm", "client-evaluate"]
     assert container["command"][-1] == "/data/sets/a.csv" and "--world-size" not in container["command"]
     assert "activeDeadlineSeconds" not in job["spec"] and "serviceAccountName" not in pod
+
+
+def test_a_secure_aggregation_step_runs_client_secagg_with_its_inputs():
+    job = job_manifest(_round(SECURE, secureStep="train", inputs={"keys": "s3://b/keys", "clip_norm": "0.5"}),
+                       _client(resources={"gpus": 1}))
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "fedfm", "client-secagg", "--step", "train", "--input", "clip_norm=0.5", "--input", "keys=s3://b/keys",
+        "--world-size", "1", "--client", "a", "--round", "1", "--output", "s3://b/u.safetensors",
+        "--data", "s3://tenant-a/train.csv"]
+    assert job["metadata"]["labels"]["fedfm.dev/purpose"] == "secureaggregation"
+    for step in ("advertise", "share", "train", "reveal"):  # one ClientRound per step, each its own name
+        assert client_round_name("fed", "run-1", 2, SECURE, "tenant-a", step).endswith(f"-r2-sa-{step}-tenant-a")
 
 
 def test_client_round_names_are_stable_short_and_valid():
