@@ -64,6 +64,14 @@ _CONFIG_FLAGS: dict[str, tuple[str, Any, str]] = {
                                                   "flexlora, flora, ffalora, fedsalora."),
     "strategy_params": ("strategy.params", Optional[str], "The rule's parameters as JSON, e.g. '{\"eta\": 0.01}'."),
     "clip_norm": ("strategy.clip_norm", Optional[float], "Scale each client update to at most this L2 norm."),
+    "target_epsilon": ("privacy.target_epsilon", Optional[float], "Differential privacy: the run's ε budget at "
+                                                                   "--delta (DP-FedAvg; needs --dp-clip-norm)."),
+    "noise_multiplier": ("privacy.noise_multiplier", Optional[float], "Differential privacy: noise σ / clip norm."),
+    "delta": ("privacy.delta", Optional[float], "Differential privacy: δ (default 1e-5)."),
+    "dp_clip_norm": ("privacy.clip_norm", Optional[float], "Differential privacy: each client's clip norm C."),
+    "secure_aggregation": ("secure_aggregation.enabled", Optional[bool], "Secure aggregation: the server sees only "
+                                                                         "masked updates and their sum."),
+    "compression": ("compression.method", Optional[str], "Encode updates: none, fp16, bf16, int8, topk."),
     "zero_stage": ("training.zero_stage", Optional[int], "DeepSpeed ZeRO stage (0-3)."),
     "bf16": ("training.bf16", Optional[bool], "Train in bf16 (DeepSpeed mixed precision)."),
     "world_size": ("training.world_size", Optional[int], "DeepSpeed processes per client."),
@@ -162,6 +170,8 @@ def _run_locally(cfg: FederationConfig, output: Optional[Path], pushgateway: Opt
     console.print(f"[bold]FedFM{' simulation' if simulated else ''}[/] {cfg.task} · {cfg.model.name_or_path} · "
                   f"{cfg.data.source} ({cfg.data.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
     console.print(_tenant_table(cfg, describe_clients(cfg)))
+    if cfg.privacy.enabled:
+        console.print(_privacy_summary(cfg))
     progress = RunProgress(cfg)
     with Live(progress.render(), console=console, refresh_per_second=4, auto_refresh=console.is_terminal,
               redirect_stdout=False, redirect_stderr=False) as live:
@@ -215,15 +225,35 @@ def validate_command(
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p", help="A compiled pipeline YAML to check too."),
 ) -> None:
     """Check a config (and a compiled pipeline) without a cluster; exit 2 with the reason if anything is wrong."""
+    from fedfm.pipelines.local_runner import with_client_state_here
+    from fedfm.strategies import check_federation
+
     console = _console()
+    # a local run keeps clients' own state in its run directory; any directory checks the same way
+    check_federation(with_client_state_here(cfg, Path("run")) if cfg.execution.mode == "local" else cfg)
     console.print(f"config: valid — {cfg.task}, {cfg.model.name_or_path}, {len(cfg.training_clients)} client(s), "
                   f"{cfg.rounds} round(s), {cfg.strategy.name}, execution {cfg.execution.mode}")
+    if cfg.privacy.enabled:
+        console.print(_privacy_summary(cfg))
     if pipeline is not None:
         from fedfm.pipelines.validate import validate_pipeline
 
         summary = validate_pipeline(pipeline, cfg)
         console.print(f"pipeline {pipeline}: valid — {summary.name!r}, {summary.rounds} round(s), "
                       f"{summary.clients} client(s), image {summary.image}")
+
+
+def _privacy_summary(cfg: FederationConfig) -> str:
+    from fedfm import privacy
+
+    rounds = privacy.rounds_within_budget(cfg)
+    spent = privacy.epsilon(cfg.privacy.accountant, [(privacy.sampling_rate(cfg), privacy.noise_multiplier(cfg))]
+                            * rounds, cfg.privacy.delta)
+    budget = f" of the budget ε = {cfg.privacy.target_epsilon}" if cfg.privacy.target_epsilon is not None else ""
+    stop = f"; the budget pays for {rounds} of {cfg.rounds} rounds" if rounds < cfg.rounds else ""
+    return (f"privacy: DP-FedAvg, noise multiplier {privacy.noise_multiplier(cfg):.4g}, clip norm "
+            f"{cfg.privacy.clip_norm}, sampling rate {privacy.sampling_rate(cfg)}: ε = {spent:.4g}{budget} at "
+            f"δ = {cfg.privacy.delta} after {rounds} round(s){stop}")
 
 
 @app.command("submit")

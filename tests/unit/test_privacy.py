@@ -195,3 +195,20 @@ def test_the_aggregate_step_reports_epsilon_each_round_and_refuses_the_round_pas
     after = sorted(path.name for path in tmp_path.iterdir())
     assert [name for name in after if name not in before and not name.startswith("tenant-")] == []
     assert load_adapter(global_uri).meta.round == fit  # the last adapter within the budget is untouched
+
+
+def test_fedfm_validate_reports_the_budget_and_refuses_what_it_cannot_pay():
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    result = CliRunner().invoke(app, ["validate", "--noise-multiplier", "4", "--target-epsilon", "2.5",
+                                      "--dp-clip-norm", "1", "--rounds", "20"])
+    assert result.exit_code == 0, result.output
+    fit = privacy.rounds_within_budget(dp_config(noise_multiplier=4.0, target_epsilon=2.5)
+                                       .with_overrides({"rounds": 20, "clients": 4}))
+    assert f"the budget pays for {fit} of 20 rounds" in " ".join(result.output.split())  # the console wraps lines
+    refused = CliRunner().invoke(app, ["validate", "--noise-multiplier", "0.5", "--target-epsilon", "0.1",
+                                       "--dp-clip-norm", "1"])
+    assert isinstance(refused.exception, ConfigError)  # fedfm's main() turns it into exit code 2 and one line
+    assert "does not pay for one round" in str(refused.exception)
