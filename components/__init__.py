@@ -17,6 +17,9 @@ from fedfm.components.client_finetune import client_finetune
 from fedfm.components.evaluate import evaluate
 from fedfm.components.export_adapter import export_adapter
 from fedfm.components.init_federation import init_federation
+from fedfm.components.secure_aggregation import (secagg_advertise, secagg_finetune, secagg_finish,
+                                                  secagg_relay_keys, secagg_relay_shares, secagg_reveal, secagg_share,
+                                                  secagg_sum)
 from fedfm.components.select_clients import select_clients
 
 DEFAULT_IMAGE = f"ghcr.io/fedfm/fedfm:{__version__}"
@@ -30,6 +33,15 @@ class Components:
     aggregate: dsl.base_component.BaseComponent
     evaluate: dsl.base_component.BaseComponent
     export_adapter: dsl.base_component.BaseComponent
+    # a round under secure aggregation (components/secure_aggregation.py)
+    secagg_advertise: dsl.base_component.BaseComponent
+    secagg_relay_keys: dsl.base_component.BaseComponent
+    secagg_share: dsl.base_component.BaseComponent
+    secagg_relay_shares: dsl.base_component.BaseComponent
+    secagg_finetune: dsl.base_component.BaseComponent
+    secagg_sum: dsl.base_component.BaseComponent
+    secagg_reveal: dsl.base_component.BaseComponent
+    secagg_finish: dsl.base_component.BaseComponent
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> Components:
@@ -45,4 +57,12 @@ def build_components(image: str = DEFAULT_IMAGE) -> Components:
         aggregate=component(aggregate),
         evaluate=component(evaluate),
         export_adapter=component(export_adapter),
+        secagg_advertise=component(secagg_advertise),
+        secagg_relay_keys=component(secagg_relay_keys),
+        secagg_share=component(secagg_share),
+        secagg_relay_shares=component(secagg_relay_shares),
+        secagg_finetune=component(secagg_finetune),
+        secagg_sum=component(secagg_sum),
+        secagg_reveal=component(secagg_reveal),
+        secagg_finish=component(secagg_finish),
     )

@@ -250,7 +250,9 @@ def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: flo
         record["privacy"] = meta.metrics["privacy"]
     if "update_checks" in meta.metrics:  # the round's norm statistics and the outliers it handled
         record["update_checks"] = meta.metrics["update_checks"]
-    if clients:
+    if "train_loss" in meta.metrics:  # secure aggregation: only the round's mean is known
+        record["train_loss"] = meta.metrics["train_loss"]
+    elif clients:
         record["train_loss"] = _weighted_mean(clients, "train_loss")
     return record
 

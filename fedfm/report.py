@@ -59,5 +59,8 @@ def _plot_clients(axis, rounds: list[tuple[int, dict[str, dict[str, Any]]]], key
     """One line of ``key`` per client through the rounds it has figures for: a client may be absent from
     a round (not sampled, timed out, its evaluation missing), and its line skips that round."""
     for client in sorted({name for _, figures in rounds for name in figures}):
-        points = [(round_index, figures[client][key]) for round_index, figures in rounds if client in figures]
-        axis.plot(*zip(*points), marker=".", alpha=alpha, label=client)
+        # a client without the figure (secure aggregation keeps each client's loss from the server) has no line
+        points = [(round_index, figures[client][key]) for round_index, figures in rounds
+                  if key in figures.get(client, {})]
+        if points:
+            axis.plot(*zip(*points), marker=".", alpha=alpha, label=client)

@@ -44,7 +44,12 @@ from fedfm.strategies import build_strategy
 
 MASKED_FORMAT = "fedfm-masked-update/1"
 WEIGHT = "secagg.weight"  # the extra entries of a contribution, beside the adapter's tensors
+LOSS = "secagg.loss"
 UNCLIPPED = "secagg.unclipped"
+# What a masked update's header says about its client in the clear: when and how long, nothing of its data
+# (sample count and loss travel masked, in the sum).
+_CLEAR_FIGURES = ("started_at", "finished_at", "seconds", "setup_seconds", "step_seconds", "bytes_down",
+                  "world_size", "zero_stage", "bf16")
 
 
 def context(cfg: FederationConfig, round_index: int) -> bytes:
@@ -100,7 +105,8 @@ def mask(cfg: FederationConfig, client: str, round_index: int, update_uri: str, 
     under differential privacy, first clip it and add its share of the noise (:func:`train_inputs`)."""
     keys = _read_json(keys_uri, "the keys of the clients that shared")
     update = load_adapter(update_uri, who=f"client {client}")
-    contribution = _contribution(cfg, round_index, client, update.tensors, update.meta.samples, noise or {})
+    contribution = _contribution(cfg, round_index, client, update.tensors, update.meta.samples,
+                                 float(update.meta.metrics.get("train_loss", 0.0)), noise or {})
     vector, layout = secagg.encode(contribution, cfg.secure_aggregation.fraction_bits)
     private = storage.read_bytes(_private(cfg, client, round_index, "shared.json"))
     masked = secagg.mask(client, private, keys["public"], vector, context(cfg, round_index))
@@ -108,7 +114,7 @@ def mask(cfg: FederationConfig, client: str, round_index: int, update_uri: str, 
               "base_model": update.meta.base_model, "layout": json.dumps(layout),
               "fraction_bits": str(cfg.secure_aggregation.fraction_bits),
               "metrics": json.dumps({key: value for key, value in update.meta.metrics.items()
-                                     if key not in ("update_norm",)}, sort_keys=True)}
+                                     if key in _CLEAR_FIGURES}, sort_keys=True)}
     storage.write_bytes(masked_out, safetensors_save({"masked": torch.from_numpy(masked.view(np.int64))},
                                                      metadata=header))
 
@@ -129,18 +135,20 @@ def train_inputs(cfg: FederationConfig, round_index: int, state_uri: str | None)
 
 
 def _contribution(cfg: FederationConfig, round_index: int, client: str, tensors: Tensors, samples: int,
-                  noise: dict[str, float]) -> Tensors:
-    """What the client puts into the sum (see the module docstring)."""
+                  train_loss: float, noise: dict[str, float]) -> Tensors:
+    """What the client puts into the sum (see the module docstring); without privacy also n and n·loss,
+    so the server gets the round's sample count and mean training loss but no client's."""
     if not cfg.privacy.enabled:
         weighted = {name: value * samples for name, value in tensors.items()}
-        return {**weighted, WEIGHT: torch.tensor([float(samples)])}
+        return {**weighted, WEIGHT: torch.tensor([float(samples)]), LOSS: torch.tensor([samples * train_loss])}
     clip = float(noise["clip_norm"])
     norm = l2_norm(tensors)
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     generator = _client_generator(cfg, client, round_index)
+    # in name order: with a noise_seed, each tensor gets the same noise whatever order the update file lists them
     contribution = {name: value * scale + torch.normal(0.0, float(noise["noise_stddev"]), value.shape,
                                                        generator=generator)
-                    for name, value in tensors.items()}
+                    for name, value in sorted(tensors.items())}
     if "count_stddev" in noise:
         count_noise = float(torch.normal(0.0, float(noise["count_stddev"]), (1,), generator=generator))
         contribution[UNCLIPPED] = torch.tensor([float(norm <= clip) + count_noise])
@@ -319,13 +327,14 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
     metrics: dict[str, Any] = {"clients": figures, "missing": missing, "strategy": strategy.name,
                                "secure_aggregation": {"survivors": survivors, "threshold": keys["threshold"],
                                                       "dropped": sorted(set(keys["public"]) - set(survivors))}}
-    if cfg.privacy.enabled:
+    if cfg.privacy.enabled:  # the server learns no sample count: 0 stands for unknown
         mean, metrics["privacy"], privacy_state = _private_mean(cfg, round_index, summed, privacy_state)
-        samples = sum(int(client.get("samples", 0)) for client in figures.values())
+        samples = 0
     else:
-        weight = float(summed.pop(WEIGHT)[0])
+        weight, loss = float(summed.pop(WEIGHT)[0]), float(summed.pop(LOSS)[0])
         mean = {name: value / weight for name, value in summed.items()}
         samples = int(round(weight))
+        metrics["train_loss"] = loss / weight
     from fedfm.federation import _mean_update  # the same one-update form the privacy path hands a rule
 
     aggregate = strategy.aggregate(current.tensors, [_mean_update(current, mean, round_index)], state=state)
@@ -373,8 +382,8 @@ def _layout(cfg: FederationConfig, round_index: int, global_tensors: Tensors) ->
     if cfg.privacy.enabled:
         if cfg.privacy.adaptive_clipping is not None:
             shapes[UNCLIPPED] = (1,)
-    else:
-        shapes[WEIGHT] = (1,)
+    else:  # under privacy n and n·loss would be released without noise: not sent
+        shapes[WEIGHT] = shapes[LOSS] = (1,)
     return [(name, tuple(shapes[name])) for name in sorted(shapes)]
 
 

@@ -9,6 +9,13 @@
          round 2: select clients ─► ParallelFor(client) fine-tune ◄─────────────┘   server state)
                   … ─► export (PEFT adapter)
 
+Under secure aggregation (``secure_aggregation.enabled``) a round is the protocol of
+:mod:`fedfm.secure_round` instead, in ``fedfm simulate``'s order::
+
+    select clients ─► ParallelFor advertise keys ─► relay keys ─► ParallelFor share keys ─► relay shares
+      ─► ParallelFor fine-tune (masked) ─► sum masked updates ─► ParallelFor(survivors) reveal shares
+      ─► unmask and aggregate ─► evaluate
+
 Rounds are unrolled at compile time (KFP has no loops whose body feeds the next iteration), so the
 compiled pipeline is for ``cfg.rounds`` rounds; everything else is read from the ``config``
 parameter at run time, which defaults to the config it was compiled from.
@@ -17,14 +24,13 @@ parameter at run time, which defaults to the config it was compiled from.
 import ast
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Model
 
-from fedfm.components import DEFAULT_IMAGE, build_components
+from fedfm.components import DEFAULT_IMAGE, Components, build_components
 from fedfm.config import FederationConfig
-from fedfm.errors import ConfigError
 from fedfm.privacy import rounds_within_budget
 
 PIPELINE_NAME = "federated-finetune"
@@ -32,12 +38,10 @@ PIPELINE_NAME = "federated-finetune"
 
 def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
     """The pipeline function for ``cfg`` (compile it, or call it under ``kfp.local``)."""
-    if cfg.secure_aggregation.enabled:
-        raise ConfigError("secure_aggregation runs in `fedfm simulate` only for now: the pipeline does not yet have "
-                          "the protocol's key-exchange and unmasking steps (turn it off, or use fedfm simulate)")
     steps = build_components(image)
     default_config = cfg.as_dict()
     Outputs = NamedTuple("Outputs", [("adapter", Model), ("history", Artifact)])
+    one_round = _secure_round if cfg.secure_aggregation.enabled else _plain_round
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -46,24 +50,17 @@ def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
     )
     def federated_finetune(config: dict = default_config) -> Outputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # keeps this run's cluster objects apart from other runs'
-        init = steps.init_federation(config=config, compiled_rounds=cfg.rounds).set_display_name("init")
+        init = steps.init_federation(config=config, compiled_rounds=cfg.rounds,
+                                     compiled_secure_aggregation=cfg.secure_aggregation.enabled)
+        init.set_display_name("init")
         global_adapter, server_state = init.outputs["global_adapter"], init.outputs["server_state"]
         evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
                                     history_in=init.outputs["history"]).set_display_name("round 0: evaluate")
         for round_index in range(1, rounds_within_budget(cfg) + 1):  # a privacy budget may allow fewer
             selection = steps.select_clients(config=config, round_index=round_index).after(init)
             selection.set_display_name(f"round {round_index}: select clients")
-            with dsl.ParallelFor(selection.output, parallelism=cfg.parallelism,
-                                 name=f"round-{round_index}-clients") as client:
-                finetune = steps.client_finetune(config=config, client=client, round_index=round_index,
-                                                 run_id=run_id, global_adapter=global_adapter)
-                finetune.set_display_name(f"round {round_index}: fine-tune")
-                finetune.set_caching_options(False)  # a new run is a new fine-tune, even from equal inputs
-            aggregation = steps.aggregate(config=config, round_index=round_index, run_id=run_id,
-                                          global_adapter=global_adapter,
-                                          updates=dsl.Collected(finetune.outputs["update"]),
-                                          server_state=server_state)
-            aggregation.set_display_name(f"round {round_index}: aggregate")
+            aggregation = one_round(_Round(steps, cfg, config, run_id, round_index), selection, global_adapter,
+                                    server_state)
             global_adapter = aggregation.outputs["new_global_adapter"]
             server_state = aggregation.outputs["new_server_state"]
             evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
@@ -73,6 +70,81 @@ def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
         return Outputs(adapter=export.outputs["adapter"], history=evaluation.outputs["history"])
 
     return federated_finetune
+
+
+class _Round(NamedTuple):
+    """What every task of one round is built with."""
+
+    steps: Components
+    cfg: FederationConfig
+    config: Any  # the pipeline's `config` parameter
+    run_id: str
+    index: int
+
+    @property
+    def label(self) -> str:
+        return f"round {self.index}"
+
+    def clients(self, items: Any, name: str) -> dsl.ParallelFor:
+        """A loop with a task per client in ``items`` (a step's list output)."""
+        return dsl.ParallelFor(items, parallelism=self.cfg.parallelism, name=f"round-{self.index}-{name}")
+
+
+def _client_task(task: Any, display_name: str) -> Any:
+    """A step that runs a client's work: never served from KFP's cache, since a new run is new work
+    (and, under secure aggregation, fresh keys) even from equal inputs."""
+    task.set_display_name(display_name)
+    task.set_caching_options(False)
+    return task
+
+
+def _plain_round(round_: _Round, selection: Any, global_adapter: Any, server_state: Any) -> Any:
+    """Each selected client fine-tunes, and the aggregate step combines the updates; returns that step."""
+    steps, config, run_id, index = round_.steps, round_.config, round_.run_id, round_.index
+    with round_.clients(selection.output, "clients") as client:
+        finetune = steps.client_finetune(config=config, client=client, round_index=index, run_id=run_id,
+                                         global_adapter=global_adapter)
+        _client_task(finetune, f"{round_.label}: fine-tune")
+    aggregation = steps.aggregate(config=config, round_index=index, run_id=run_id, global_adapter=global_adapter,
+                                  updates=dsl.Collected(finetune.outputs["update"]), server_state=server_state)
+    return aggregation.set_display_name(f"{round_.label}: aggregate")
+
+
+def _secure_round(round_: _Round, selection: Any, global_adapter: Any, server_state: Any) -> Any:
+    """The secure aggregation protocol (components/secure_aggregation.py) in ``fedfm simulate``'s order;
+    returns the finish step, which writes the round's global adapter and server state."""
+    steps, config, run_id, index, label = round_.steps, round_.config, round_.run_id, round_.index, round_.label
+    with round_.clients(selection.output, "advertise") as client:
+        advertise = _client_task(steps.secagg_advertise(config=config, client=client, round_index=index,
+                                                        run_id=run_id), f"{label}: advertise keys")
+    relay_keys = steps.secagg_relay_keys(config=config, round_index=index, run_id=run_id,
+                                         public_keys=dsl.Collected(advertise.outputs["public_keys"]))
+    relay_keys.set_display_name(f"{label}: relay keys")
+    keys = relay_keys.outputs["keys"]
+    with round_.clients(selection.output, "share") as client:
+        share = _client_task(steps.secagg_share(config=config, client=client, round_index=index, run_id=run_id,
+                                                keys=keys), f"{label}: share keys")
+    relay_shares = steps.secagg_relay_shares(config=config, round_index=index, keys=keys,
+                                             shares=dsl.Collected(share.outputs["shares"]))
+    relay_shares.set_display_name(f"{label}: relay shares")
+    keys_shared = relay_shares.outputs["keys_shared"]
+    with round_.clients(selection.output, "clients") as client:
+        finetune = _client_task(steps.secagg_finetune(config=config, client=client, round_index=index,
+                                                      run_id=run_id, global_adapter=global_adapter,
+                                                      keys_shared=keys_shared, server_state=server_state),
+                                f"{label}: fine-tune")
+    summed = steps.secagg_sum(config=config, round_index=index, run_id=run_id, global_adapter=global_adapter,
+                              updates=dsl.Collected(finetune.outputs["update"]), keys_shared=keys_shared)
+    summed.set_display_name(f"{label}: sum masked updates")
+    with round_.clients(summed.outputs["Output"], "reveal") as client:
+        reveal = _client_task(steps.secagg_reveal(config=config, client=client, round_index=index, run_id=run_id,
+                                                  keys_shared=keys_shared, inboxes=relay_shares.outputs["inboxes"],
+                                                  survivors=summed.outputs["survivors"]), f"{label}: reveal shares")
+    finish = steps.secagg_finish(config=config, round_index=index, run_id=run_id, global_adapter=global_adapter,
+                                 keys_shared=keys_shared, survivors=summed.outputs["survivors"],
+                                 masked_sum=summed.outputs["masked_sum"], figures=summed.outputs["figures"],
+                                 reveals=dsl.Collected(reveal.outputs["reveal"]), server_state=server_state)
+    return finish.set_display_name(f"{label}: unmask and aggregate")
 
 
 def compile_pipeline(cfg: FederationConfig, output: str, image: str = DEFAULT_IMAGE) -> None:

@@ -1,9 +1,11 @@
 """Check a compiled FedFM pipeline without a cluster (``fedfm validate --pipeline``).
 
 KFP's own loader must read it; it must be the DAG ``fedfm compile`` writes (init, per round a client
-selection, a fine-tune loop and an aggregation, evaluations, the export); its ``config`` parameter's
-default must be a valid federation config compiled for as many rounds as the DAG unrolls; and every
-step must run in one image. A config given next to it must fit the compiled rounds.
+selection, a fine-tune loop and an aggregation — under secure aggregation, the protocol's four client
+loops and its steps, ending in ``secagg-finish`` — evaluations, the export); its ``config`` parameter's
+default must be a valid federation config compiled for as many rounds as the DAG unrolls, with or
+without secure aggregation as the DAG is; and every step must run in one image. A config given next to
+it must fit the compiled rounds and the same secure aggregation setting.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ class PipelineSummary:
     config: FederationConfig
 
 
-_ROUND_STEPS = ("select-clients", "aggregate", "for-loop")
+# A round ends in its aggregate step: ``aggregate``, or under secure aggregation ``secagg-finish``, whose round
+# has four client loops (advertise, share, fine-tune, reveal) and the protocol's relay and sum steps.
+_AGGREGATES = ("aggregate", "secagg-finish")
+_LOOPS_PER_ROUND = {"aggregate": 1, "secagg-finish": 4}
+_SECURE_ROUND_STEPS = ("secagg-relay-keys", "secagg-relay-shares", "secagg-sum")
 
 
 def validate_pipeline(path: str | Path, cfg: FederationConfig | None = None) -> PipelineSummary:
@@ -44,15 +50,14 @@ def validate_pipeline(path: str | Path, cfg: FederationConfig | None = None) -> 
     except Exception as exc:  # KFP's loader raises many kinds; all mean "not a KFP pipeline"
         raise PipelineError(f"{path} is not a KFP pipeline that KFP's loader reads: {exc}") from None
     tasks = list((document.get("root") or {}).get("dag", {}).get("tasks", {}))
-    missing = [step for step in ("init-federation", "evaluate", "export-adapter", *_ROUND_STEPS)
+    missing = [step for step in ("init-federation", "evaluate", "export-adapter", "select-clients", "for-loop")
                if not any(_step_of(task) == step for task in tasks)]
+    if not any(_step_of(task) in _AGGREGATES for task in tasks):
+        missing.append("aggregate")
     if missing:
         raise PipelineError(f"{path} is not a FedFM pipeline: it has no {', '.join(missing)} step "
                             "(write it with `fedfm compile`)")
-    counts = {step: sum(_step_of(task) == step for task in tasks) for step in _ROUND_STEPS}
-    if len(set(counts.values())) != 1:
-        raise PipelineError(f"{path}: the rounds are incomplete ({counts})")
-    compiled_rounds = counts["aggregate"]
+    compiled_rounds, secure = _rounds(path, tasks)
     parameter = document["root"].get("inputDefinitions", {}).get("parameters", {}).get("config", {})
     if "defaultValue" not in parameter:
         raise PipelineError(f"{path} has no `config` parameter with a default")
@@ -65,6 +70,10 @@ def validate_pipeline(path: str | Path, cfg: FederationConfig | None = None) -> 
     if rounds_within_budget(compiled) != compiled_rounds:
         raise PipelineError(f"{path}: its config asks for {rounds_within_budget(compiled)} rounds but the DAG unrolls "
                             f"{compiled_rounds}")
+    for whose, config in (("its", compiled), ("the", cfg)):
+        if config is not None and config.secure_aggregation.enabled != secure:
+            raise PipelineError(f"{path}'s rounds {'run' if secure else 'do not run'} secure aggregation, but {whose} "
+                                f"config has secure_aggregation.enabled {not secure}: recompile it with the config")
     if cfg is not None and rounds_within_budget(cfg) != compiled_rounds:
         raise PipelineError(f"{path} is compiled for {compiled_rounds} rounds and the config asks for {cfg.rounds}: "
                             "recompile it (rounds are unrolled at compile time)")
@@ -74,6 +83,20 @@ def validate_pipeline(path: str | Path, cfg: FederationConfig | None = None) -> 
         raise PipelineError(f"{path}: its steps run in {len(images)} images ({', '.join(images)}); FedFM's run in one")
     return PipelineSummary(document["pipelineInfo"]["name"], compiled_rounds, len(compiled.training_clients),
                            images[0], compiled)
+
+
+def _rounds(path: Path, tasks: list[str]) -> tuple[int, bool]:
+    """How many rounds the DAG unrolls, and whether they are secure aggregation's: every round has a client
+    selection, its client loops and one aggregate step, all of one kind."""
+    counts = {step: sum(_step_of(task) == step for task in tasks)
+              for step in ("select-clients", "for-loop", *_AGGREGATES, *_SECURE_ROUND_STEPS)}
+    rounds = sum(counts[step] for step in _AGGREGATES)
+    loops = sum(counts[step] * _LOOPS_PER_ROUND[step] for step in _AGGREGATES)
+    secure = counts["secagg-finish"]
+    if secure not in (0, rounds) or counts["select-clients"] != rounds or counts["for-loop"] != loops \
+            or any(counts[step] != secure for step in _SECURE_ROUND_STEPS):
+        raise PipelineError(f"{path}: the rounds are incomplete ({counts})")
+    return rounds, secure > 0
 
 
 def _step_of(task: str) -> str:

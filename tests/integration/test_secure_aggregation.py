@@ -41,7 +41,11 @@ def test_the_masked_sum_gives_fedavgs_adapter_and_the_server_sees_no_plain_updat
     for name, value in _final(plain).items():
         torch.testing.assert_close(_final(secure)[name], value, rtol=0, atol=1e-5)  # fixed point, 2^-24
     record = secure.history[1]
-    assert record["samples"] == plain.history[1]["samples"]
+    assert record["samples"] == plain.history[1]["samples"]  # Σn, from the masked sum
+    assert record["train_loss"] == pytest.approx(plain.history[1]["train_loss"], rel=1e-5)  # Σn·loss / Σn
+    assert all(set(figures) <= {"started_at", "finished_at", "seconds", "setup_seconds", "step_seconds",
+                                "bytes_down", "world_size", "zero_stage", "bf16", "bytes_up"}
+               for figures in record["clients"].values())  # nothing of a client's data in the clear
     assert sorted(record["clients"]) == ["tenant-0", "tenant-1", "tenant-2"]
     assert all(figures["bytes_up"] > 0 for figures in record["clients"].values())
 
@@ -106,3 +110,205 @@ def test_secure_aggregation_is_refused_where_it_cannot_run(tiny_config, tmp_path
         tiny_config(**{"secure_aggregation.enabled": True, "compression.method": "int8"})
     with pytest.raises(ConfigError, match="needs at least 3 clients"):
         check_federation(tiny_config(clients=2, **{"secure_aggregation.enabled": True}))
+
+
+# --- the same protocol as pipeline steps: `fedfm run` (kfp.local) and `fedfm compile` ---------------------
+
+
+def test_the_pipeline_runs_the_protocol_and_gives_simulates_adapter(tiny_config, tmp_path):
+    """kfp.local runs each client step as its own task (advertise, share, fine-tune, reveal) and the
+    server's relays between them; the round comes out as in ``fedfm simulate``, and the server's tasks
+    hold masked updates only."""
+    from safetensors.torch import load_file
+
+    from fedfm.pipelines.local_runner import run_local
+    from fedfm.simulation import simulate
+
+    cfg = tiny_config(rounds=1, clients=3, **{"secure_aggregation.enabled": True})
+    simulated = simulate(cfg, tmp_path / "sim")
+    seen = []
+    piped = run_local(cfg, tmp_path / "kfp", on_event=seen.append)
+
+    ours, theirs = (load_file(run.adapter_dir / "adapter_model.safetensors") for run in (simulated, piped))
+    assert sorted(ours) == sorted(theirs)
+    for name, value in ours.items():
+        torch.testing.assert_close(theirs[name], value, rtol=0, atol=1e-5)
+    record, expected = piped.history[1], simulated.history[1]
+    assert sorted(record["clients"]) == sorted(expected["clients"]) == cfg.client_names
+    assert record["missing"] == expected["missing"] == {} and record["samples"] == expected["samples"]
+    assert all(figures["bytes_up"] > 0 for figures in record["clients"].values())
+
+    tasks = tmp_path / "kfp" / "kfp"
+    [new_global] = [path for path in tasks.rglob("new_global_adapter") if path.is_file()]
+    assert load_adapter(new_global).meta.metrics["secure_aggregation"] == {
+        "survivors": cfg.client_names, "threshold": 2, "dropped": []}
+    assert not list(tasks.rglob("client-finetune*"))  # the plain fine-tune step never ran
+    masked = [path for path in tasks.rglob("update") if path.is_file()]
+    assert len(masked) == 3 and all(load_file(path).keys() == {"masked"} for path in masked)
+    plain = sorted((piped.output / "client-state").glob("*/secagg/round-0001/update.safetensors"))
+    assert len(plain) == 3  # they stay in each client's own state location
+    finished = {(e["step"], e.get("client")) for e in seen if e["event"] == "finished" and e.get("round") == 1}
+    for step in ("secagg_advertise", "secagg_share", "client_finetune", "secagg_reveal"):
+        assert {client for name, client in finished if name == step} == set(cfg.client_names), step
+    assert {("secagg_relay_keys", None), ("secagg_relay_shares", None), ("secagg_sum", None),
+            ("aggregate", None), ("evaluate", None)} <= finished
+
+
+def test_cli_compiles_a_secure_pipeline_that_validates(tiny_config, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    cfg = tiny_config(rounds=2, clients=3, **{"secure_aggregation.enabled": True,
+                                              "execution.client_state_uri": str(tmp_path / "client-state")})
+    config_file = tmp_path / "federation.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.as_dict()))
+    runner = CliRunner()
+    result = runner.invoke(app, ["compile", "--config", str(config_file), "--output", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 0, result.output
+
+    tasks = yaml.safe_load((tmp_path / "p.yaml").read_text())["root"]["dag"]["tasks"]
+    names = {task["taskInfo"]["name"] for task in tasks.values()}
+    for round_index in (1, 2):
+        assert {f"round-{round_index}-{loop}" for loop in ("advertise", "share", "clients", "reveal")} <= names
+        assert {f"round {round_index}: {step}" for step in ("relay keys", "relay shares", "sum masked updates",
+                                                              "unmask and aggregate")} <= names
+    assert not any(name.startswith("aggregate") for name in tasks)  # the plain aggregate step is not there
+    reveal = next(task for task in tasks.values() if task["taskInfo"]["name"] == "round-1-reveal")
+    assert reveal["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--secagg-sum-Output"
+
+    result = runner.invoke(app, ["validate", "--config", str(config_file), "--pipeline", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "2 round(s)" in result.output
+    plain_file = tmp_path / "plain.yaml"
+    plain_file.write_text(yaml.safe_dump(cfg.with_overrides({"secure_aggregation.enabled": False}).as_dict()))
+    result = runner.invoke(app, ["validate", "--config", str(plain_file), "--pipeline", str(tmp_path / "p.yaml")])
+    assert result.exit_code != 0
+    assert "secure_aggregation.enabled False" in result.output + str(result.exception)
+
+
+class _Artifact:
+    """What a KFP step sees of an artifact: a local path, a URI and metadata (which travels with it)."""
+
+    def __init__(self, path: Path):
+        self.path, self.uri, self.metadata = str(path), str(path), {}
+
+
+def _failing_steps_as_outcomes(monkeypatch) -> None:
+    """The executor as the cluster's behaves: a client step that raises is a Failed ClientRound, which
+    the pipeline step records, not a failed pipeline task."""
+    from fedfm import executors, secure_pipeline
+
+    class Reporting(executors.LocalExecutor):
+        def secure_step(self, cfg, client, round_index, phase, inputs, output):
+            try:
+                return super().secure_step(cfg, client, round_index, phase, inputs, output)
+            except Exception as exc:
+                return executors.ClientOutcome(client, "Failed", f"{type(exc).__name__}: {exc}")
+
+    monkeypatch.setattr(executors, "build_executor", lambda cfg, run_id="": Reporting())
+    monkeypatch.setattr(secure_pipeline, "build_executor", lambda cfg, run_id="": Reporting())
+
+
+def _pipeline_round_here(cfg, work: Path) -> _Artifact:
+    """Round 1 of the secure pipeline with its step functions called in the DAG's order, in this process
+    (kfp.local's subprocesses would not see a test's monkeypatching); returns the new global adapter."""
+    from fedfm import storage
+    from fedfm.components import secure_aggregation as steps
+    from fedfm.federation import initialize
+
+    config, clients, run_id = cfg.as_dict(), cfg.sampled_clients(1), "test-run"
+
+    def artifact(*name: str) -> _Artifact:
+        return _Artifact(work.joinpath(*name))
+
+    def each(name: str, step, items: list[str], **inputs) -> list[_Artifact]:
+        outputs = [artifact(name, client) for client in items]
+        for client, output in zip(items, outputs):
+            step(config, client, 1, run_id, **inputs, **{name: output})
+        return outputs
+
+    global_adapter, server_state = artifact("global_adapter"), artifact("server_state")
+    initialize(cfg, global_adapter.path)
+    storage.write_bytes(server_state.path, b"")
+    keys, keys_shared, inboxes = artifact("keys"), artifact("keys_shared"), artifact("inboxes")
+    steps.secagg_relay_keys(config, 1, run_id, each("public_keys", steps.secagg_advertise, clients), keys)
+    steps.secagg_relay_shares(config, 1, keys, each("shares", steps.secagg_share, clients, keys=keys), keys_shared,
+                              inboxes)
+    updates = each("update", steps.secagg_finetune, clients, global_adapter=global_adapter, keys_shared=keys_shared,
+                   server_state=server_state)
+    survivors, masked_sum, figures = artifact("survivors"), artifact("masked_sum"), artifact("figures")
+    answering = steps.secagg_sum(config, 1, run_id, global_adapter, updates, keys_shared, survivors, masked_sum,
+                                 figures)
+    reveals = each("reveal", steps.secagg_reveal, answering, keys_shared=keys_shared, inboxes=inboxes,
+                   survivors=survivors)
+    new_global = artifact("new_global_adapter")
+    steps.secagg_finish(config, 1, run_id, global_adapter, keys_shared, survivors, masked_sum, figures, reveals,
+                        server_state, new_global, artifact("new_server_state"))
+    return new_global
+
+
+def test_the_pipeline_steps_go_on_without_clients_that_fail_a_step_as_simulate_does(tiny_config, tmp_path,
+                                                                                   monkeypatch):
+    """One client fails to advertise (it is skipped from then on), another fails its fine-tune after it
+    shared (its masks are recovered): the steps' artifacts carry why, and the round is simulate's."""
+    from fedfm import secure_round
+    from fedfm.pipelines.local_runner import with_client_state_here
+    from fedfm.simulation import simulate
+
+    original = secure_round.advertise
+
+    def unreachable(cfg, client, round_index, public_out):
+        if client == "tenant-1":
+            raise ConnectionError("tenant-1's cluster is unreachable")
+        return original(cfg, client, round_index, public_out)
+
+    monkeypatch.setattr(secure_round, "advertise", unreachable)
+    _dropping(monkeypatch, "tenant-3", 1)
+    _failing_steps_as_outcomes(monkeypatch)
+    cfg = tiny_config(rounds=1, clients=5, **{"secure_aggregation.enabled": True, "policy.min_clients": 3})
+    simulated = simulate(cfg, tmp_path / "sim")
+    new_global = _pipeline_round_here(with_client_state_here(cfg, tmp_path / "pipe"), tmp_path / "pipe" / "work")
+
+    meta = load_adapter(new_global.path).meta
+    assert sorted(meta.metrics["clients"]) == sorted(simulated.history[1]["clients"]) == [
+        "tenant-0", "tenant-2", "tenant-4"]
+    assert meta.metrics["missing"] == simulated.history[1]["missing"] == {
+        "tenant-1": "Failed in secure aggregation advertise: ConnectionError: tenant-1's cluster is unreachable",
+        "tenant-3": "Failed: TrainingError: client tenant-3: the node was preempted"}
+    assert new_global.metadata["missing"] == meta.metrics["missing"]
+    assert meta.metrics["secure_aggregation"]["dropped"] == ["tenant-3"]  # it shared, so its masks were removed
+    for name, value in _final(simulated).items():
+        torch.testing.assert_close(load_adapter(new_global.path).tensors[name], value, rtol=0, atol=1e-5)
+
+
+def test_the_pipeline_steps_pass_the_clients_how_to_clip_and_noise_under_privacy(tiny_config, tmp_path):
+    """The fine-tune step hands each client the server's clip norm and noise scale; with the noise seeded,
+    the round is simulate's."""
+    from fedfm.pipelines.local_runner import with_client_state_here
+    from fedfm.simulation import simulate
+
+    cfg = tiny_config(rounds=1, clients=3, **{"secure_aggregation.enabled": True, "privacy.noise_multiplier": 0.5,
+                                              "privacy.clip_norm": 0.5, "privacy.adaptive_clipping": {},
+                                              "privacy.noise_seed": 7})
+    simulated = simulate(cfg, tmp_path / "sim")
+    new_global = _pipeline_round_here(with_client_state_here(cfg, tmp_path / "pipe"), tmp_path / "pipe" / "work")
+
+    ours = load_adapter(new_global.path)
+    expected = simulated.history[1]["privacy"]
+    assert ours.meta.metrics["privacy"] == expected and expected["noise"] == "client" and "unclipped" in expected
+    for name, value in _final(simulated).items():
+        torch.testing.assert_close(ours.tensors[name], value, rtol=0, atol=1e-5)
+
+
+def test_a_pipeline_compiled_without_secure_aggregation_refuses_a_config_that_turns_it_on(tiny_config, tmp_path):
+    """The run's config parameter can differ from the compiled one: a pipeline without the protocol's
+    steps must not aggregate plain updates for a config that asks for secure aggregation."""
+    from fedfm.components.init_federation import init_federation
+
+    cfg = tiny_config(**{"secure_aggregation.enabled": True, "execution.client_state_uri": str(tmp_path / "cs")})
+    outputs = [_Artifact(tmp_path / name) for name in ("global", "state", "history")]
+    with pytest.raises(ConfigError, match="pipeline was compiled without its steps: recompile"):
+        init_federation(cfg.as_dict(), cfg.rounds, False, *outputs)
+    assert not (tmp_path / "global").exists()

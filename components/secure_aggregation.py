@@ -1,0 +1,218 @@
+"""A round under secure aggregation (``secure_aggregation.enabled``): the protocol of
+:mod:`fedfm.secure_round` as pipeline steps, in the order ``fedfm simulate`` runs them.
+
+Client steps (one task per client, run where its data is through the executor): advertise, share,
+fine-tune and mask, reveal. Server steps: relay the keys, relay the shares, sum the masked updates,
+unmask and aggregate. A client that fails a step leaves the round without failing the run (its
+artifact is empty and says why, :mod:`fedfm.secure_pipeline`); the protocol's threshold and the
+quorum decide whether the round aggregates.
+"""
+
+from typing import List
+
+from kfp.dsl import Artifact, Input, Model, Output
+
+
+def secagg_advertise(config: dict, client: str, round_index: int, run_id: str, public_keys: Output[Artifact]):
+    """The client's fresh key pairs for this round; only the public keys come out."""
+    from fedfm import events
+    from fedfm.executors import SUCCEEDED
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import run_client_step
+
+    with events.step("secagg_advertise", client=client, round=round_index) as figures:
+        cfg = step_config(config)
+        metadata = run_client_step(cfg, run_id, client, round_index, "advertise", {}, public_keys.path)
+        if metadata["phase"] != SUCCEEDED:
+            figures.update(phase=metadata["phase"], reason=metadata["reason"])
+    public_keys.metadata.update(metadata)
+
+
+def secagg_relay_keys(config: dict, round_index: int, run_id: str, public_keys: Input[List[Artifact]],
+                      keys: Output[Artifact]):
+    """Collect the advertised keys (U1) into the file every client reads next; below the protocol's
+    threshold the round ends here."""
+    from fedfm import events, secure_round
+    from fedfm.errors import QuorumError
+    from fedfm.executors import build_executor
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import split
+
+    with events.step("secagg_relay_keys", round=round_index) as figures:
+        cfg = step_config(config)
+        published, missing = split(public_keys, "advertise")
+        try:
+            advertised = secure_round.relay_keys(cfg, round_index, published, keys.path)
+        except QuorumError as exc:
+            build_executor(cfg, run_id).round_failed(cfg, round_index, str(exc))
+            raise
+        figures.update(clients=len(advertised), missing=len(missing))
+    keys.metadata.update(round=round_index, clients=advertised, missing=missing)
+
+
+def secagg_share(config: dict, client: str, round_index: int, run_id: str, keys: Input[Artifact],
+                 shares: Output[Artifact]):
+    """The client's encrypted shares of its seeds, one per peer in U1 (skipped if it is not in U1)."""
+    from fedfm import events
+    from fedfm.executors import SUCCEEDED
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import run_if_relayed
+
+    with events.step("secagg_share", client=client, round=round_index) as figures:
+        cfg = step_config(config)
+        metadata = run_if_relayed(cfg, run_id, client, round_index, "share", keys, {"keys": keys.path}, shares.path)
+        if metadata["phase"] != SUCCEEDED:
+            figures.update(phase=metadata["phase"], reason=metadata["reason"])
+    shares.metadata.update(metadata)
+
+
+def secagg_relay_shares(config: dict, round_index: int, keys: Input[Artifact], shares: Input[List[Artifact]],
+                        keys_shared: Output[Artifact], inboxes: Output[Artifact]):
+    """Pass each client that shared its inbox of ciphertexts (``inboxes/<client>.json``) and write the
+    keys of the clients that shared (U2)."""
+    import os
+
+    from fedfm import events, secure_round
+    from fedfm.secure_pipeline import split
+
+    with events.step("secagg_relay_shares", round=round_index) as figures:
+        sent, missing = split(shares, "share")
+        os.makedirs(inboxes.path, exist_ok=True)  # the artifact is a directory, even when nobody shared
+        shared = secure_round.relay_shares(keys.path, sent, keys_shared.path,
+                                           {client: f"{inboxes.path}/{client}.json" for client in sent})
+        figures.update(clients=len(shared), missing=len(missing))
+    keys_shared.metadata.update(round=round_index, clients=shared,
+                                missing={**(keys.metadata.get("missing") or {}), **missing})
+
+
+def secagg_finetune(
+    config: dict,
+    client: str,
+    round_index: int,
+    run_id: str,
+    global_adapter: Input[Model],
+    keys_shared: Input[Artifact],
+    server_state: Input[Artifact],
+    update: Output[Model],
+):
+    """Fine-tune ``client`` and output its update masked (under privacy, clipped and noised first, with
+    the clip norm from ``server_state``): the plain update stays in the client's own state location.
+    Like ``client_finetune``, a client that produced nothing is not a failed step."""
+    from fedfm import events, secure_round
+    from fedfm.executors import SUCCEEDED
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import masked_figures, run_if_relayed
+
+    with events.step("client_finetune", client=client, round=round_index) as figures:
+        cfg = step_config(config)
+        # under privacy, how the client clips and noises its update: the server's to say, it knows the federation
+        noise = secure_round.train_inputs(cfg, round_index, server_state.path)
+        inputs = {"global": global_adapter.path, "keys": keys_shared.path,
+                  **{name: str(value) for name, value in noise.items()}}
+        metadata = run_if_relayed(cfg, run_id, client, round_index, "train", keys_shared, inputs, update.path)
+        if metadata["phase"] == SUCCEEDED:
+            trained = masked_figures(update.path)
+            shown = {name: trained[name] for name in ("train_loss", "samples", "seconds") if name in trained}
+            figures.update(shown)
+            metadata.update({name: value for name, value in shown.items() if name != "seconds"})
+        else:
+            figures.update(phase=metadata["phase"], reason=metadata["reason"])
+    update.metadata.update(metadata)
+
+
+def secagg_sum(
+    config: dict,
+    round_index: int,
+    run_id: str,
+    global_adapter: Input[Model],
+    updates: Input[List[Model]],
+    keys_shared: Input[Artifact],
+    survivors: Output[Artifact],
+    masked_sum: Output[Artifact],
+    figures: Output[Artifact],
+) -> list:
+    """Add the masked updates that arrived and announce who survived (U3): the items of the reveal
+    loop. ``figures`` keeps the survivors' training figures and the other clients' reasons for the
+    finish step."""
+    import json
+
+    from fedfm import events, secure_round, storage
+    from fedfm.errors import QuorumError, SecureAggregationError
+    from fedfm.executors import build_executor
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import split
+
+    with events.step("secagg_sum", round=round_index) as shown:
+        cfg = step_config(config)
+        masked, missing = split(updates, "train")
+        try:
+            clients = secure_round.sum_masked(cfg, round_index, global_adapter.path, masked, keys_shared.path,
+                                              survivors.path, masked_sum.path)
+        except (QuorumError, SecureAggregationError) as exc:
+            build_executor(cfg, run_id).round_failed(cfg, round_index, str(exc))
+            raise
+        storage.write_bytes(figures.path, json.dumps({"clients": clients, "missing": missing}, sort_keys=True).encode())
+        shown.update(clients=len(clients), missing=len(missing))
+    survivors.metadata.update(round=round_index, clients=sorted(clients))
+    return sorted(clients)
+
+
+def secagg_reveal(config: dict, client: str, round_index: int, run_id: str, keys_shared: Input[Artifact],
+                  inboxes: Input[Artifact], survivors: Input[Artifact], reveal: Output[Artifact]):
+    """The survivor ``client``'s shares that let the server remove the masks (asked once per round)."""
+    from fedfm import events
+    from fedfm.executors import SUCCEEDED
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import run_client_step
+
+    with events.step("secagg_reveal", client=client, round=round_index) as figures:
+        cfg = step_config(config)
+        inputs = {"keys": keys_shared.path, "inbox": f"{inboxes.path}/{client}.json", "survivors": survivors.path}
+        metadata = run_client_step(cfg, run_id, client, round_index, "reveal", inputs, reveal.path)
+        if metadata["phase"] != SUCCEEDED:
+            figures.update(phase=metadata["phase"], reason=metadata["reason"])
+    reveal.metadata.update(metadata)
+
+
+def secagg_finish(
+    config: dict,
+    round_index: int,
+    run_id: str,
+    global_adapter: Input[Model],
+    keys_shared: Input[Artifact],
+    survivors: Input[Artifact],
+    masked_sum: Input[Artifact],
+    figures: Input[Artifact],
+    reveals: Input[List[Artifact]],
+    server_state: Input[Artifact],
+    new_global_adapter: Output[Model],
+    new_server_state: Output[Artifact],
+):
+    """Unmask the sum with the revealed shares and run the strategy on the round's mean update: the
+    round's aggregate step (same record, same server state chain, same report to the executor)."""
+    import json
+
+    from fedfm import events, secure_round, storage
+    from fedfm.errors import QuorumError, SecureAggregationError
+    from fedfm.executors import build_executor
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import split
+
+    with events.step("aggregate", round=round_index) as shown:
+        cfg = step_config(config)
+        executor = build_executor(cfg, run_id)
+        reported = json.loads(storage.read_bytes(figures.path))
+        revealed, unrevealed = split(reveals, "reveal")
+        missing = {**reported["missing"], **unrevealed}  # as fedfm simulate records a reveal that failed
+        try:
+            meta = secure_round.finish(cfg, round_index, global_adapter.path, keys_shared.path, survivors.path,
+                                       masked_sum.path, revealed, reported["clients"], new_global_adapter.path,
+                                       missing, state_in=server_state.path, state_out=new_server_state.path)
+        except (QuorumError, SecureAggregationError) as exc:
+            executor.round_failed(cfg, round_index, str(exc))
+            raise
+        executor.round_aggregated(cfg, meta, new_global_adapter.path)
+        shown.update(clients=len(reported["clients"]), missing=len(missing), samples=meta.samples,
+                     round_seconds=meta.metrics.get("round_seconds"))
+    new_global_adapter.metadata.update(round=round_index, samples=meta.samples, sha256=meta.sha256,
+                                       clients=sorted(meta.metrics["clients"]), missing=missing)
