@@ -211,12 +211,13 @@ def client_round_crd() -> dict:
                        "description": "with purpose SecureAggregation: which of the client's protocol steps"},
         "inputs": {"type": "object", "additionalProperties": _STRING,
                    "description": "a secure-aggregation step's inputs, by name (URIs and numbers)"},
-        "globalAdapterURI": _STRING,
+        "globalAdapterURI": _STRING | {"description": "the adapter to start from (Train, Evaluate, and the secure "
+                                                    "train step)"},
         "outputURI": _STRING | {"description": "where the Job writes the update (Train) or the evaluation counts"},
         "config": _FREE_FORM | {"description": "the federation config as this client needs it "
                                                "(FederationConfig with this client only)"},
         "deadlineSeconds": _NUMBER | {"minimum": 0, "exclusiveMinimum": True},
-    }, required=["federation", "client", "round", "purpose", "globalAdapterURI", "outputURI", "config"])
+    }, required=["federation", "client", "round", "purpose", "outputURI", "config"])
     status = _object({
         "phase": {"type": "string", "enum": [PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT]},
         "jobName": _STRING,

@@ -131,8 +131,10 @@ class KubernetesExecutor(Executor):
         name = client_round_name(self.cfg.name, self.run_id, round_index, purpose, client,
                                  str(extra.get("secureStep", "")))
         spec = {"federation": {"name": self.cfg.name, "namespace": self.federation_namespace}, "client": client,
-                "round": round_index, "runId": self.run_id, "purpose": purpose, "globalAdapterURI": global_uri,
-                "outputURI": output, "config": self._client_config(client), **extra}
+                "round": round_index, "runId": self.run_id, "purpose": purpose, "outputURI": output,
+                "config": self._client_config(client), **extra}
+        if global_uri:  # a secure-aggregation step other than train has none
+            spec["globalAdapterURI"] = global_uri
         if self.cfg.policy.round_deadline_seconds:
             spec["deadlineSeconds"] = self.cfg.policy.round_deadline_seconds
         body = {"apiVersion": API_VERSION, "kind": "ClientRound",

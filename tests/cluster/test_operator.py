@@ -23,6 +23,7 @@ import pytest
 import torch
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from safetensors import safe_open
 
 from kube import FakeKubelet, api_client_from_kubeconfig, free_ports, now_rfc3339, wait_for
 from prometheus_server import Prometheus
@@ -144,8 +145,10 @@ class Federation:
     config_file: Path
 
 
-def make_federation(cluster: Cluster, tiny_classifier: str, name: str, **policy) -> Federation:
-    """A Federation in the platform namespace and three enrolled tenants with data of their own."""
+def make_federation(cluster: Cluster, tiny_classifier: str, name: str, *, settings: dict | None = None,
+                    **policy) -> Federation:
+    """A Federation in the platform namespace and three enrolled tenants with data of their own
+    (``settings``: dotted config overrides)."""
     plane, workdir = cluster.plane, cluster.workdir / name
     workdir.mkdir()
     clients = ["a", "b", "c"]
@@ -167,7 +170,7 @@ def make_federation(cluster: Cluster, tiny_classifier: str, name: str, **policy)
         "policy": policy,
         "execution": {"mode": "kubernetes", "storage_uri": f"file://{workdir / 'storage'}",
                       "federation_namespace": PLATFORM, "poll_seconds": 0.5},
-    })
+    }).with_overrides(settings or {})
     plane.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "Federation",
                  "metadata": {"name": name, "namespace": PLATFORM},
                  "spec": {"config": cfg.as_dict(), "clientSelector": {"matchLabels": ENROLLED}}})
@@ -269,6 +272,32 @@ def test_two_rounds_on_three_tenants(cluster, tiny_classifier, tmp_path):
     updates = float(prometheus.wait_for('sum(fedfm_client_rounds_total{federation="fed-e2e",purpose="Train",'
                                         'outcome="Succeeded"}) == 6')[0]["value"][1])
     assert updates == 6
+
+
+def test_secure_aggregation_runs_its_steps_as_jobs_in_the_tenants_namespaces(cluster, tiny_classifier, tmp_path):
+    """Every protocol step of every client is a ClientRound and a Job in the tenant's namespace; the
+    tenants' keys and plain updates stay in their own state locations; the storage the pipeline reads
+    holds masked updates only; the round aggregates all three."""
+    state = cluster.workdir / "fed-sa-tenant-state"
+    federation = make_federation(cluster, tiny_classifier, "fed-sa", settings={
+        "rounds": 1, "secure_aggregation.enabled": True, "execution.client_state_uri": f"file://{state}"})
+    code, output = finish(fedfm_run(cluster, federation, tmp_path / "run"))
+    assert code == 0, output + cluster.operator.log()
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    assert sorted(history[1]["clients"]) == ["a", "b", "c"] and history[1]["missing"] == {}
+    for tenant, namespace in federation.namespaces.items():
+        rounds = cluster.rounds(namespace)
+        steps = sorted(r["spec"].get("secureStep", r["spec"]["purpose"]) for r in rounds)
+        assert steps == ["Evaluate", "Evaluate", "advertise", "reveal", "share", "train"]
+        assert {r["status"]["phase"] for r in rounds} == {"Succeeded"}
+        assert all(job.spec.template.spec.service_account_name == TENANT_SA for job in cluster.jobs(namespace))
+        assert (state / tenant / "secagg" / "round-0001" / "update.safetensors").exists()
+    storage = cluster.workdir / "fed-sa" / "storage"
+    masked = sorted(storage.rglob("train.out"))
+    assert len(masked) == 3 and not list(storage.rglob("*.update.safetensors"))
+    for path in masked:
+        with safe_open(str(path), framework="pt") as handle:
+            assert handle.metadata()["format"] == "fedfm-masked-update/1"
 
 
 def test_deadline_and_quorum(cluster, tiny_classifier, tmp_path):
