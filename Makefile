@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfm-stack
 ARGS  ?=
 
-.PHONY: venv run test compile images bench-quality bench-overhead bench-aggregate clean
+.PHONY: venv run test compile images bench-quality bench-overhead bench-aggregate bench-secagg clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/install-stack.sh
 	scripts/install-stack.sh $(VENV)
@@ -41,6 +41,9 @@ bench-overhead: venv
 
 bench-aggregate: venv
 	$(PY) bench/aggregate.py $(ARGS)
+
+bench-secagg: venv
+	$(PY) bench/secagg.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs pipeline.yaml .pytest_cache
