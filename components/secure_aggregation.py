@@ -111,10 +111,8 @@ def secagg_finetune(
                   **{name: str(value) for name, value in noise.items()}}
         metadata = run_if_relayed(cfg, run_id, client, round_index, "train", keys_shared, inputs, update.path)
         if metadata["phase"] == SUCCEEDED:
-            trained = masked_figures(update.path)
-            shown = {name: trained[name] for name in ("train_loss", "samples", "seconds") if name in trained}
-            figures.update(shown)
-            metadata.update({name: value for name, value in shown.items() if name != "seconds"})
+            # the header shows only timings: the client's sample count and loss travel masked
+            figures.update({name: value for name, value in masked_figures(update.path).items() if name == "seconds"})
         else:
             figures.update(phase=metadata["phase"], reason=metadata["reason"])
     update.metadata.update(metadata)
