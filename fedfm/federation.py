@@ -20,7 +20,7 @@ from fedfm.adapters import Adapter, AdapterMeta, Tensors, load_adapter, read_met
 from fedfm.config import FederationConfig
 from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, StorageError
 from fedfm.privacy import PrivacyState, noisy_mean
-from fedfm.strategies import ServerState, build_strategy, check_federation, expected_update_shapes
+from fedfm.strategies import Aggregate, ServerState, build_strategy, check_federation, expected_update_shapes
 from fedfm.strategies.norm_bound import bound_norms
 from fedfm.update_checks import Quarantine, judge, measure_norms, reloaded, skipped_record
 
@@ -73,10 +73,8 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     """
     started = time.time()
     updates, missing = list(updates), dict(missing or {})
-    _require_quorum(cfg, round_index, len(updates), missing)
-    for out in (global_out, state_out):
-        if out and storage.exists(out):
-            raise StorageError(f"{out} already exists; refusing to overwrite it")
+    require_quorum(cfg, round_index, len(updates), missing)
+    refuse_overwrite(global_out, state_out)
     current = load_adapter(global_uri, who="the federation")
     if current.meta.kind != "global":
         raise FedFMError(f"{global_uri} is a client update, not a global adapter")
@@ -94,21 +92,30 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
         mean, privacy_figures, privacy_state = noisy_mean(cfg, round_index, stream, shapes, privacy_state)
         stream = [_mean_update(current, mean, round_index)]
     aggregate = strategy.aggregate(current.tensors, stream, state=state)
+    extra_state = quarantine.as_state()
+    metrics: dict[str, Any] = {"clients": clients, "missing": missing, "strategy": strategy.name}
     if privacy_figures is not None:
         aggregate.clients = sorted(clients)
         aggregate.samples = sum(figures["samples"] for figures in clients.values())
-        aggregate.state = {**aggregate.state, **privacy_state.as_state()}
-    finished = time.time()
-    # "counted": the clients the rule used (a robust rule such as Krum may leave valid updates out)
-    metrics = {"clients": clients, "counted": sorted(aggregate.clients), "missing": missing,
-               "strategy": strategy.name, "aggregate_seconds": finished - started}
+        extra_state.update(privacy_state.as_state())
+        metrics["privacy"] = privacy_figures
     if clipped:  # the norms of the updates that norm bounding scaled down
         metrics["clipped"] = clipped
-    if privacy_figures is not None:
-        metrics["privacy"] = privacy_figures
     if checks_record is not None:
         metrics["update_checks"] = checks_record
-    starts = [figures["started_at"] for figures in clients.values() if "started_at" in figures]
+    return write_round(cfg, round_index, current, strategy.name, aggregate, metrics, started, global_out,
+                       state_out, extra_state)
+
+
+def write_round(cfg: FederationConfig, round_index: int, current: Adapter, strategy: str, aggregate: Aggregate,
+                metrics: dict[str, Any], started: float, global_out: str, state_out: str | None,
+                extra_state: ServerState) -> AdapterMeta:
+    """Write a round's new global adapter, with its record (``metrics`` plus who counted and the
+    timings), and the server state after it (the rule's plus ``extra_state``: privacy, quarantine)."""
+    finished = time.time()
+    # "counted": the clients the rule used (a robust rule such as Krum may leave valid updates out)
+    metrics.update(counted=sorted(aggregate.clients), aggregate_seconds=finished - started)
+    starts = [figures["started_at"] for figures in metrics["clients"].values() if "started_at" in figures]
     if starts:  # the round proper: from the first client's start to the new global adapter
         metrics["round_seconds"] = finished - min(starts)
     peft_config = dict(current.meta.peft_config)
@@ -118,12 +125,19 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     meta = AdapterMeta(kind="global", base_model=current.meta.base_model, peft_config=peft_config,
                        round=round_index, samples=aggregate.samples, metrics=metrics)
     if state_out:
-        save_server_state(state_out, strategy.name, round_index, {**aggregate.state, **quarantine.as_state()})
+        save_server_state(state_out, strategy, round_index, {**aggregate.state, **extra_state})
     save_adapter(global_out, aggregate.tensors, meta)
     return meta
 
 
-def _require_quorum(cfg: FederationConfig, round_index: int, sent: int, missing: Mapping[str, str]) -> None:
+def refuse_overwrite(*outputs: str | None) -> None:
+    """A step's outputs must not exist yet: a finished round's files are never replaced."""
+    for out in outputs:
+        if out and storage.exists(out):
+            raise StorageError(f"{out} already exists; refusing to overwrite it")
+
+
+def require_quorum(cfg: FederationConfig, round_index: int, sent: int, missing: Mapping[str, str]) -> None:
     """Fail the round with :class:`QuorumError`, naming every missing client and why, when the ``sent``
     usable updates are fewer than the quorum of the round's clients (``sent`` + missing)."""
     quorum = cfg.quorum(sent + len(missing))
@@ -144,7 +158,7 @@ def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates:
     rejected or quarantined (into ``missing``, out of ``clients``; the quorum is checked again) or clipped.
     """
     updates = quarantine.leave_out(updates, missing)
-    _require_quorum(cfg, round_index, len(updates), missing)
+    require_quorum(cfg, round_index, len(updates), missing)
     checks = cfg.policy.update_checks
     if checks.norm_mads is None:
         return _validated(cfg, round_index, current, updates, clients), None
@@ -158,7 +172,7 @@ def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates:
     if checks.action == "quarantine":
         quarantine.add(outcome.outliers, round_index)
     kept = [(client, uri) for client, uri in updates if client not in outcome.outliers]
-    _require_quorum(cfg, round_index, len(kept), missing)
+    require_quorum(cfg, round_index, len(kept), missing)
     return reloaded(kept, metas, outcome.scales), outcome.record()
 
 

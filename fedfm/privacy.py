@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from fedfm.adapters import Adapter, Tensors
+from fedfm.adapters import Adapter, Tensors, l2_norm
 from fedfm.config import FederationConfig
 from fedfm.errors import ConfigError, PrivacyBudgetError
 
@@ -192,6 +192,10 @@ class PrivacyState:
                   clip_norm=state.get(STATE_PREFIX + "clip_norm"))
         return own, {key: value for key, value in state.items() if not key.startswith(STATE_PREFIX)}
 
+    def clip(self, cfg: FederationConfig) -> float:
+        """The clip norm of the next round: adaptive clipping's latest, else the configured one."""
+        return self.clip_norm if self.clip_norm is not None else float(cfg.privacy.clip_norm)
+
     def as_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {STATE_PREFIX + "rounds": [list(pair) for pair in self.rounds]}
         if self.clip_norm is not None:
@@ -199,40 +203,43 @@ class PrivacyState:
         return state
 
 
+def release(cfg: FederationConfig, round_index: int, state: PrivacyState) -> tuple[dict[str, Any], PrivacyState]:
+    """One more released round: its privacy figures and the state after it (adaptive clipping's next norm
+    is the caller's to set). The budget is checked first: a round past it raises, releasing nothing."""
+    epsilon_after = check_budget(cfg, round_index, state.rounds)
+    clip, sigma = state.clip(cfg), noise_multiplier(cfg)
+    figures: dict[str, Any] = {"epsilon": epsilon_after, "delta": cfg.privacy.delta, "noise_multiplier": sigma,
+                               "update_noise_multiplier": update_noise_multiplier(cfg), "clip_norm": clip,
+                               "sampling_rate": sampling_rate(cfg)}
+    return figures, PrivacyState(rounds=[*state.rounds, (sampling_rate(cfg), sigma)], clip_norm=clip)
+
+
 def noisy_mean(cfg: FederationConfig, round_index: int, updates: Iterable[Adapter], shapes: dict[str, tuple[int, ...]],
                state: PrivacyState) -> tuple[Tensors, dict[str, Any], PrivacyState]:
     """DP-FedAvg's server step for one round: clip, sum, add noise, divide by qN.
 
     ``shapes`` are the tensors the clients send (only those get noise: a frozen tensor must not move).
-    Returns the noisy mean update, the round's privacy figures, and the state after the round. The
-    budget is checked first, so a round that would exceed it releases nothing.
+    Returns the noisy mean update, the round's privacy figures, and the state after the round.
     """
-    privacy = cfg.privacy
-    epsilon_after = check_budget(cfg, round_index, state.rounds)
-    clip = state.clip_norm if state.clip_norm is not None else float(privacy.clip_norm)
+    figures, after = release(cfg, round_index, state)
+    clip = figures["clip_norm"]
     total = {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}
-    clients: list[str] = []
-    unclipped = 0
+    clients = unclipped = 0
     for update in updates:
-        norm = math.sqrt(sum(float(value.double().pow(2).sum()) for value in update.tensors.values()))
+        norm = l2_norm(update.tensors)
         scale = min(1.0, clip / norm) if norm > 0 else 1.0
         unclipped += norm <= clip
         for name, value in update.tensors.items():
             total[name].add_(value, alpha=scale)
-        clients.append(update.meta.client or f"update {len(clients)}")
+        clients += 1
         update = None  # noqa: F841 — one update alive at a time
-    sigma_update = update_noise_multiplier(cfg)
     noise = generator(cfg, round_index)
     for value in total.values():
-        value.add_(torch.normal(0.0, sigma_update * clip, value.shape, generator=noise))
+        value.add_(torch.normal(0.0, figures["update_noise_multiplier"] * clip, value.shape, generator=noise))
         value.div_(expected_clients(cfg))
-    figures: dict[str, Any] = {"epsilon": epsilon_after, "delta": privacy.delta, "noise_multiplier":
-                               noise_multiplier(cfg), "update_noise_multiplier": sigma_update, "clip_norm": clip,
-                               "sampling_rate": sampling_rate(cfg), "unclipped": unclipped, "clients": len(clients)}
-    after = PrivacyState(rounds=[*state.rounds, (sampling_rate(cfg), noise_multiplier(cfg))], clip_norm=clip)
-    if privacy.adaptive_clipping is not None:
-        after.clip_norm = next_clip_norm(cfg, round_index, clip, unclipped)
-        figures["next_clip_norm"] = after.clip_norm
+    figures.update(unclipped=unclipped, clients=clients)
+    if cfg.privacy.adaptive_clipping is not None:
+        after.clip_norm = figures["next_clip_norm"] = next_clip_norm(cfg, round_index, clip, unclipped)
     return total, figures, after
 
 

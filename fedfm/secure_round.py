@@ -37,9 +37,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedfm import privacy, secagg, storage
-from fedfm.adapters import AdapterMeta, Tensors, l2_norm, load_adapter, save_adapter
+from fedfm.adapters import AdapterMeta, Tensors, l2_norm, load_adapter
 from fedfm.config import FederationConfig
-from fedfm.errors import FedFMError, QuorumError, SecureAggregationError, StorageError
+from fedfm.errors import FedFMError, QuorumError, SecureAggregationError
 from fedfm.strategies import build_strategy
 
 MASKED_FORMAT = "fedfm-masked-update/1"
@@ -126,7 +126,7 @@ def train_inputs(cfg: FederationConfig, round_index: int, state_uri: str | None)
     survivors' noise adds up to σ_Δ·C) and, with adaptive clipping, the count's. Empty without privacy."""
     if not cfg.privacy.enabled:
         return {}
-    clip = clip_norm_for(cfg, state_uri) or float(cfg.privacy.clip_norm)
+    clip = _current_privacy(cfg, state_uri).clip(cfg)
     share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index))), 1))
     inputs = {"clip_norm": clip, "noise_stddev": privacy.update_noise_multiplier(cfg) * clip / share}
     if cfg.privacy.adaptive_clipping is not None:
@@ -218,14 +218,12 @@ def check_secure_output(step: str, uri: str, client: str, round_index: int) -> N
         raise SecureAggregationError(f"client {client}'s {step} message at {uri} is empty")
 
 
-def clip_norm_for(cfg: FederationConfig, state_uri: str | None) -> float | None:
-    """The clip norm clients use this round: adaptive clipping's current one, from the server state."""
-    if not (cfg.privacy.enabled and cfg.privacy.adaptive_clipping is not None and state_uri):
-        return None
+def _current_privacy(cfg: FederationConfig, state_uri: str | None) -> privacy.PrivacyState:
+    """The privacy mechanism's part of the server state at ``state_uri`` (none before round 1)."""
     from fedfm.federation import load_server_state
 
-    loaded = load_server_state(state_uri, build_strategy(cfg.strategy).name)
-    return privacy.PrivacyState.split(loaded)[0].clip_norm
+    loaded = load_server_state(state_uri, build_strategy(cfg.strategy).name) if state_uri else {}
+    return privacy.PrivacyState.split(loaded)[0]
 
 
 # --- server steps ----------------------------------------------------------------------------------------
@@ -302,20 +300,14 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
            state_out: str | None = None) -> AdapterMeta:
     """Unmask the sum, make it the round's mean update, and write the next global adapter as
     :func:`fedfm.federation.aggregate_round` does (same record, server state chained)."""
-    from fedfm.federation import load_server_state, save_server_state
+    from fedfm.federation import _mean_update, load_server_state, refuse_overwrite, require_quorum, write_round
 
     started = time.time()
     missing = dict(missing or {})
-    for out in (global_out, state_out):
-        if out and storage.exists(out):
-            raise StorageError(f"{out} already exists; refusing to overwrite it")
+    refuse_overwrite(global_out, state_out)
     keys = _read_json(keys_uri, "the keys of the clients that shared")
     survivors = _read_json(survivors_uri, "the survivors")
-    quorum = cfg.quorum(len(survivors) + len(missing))
-    if len(survivors) < quorum:
-        absent = "; ".join(f"{client}: {reason}" for client, reason in sorted(missing.items()))
-        raise QuorumError(f"round {round_index}: {len(survivors)} of {len(survivors) + len(missing)} clients sent "
-                          f"an update, below the quorum of {quorum} (policy.min_clients) — {absent}")
+    require_quorum(cfg, round_index, len(survivors), missing)
     shares = {client: _read_json(uri, f"client {client}'s revealed shares") for client, uri in revealed.items()}
     total = secagg.unmask(secagg.vector_from_bytes(storage.read_bytes(sum_uri)), keys["public"], survivors, shares,
                           keys["threshold"], context(cfg, round_index))
@@ -335,39 +327,22 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
         mean = {name: value / weight for name, value in summed.items()}
         samples = int(round(weight))
         metrics["train_loss"] = loss / weight
-    from fedfm.federation import _mean_update  # the same one-update form the privacy path hands a rule
-
     aggregate = strategy.aggregate(current.tensors, [_mean_update(current, mean, round_index)], state=state)
-    finished = time.time()
-    metrics.update(counted=survivors, aggregate_seconds=finished - started)
-    starts = [client["started_at"] for client in figures.values() if "started_at" in client]
-    if starts:
-        metrics["round_seconds"] = finished - min(starts)
-    peft_config = dict(current.meta.peft_config)
-    meta = AdapterMeta(kind="global", base_model=current.meta.base_model, peft_config=peft_config,
-                       round=round_index, samples=samples, metrics=metrics)
-    if state_out:
-        extra = privacy_state.as_state() if cfg.privacy.enabled else {}
-        save_server_state(state_out, strategy.name, round_index, {**aggregate.state, **extra})
-    save_adapter(global_out, aggregate.tensors, meta)
-    return meta
+    aggregate.clients, aggregate.samples = survivors, samples
+    return write_round(cfg, round_index, current, strategy.name, aggregate, metrics, started, global_out, state_out,
+                       privacy_state.as_state() if cfg.privacy.enabled else {})
 
 
 def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, state: privacy.PrivacyState
                   ) -> tuple[Tensors, dict[str, Any], privacy.PrivacyState]:
     """DP-FedAvg's mean from a sum the clients already noised: the budget, the fixed denominator, and
     adaptive clipping's next norm from the noised count."""
-    epsilon_after = privacy.check_budget(cfg, round_index, state.rounds)
-    clip = state.clip_norm if state.clip_norm is not None else float(cfg.privacy.clip_norm)
+    figures, after = privacy.release(cfg, round_index, state)
+    figures["noise"] = "client"
     unclipped = float(summed.pop(UNCLIPPED)[0]) if UNCLIPPED in summed else None
     mean = {name: value / privacy.expected_clients(cfg) for name, value in summed.items()}
-    sigma = privacy.noise_multiplier(cfg)
-    after = privacy.PrivacyState(rounds=[*state.rounds, (privacy.sampling_rate(cfg), sigma)], clip_norm=clip)
-    figures = {"epsilon": epsilon_after, "delta": cfg.privacy.delta, "noise_multiplier": sigma,
-               "update_noise_multiplier": privacy.update_noise_multiplier(cfg), "clip_norm": clip,
-               "sampling_rate": privacy.sampling_rate(cfg), "noise": "client"}
     if unclipped is not None:
-        after.clip_norm = privacy.clip_step(cfg, clip, unclipped)
+        after.clip_norm = privacy.clip_step(cfg, figures["clip_norm"], unclipped)
         figures.update(unclipped=unclipped, next_clip_norm=after.clip_norm)
     return mean, figures, after
 
