@@ -268,7 +268,8 @@ class CompressionConfig(_Section):
     """How updates are encoded on the way up (the global adapter always goes down in float32)."""
 
     method: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
-    block_size: int = Field(64, ge=8, le=65536, description="int8: values per absmax scale")
+    block_size: int = Field(128, ge=8, le=65536, description="int8: values per absmax scale (128: the scales "
+                                                             "add 1/64 byte per value)")
     topk_fraction: float = Field(0.1, gt=0, le=1, description="topk: share of each tensor's values sent")
     error_feedback: bool = Field(True, description="topk and int8: carry what was not sent into the client's "
                                                    "next update (kept in its state_uri)")
