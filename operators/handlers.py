@@ -84,10 +84,10 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
             raise
     started = status.get("startedAt") or kube.now()
     patch.status.update(jobName=name, startedAt=started, outputURI=spec["outputURI"])
-    if not status.get("phase"):
-        # Only a round without a phase gets one here: on resume ``status`` may be stale, and a Job
-        # event may have moved the round on meanwhile.
-        patch.status["phase"] = PENDING
+    # Only a round without a phase gets one here, checked against the round as it is now (with its
+    # resourceVersion): on resume ``status`` may be stale, and a Job event may have finished the round
+    # meanwhile; a plain patch from the stale view would put a Succeeded round back to Pending for good.
+    _advance(namespace, name, {"phase": PENDING}, from_phases=(None,))
     if spec.get("deadlineSeconds") and not status.get("deadline"):
         deadline = kube.parse_time(started).timestamp() + float(spec["deadlineSeconds"])
         patch.status["deadline"] = kube.iso(deadline)

@@ -228,3 +228,22 @@ def test_cli_simulate(tiny_classifier, tmp_path):
     assert metrics["run"]["runner"] == "simulate" and metrics["config"]["lora"]["r"] == 2
     assert sorted(metrics["rounds"][1]["clients"]) == ["tenant-0", "tenant-1"]
     assert Path(tmp_path / "run" / "report.png").exists() and (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_a_run_with_a_privacy_budget_stops_at_it(tiny_config, tmp_path):
+    """σ and a target ε that pays for fewer rounds than configured: the run releases exactly the rounds
+    the budget pays for, reports ε after each, ends within the target, and exports the last adapter."""
+    from fedfm import privacy
+    from fedfm.simulation import simulate
+
+    cfg = tiny_config(rounds=6, clients=3, **{"privacy.noise_multiplier": 4.0, "privacy.target_epsilon": 2.5,
+                                              "privacy.clip_norm": 0.5, "privacy.noise_seed": 1})
+    fit = privacy.rounds_within_budget(cfg)
+    assert 1 < fit < 6
+    run = simulate(cfg, tmp_path / "budget")
+    assert [record["round"] for record in run.history] == list(range(fit + 1))
+    spent = [record["privacy"]["epsilon"] for record in run.history[1:]]
+    assert spent == sorted(spent) and spent[-1] <= 2.5
+    assert privacy.epsilon("rdp", [(1.0, 4.0)] * (fit + 1), cfg.privacy.delta) > 2.5  # one more would not fit
+    assert json.loads(run.metrics_path.read_text())["rounds"][-1]["privacy"]["epsilon"] == spent[-1]
+    assert (run.output / "adapter" / "adapter_model.safetensors").exists()
