@@ -146,7 +146,7 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None) -> Adapter:
         raise AdapterError(f"cannot read {where}: {exc}") from None
     try:
         tensors = safetensors_load(data)
-        header = _header_of(data)
+        header = header_of(data)
     except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{where} is not a valid safetensors file (truncated or corrupt?): {exc}") from None
     meta = AdapterMeta.from_header(header, where)
@@ -157,7 +157,8 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None) -> Adapter:
     return Adapter(tensors=tensors, meta=meta)
 
 
-def _header_of(data: bytes) -> dict[str, str]:
+def header_of(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (its 8-byte length, then the JSON header)."""
     if len(data) < 8:
         raise ValueError("file shorter than a safetensors header")
     length = int.from_bytes(data[:8], "little")

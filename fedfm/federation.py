@@ -16,7 +16,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedfm import lora, storage
-from fedfm.adapters import Adapter, AdapterMeta, Tensors, load_adapter, read_meta, save_adapter, validate_update
+from fedfm.adapters import (Adapter, AdapterMeta, Tensors, header_of, load_adapter, read_meta, save_adapter,
+                            validate_update)
 from fedfm.config import FederationConfig
 from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, StorageError
 from fedfm.privacy import PrivacyState, noisy_mean
@@ -206,8 +207,7 @@ def load_server_state(uri: str, strategy: str) -> ServerState:
         return {}
     try:
         tensors = safetensors_load(data)
-        length = int.from_bytes(data[:8], "little")  # safetensors: 8-byte header length, then the JSON header
-        header = json.loads(data[8:8 + length]).get("__metadata__") or {}
+        header = header_of(data) or {}
     except Exception as exc:  # safetensors and json raise several types for damaged bytes
         raise FedFMError(f"server state {uri} is damaged: {exc}") from None
     if header.get("format") != SERVER_STATE_FORMAT:

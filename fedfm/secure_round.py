@@ -37,7 +37,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedfm import privacy, secagg, storage
-from fedfm.adapters import AdapterMeta, Tensors, l2_norm, load_adapter
+from fedfm.adapters import AdapterMeta, Tensors, header_of, l2_norm, load_adapter
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, QuorumError, SecureAggregationError
 from fedfm.strategies import build_strategy
@@ -366,8 +366,7 @@ def _read_masked(uri: str, client: str) -> tuple[np.ndarray, dict[str, str]]:
     data = storage.read_bytes(uri)
     try:
         tensors = safetensors_load(data)
-        length = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + length]).get("__metadata__") or {}
+        header = header_of(data) or {}
     except Exception as exc:  # safetensors and json raise several types for damaged bytes
         raise SecureAggregationError(f"client {client}'s masked update {uri} is damaged: {exc}") from None
     if header.get("format") != MASKED_FORMAT or set(tensors) != {"masked"} or tensors["masked"].dtype != torch.int64:
