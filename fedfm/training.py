@@ -24,10 +24,12 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fedfm import storage
@@ -40,6 +42,8 @@ from fedfm.personal import load_personal, load_residual, save_personal, save_res
 from fedfm.strategies import configure_client
 
 _TORCHRUN_LOG_TAIL = 40
+
+PoisonData = Callable[[pd.DataFrame], pd.DataFrame]  # a simulated attacker's change to its training frame
 
 
 @dataclass
@@ -69,21 +73,30 @@ class TrainResult:
 
 
 def train_client(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
-                 update_out: str) -> TrainResult:
-    """Fine-tune ``client`` from ``global_adapter`` and write its update to ``update_out``."""
+                 update_out: str, *, poison_data: PoisonData | None = None) -> TrainResult:
+    """Fine-tune ``client`` from ``global_adapter`` and write its update to ``update_out``.
+
+    ``poison_data`` (simulated attackers, :mod:`fedfm.attacks`) replaces the client's training frame
+    with what it returns, e.g. the frame with flipped labels; it runs in this process, so it needs
+    ``training.world_size`` 1.
+    """
     cfg = configure_client(cfg, client, round_index)
     if cfg.training.world_size == 1:
         with single_process_group():
-            return run_rank(cfg, client, round_index, global_adapter, update_out)
+            return run_rank(cfg, client, round_index, global_adapter, update_out, poison_data=poison_data)
+    if poison_data is not None:
+        raise TrainingError(f"client {client}: training on poisoned data (a simulated label-flip attacker) runs in "
+                            f"this process and needs training.world_size 1, not {cfg.training.world_size}")
     return _launch_ranks(cfg, client, round_index, global_adapter, update_out)
 
 
 def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
-             update_out: str) -> TrainResult:
+             update_out: str, *, poison_data: PoisonData | None = None) -> TrainResult:
     """The training loop of one DeepSpeed process (rank); rank 0 writes the update.
 
     Runs inside a process group: :func:`single_process_group` for one process, or the group that
-    :func:`_rank_main` joins under ``torch.distributed.run``.
+    :func:`_rank_main` joins under ``torch.distributed.run``. ``poison_data``, when given, replaces
+    the client's training frame right after it is loaded (see :func:`train_client`).
     """
     from fedfm.data import load_client_data
     from fedfm.modeling import adapter_tensors, build_model, load_adapter_tensors, peft_config_dict, restart_lora
@@ -123,6 +136,11 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
                 parameter.requires_grad_(False)
 
     train = load_client_data(cfg, client).train
+    if poison_data is not None:
+        train = poison_data(train)
+        if not isinstance(train, pd.DataFrame):
+            raise TrainingError(f"client {client}: the poison_data hook returned a {type(train).__name__}, "
+                                "not a DataFrame")
     examples = encode(train, loaded.tokenizer, cfg)
     if not examples:
         raise TrainingError(f"client {client} has no training examples")

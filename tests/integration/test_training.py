@@ -16,12 +16,12 @@ from fedfm.training import train_client
 pytestmark = pytest.mark.slow
 
 
-def _train(cfg, tmp_path, client="tenant-0", tag="run"):
+def _train(cfg, tmp_path, client="tenant-0", tag="run", **options):
     global_path = tmp_path / "global.safetensors"
     if not global_path.exists():
         initialize(cfg, str(global_path))
     update_path = tmp_path / f"{tag}-{client}.safetensors"
-    result = train_client(cfg, client, 1, str(global_path), str(update_path))
+    result = train_client(cfg, client, 1, str(global_path), str(update_path), **options)
     return result, load_adapter(update_path), load_adapter(global_path)
 
 
@@ -151,3 +151,42 @@ def test_fedprox_refuses_zero_3(tiny_config):
 
     with pytest.raises(ConfigError, match="strategy fedprox needs training.zero_stage 0-2"):
         tiny_config(**{"strategy.name": "fedprox", "training.zero_stage": 3})
+
+
+def test_a_poison_data_hook_replaces_the_training_frame(tiny_config, tmp_path, monkeypatch):
+    """A simulated label-flip attacker: the hook sees the client's own train frame, and what it returns
+    (here: the first 20 rows, labels flipped) is what the client encodes and trains on."""
+    import pandas as pd
+
+    from fedfm import tasks
+    from fedfm.attacks import flip_labels
+    from fedfm.data import load_client_data
+
+    cfg = tiny_config(**{"training.local_steps": 3})
+    honest = load_client_data(cfg, "tenant-0").train
+    seen, encoded = [], []
+
+    def hook(frame):
+        seen.append(frame.copy())
+        return flip_labels(frame.head(20), "label", cfg.data.labels)
+
+    real_encode = tasks.encode
+    monkeypatch.setattr(tasks, "encode", lambda frame, *rest: encoded.append(frame.copy()) or real_encode(frame, *rest))
+    result, update, _ = _train(cfg, tmp_path, poison_data=hook)
+    assert len(seen) == 1
+    pd.testing.assert_frame_equal(seen[0], honest)
+    assert result.samples == update.meta.samples == 20
+    k = len(cfg.data.labels)
+    assert k == 4 and len(encoded) == 1
+    assert encoded[0]["label"].tolist() == [k - 1 - label for label in honest["label"].head(20)]
+    assert encoded[0]["text"].tolist() == honest["text"].head(20).tolist()
+    assert all(torch.isfinite(delta).all() for delta in update.tensors.values()) and result.update_norm > 0
+
+
+def test_a_poison_data_hook_needs_one_process(tiny_config, tmp_path):
+    cfg = tiny_config(**{"training.world_size": 2})
+    with pytest.raises(TrainingError, match="client tenant-0: training on poisoned data .* needs "
+                                            "training.world_size 1, not 2"):
+        train_client(cfg, "tenant-0", 1, str(tmp_path / "global.safetensors"), str(tmp_path / "u.safetensors"),
+                     poison_data=lambda frame: frame)
+    assert not (tmp_path / "u.safetensors").exists()
