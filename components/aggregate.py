@@ -8,6 +8,7 @@ from kfp.dsl import Artifact, Input, Model, Output
 def aggregate(
     config: dict,
     round_index: int,
+    start_round: int,
     run_id: str,
     global_adapter: Input[Model],
     updates: Input[List[Model]],
@@ -16,12 +17,18 @@ def aggregate(
     new_server_state: Output[Artifact],
 ):
     """Run the configured strategy over the round's updates, if enough clients sent one; the
-    strategy's server state (moments, momentum) comes in from the last round and goes on to the next."""
-    from fedfm import events
+    strategy's server state (moments, momentum) comes in from the last round and goes on to the next.
+    A round before ``start_round`` passes on the checkpoint's adapter and state that init restored."""
+    from fedfm import events, storage
     from fedfm.errors import QuorumError
     from fedfm.executors import SUCCEEDED, build_executor
     from fedfm.federation import aggregate_round, step_config
 
+    if round_index < start_round:
+        for source, target in ((global_adapter, new_global_adapter), (server_state, new_server_state)):
+            storage.write_bytes(target.path, storage.read_bytes(source.path))
+        new_global_adapter.metadata.update(global_adapter.metadata)
+        return
     with events.step("aggregate", round=round_index) as figures:
         cfg = step_config(config)
         executor = build_executor(cfg, run_id)

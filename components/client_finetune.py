@@ -7,6 +7,7 @@ def client_finetune(
     config: dict,
     client: str,
     round_index: int,
+    start_round: int,
     run_id: str,
     global_adapter: Input[Model],
     update: Output[Model],
@@ -16,12 +17,17 @@ def client_finetune(
     Where the training runs is the config's ``execution.mode``: here, or as a Job in the client's
     namespace. A client that produced nothing (its Job failed, timed out, or sent a bad update) is
     not a failed step: ``update`` then says why in its metadata, and aggregation decides on quorum.
+    A round before ``start_round`` was restored from a checkpoint: nothing trains.
     """
     from fedfm import events, storage
     from fedfm.adapters import read_meta
     from fedfm.executors import build_executor
     from fedfm.federation import step_config
 
+    if round_index < start_round:
+        storage.write_bytes(update.path, b"")
+        update.metadata.update(client=client, round=round_index, phase="Restored", reason="from the checkpoint")
+        return
     with events.step("client_finetune", client=client, round=round_index) as figures:
         cfg = step_config(config)
         outcome = build_executor(cfg, run_id).train(cfg, client, round_index, global_adapter.path, update.path)

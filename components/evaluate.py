@@ -1,4 +1,5 @@
-"""Step 5 (one per round, and once for round 0): evaluate the global adapter on every tenant's held-out data."""
+"""Step 5 (one per round, and once for round 0): evaluate the global adapter on every tenant's held-out
+data, and checkpoint the federation's state: the round is done."""
 
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
@@ -6,24 +7,32 @@ from kfp.dsl import Artifact, Input, Metrics, Model, Output
 def evaluate(
     config: dict,
     run_id: str,
+    round_index: int,
     global_adapter: Input[Model],
+    server_state: Input[Artifact],
     history_in: Input[Artifact],
     history: Output[Artifact],
     metrics: Output[Metrics],
 ):
-    """Log the round's global and per-client metrics and extend the run's history (metrics.json).
+    """Log the round's global and per-client metrics, extend the run's history (metrics.json) and write
+    the round's checkpoint (:mod:`fedfm.checkpoint`) where the run keeps them.
 
-    Each tenant evaluates where its data is (``execution.mode``); only the counts come back.
+    Each tenant evaluates where its data is (``execution.mode``); only the counts come back. A round
+    whose record is in the history already was restored from a checkpoint (a resumed run): its history
+    passes on unchanged.
     """
+    import json
     import time
 
-    from fedfm import events
-    from fedfm.adapters import read_meta
+    from fedfm import checkpoint, events, storage
     from fedfm.evaluation import summarize
     from fedfm.executors import build_executor
     from fedfm.federation import append_history, round_record, step_config
 
-    round_index = read_meta(global_adapter.path).round
+    restored = storage.read_bytes(history_in.path)
+    if any(record["round"] == round_index for record in json.loads(restored)):
+        storage.write_bytes(history.path, restored)
+        return
     with events.step("evaluate", round=round_index) as figures:
         cfg = step_config(config)
         started = time.time()
@@ -35,6 +44,10 @@ def evaluate(
         record["eval_missing"] = unanswered
         append_history(history_in.path, record, history.path)
         figures.update(record["eval"]["global"])
+    root = checkpoint.checkpoint_root(cfg, run_id)
+    if root is not None:
+        with events.step("checkpoint", round=round_index):
+            checkpoint.save(root, cfg, round_index, global_adapter.path, server_state.path, history.path)
     metrics.log_metric("round", round_index)
     for name, value in result["global"].items():
         metrics.log_metric(name, value)

@@ -1,19 +1,25 @@
-"""Step 1: validate the config against the compiled pipeline and build round 0's global adapter."""
+"""Step 1: validate the config against the compiled pipeline and build round 0's global adapter, or
+restore the checkpoint a resumed run starts from."""
 
 from kfp.dsl import Artifact, Model, Output
 
 
 def init_federation(
     config: dict,
+    run_id: str,
+    start_round: int,
     compiled_rounds: int,
     compiled_secure_aggregation: bool,
     global_adapter: Output[Model],
     server_state: Output[Artifact],
     history: Output[Artifact],
 ):
-    """Check the run's config against the compiled pipeline and write the initial global adapter."""
-    from fedfm import events, storage
-    from fedfm.errors import ConfigError
+    """Check the run's config against the compiled pipeline and write the initial global adapter; with
+    ``start_round`` > 1, write round ``start_round - 1``'s checkpointed adapter, server state and history
+    instead (the rounds before ``start_round`` then pass these through unchanged)."""
+    from fedfm import checkpoint, events, storage
+    from fedfm.adapters import read_meta
+    from fedfm.errors import CheckpointError, ConfigError
     from fedfm.federation import initialize, step_config
 
     with events.step("init"):
@@ -25,7 +31,22 @@ def init_federation(
             raise ConfigError(f"config.secure_aggregation.enabled is {cfg.secure_aggregation.enabled}, but this "
                               f"pipeline was compiled {'with' if compiled_secure_aggregation else 'without'} its "
                               "steps: recompile with `fedfm compile`")
-        meta = initialize(cfg, global_adapter.path)
-        storage.write_bytes(server_state.path, b"")  # the strategy's state before round 1: none
-        storage.write_bytes(history.path, b"[]")
-    global_adapter.metadata.update(round=0, base_model=meta.base_model, sha256=meta.sha256)
+        if cfg.policy.below_quorum == "retry":  # a fresh draw would need a loop the compiled DAG does not have
+            raise ConfigError("policy.below_quorum retry runs in `fedfm simulate` only so far; in the pipeline a "
+                              "round below the quorum fails, and the run resumes with start_round")
+        if start_round > compiled_rounds:
+            raise CheckpointError(f"start_round {start_round} is past the pipeline's {compiled_rounds} rounds")
+        if start_round > 1 and cfg.secure_aggregation.enabled:
+            raise CheckpointError("a pipeline under secure aggregation cannot resume at a later round yet: resume "
+                                  "the run with `fedfm simulate --resume`, or start it again")
+        start = checkpoint.require_start(checkpoint.checkpoint_root(cfg, run_id), start_round)
+        if start is None:
+            meta = initialize(cfg, global_adapter.path)
+            storage.write_bytes(server_state.path, b"")  # the strategy's state before round 1: none
+            storage.write_bytes(history.path, b"[]")
+        else:
+            for role, output in (("global_adapter", global_adapter), ("server_state", server_state),
+                                 ("history", history)):
+                storage.write_bytes(output.path, storage.read_bytes(start.uri(role)))
+            meta = read_meta(global_adapter.path)
+    global_adapter.metadata.update(round=meta.round, base_model=meta.base_model, sha256=meta.sha256)

@@ -74,19 +74,56 @@ class AdapterMeta:
             raise AdapterError(f"{where} is not a FedFM adapter file (format {header.get('format')!r}, "
                                f"expected {FORMAT!r})")
         try:
+            kind = header["kind"]
+            if kind not in ("global", "update"):
+                raise ValueError(f"kind {kind!r} is neither 'global' nor 'update'")
+            client = header.get("client")
+            if client is not None and not isinstance(client, str):
+                raise ValueError(f"client {client!r} is not a string")
             return cls(
-                kind=header["kind"],  # type: ignore[arg-type]
-                base_model=header["base_model"],
-                peft_config=json.loads(header["peft_config"]),
-                round=int(header["round"]),
-                samples=int(header["samples"]),
-                client=header.get("client"),
-                metrics=json.loads(header["metrics"]),
-                sha256=header["sha256"],
+                kind=kind,  # type: ignore[arg-type]
+                base_model=_string(header, "base_model"),
+                peft_config=_json_object(header, "peft_config"),
+                round=_count(header, "round"),
+                samples=_count(header, "samples"),
+                client=client,
+                metrics=_json_object(header, "metrics"),
+                sha256=_string(header, "sha256"),
                 encoding=decode_description(header["encoding"], where) if "encoding" in header else None,
             )
-        except (KeyError, ValueError) as exc:
-            raise AdapterError(f"{where} has a damaged FedFM header ({exc})") from None
+        except KeyError as exc:
+            raise AdapterError(f"{where} has a damaged FedFM header (field {exc} is missing); write the file "
+                               "again with fedfm") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise AdapterError(f"{where} has a damaged FedFM header ({exc}); write the file again with "
+                               "fedfm") from None
+
+
+def _string(header: dict[str, str], key: str) -> str:
+    value = header[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _count(header: dict[str, str], key: str) -> int:
+    """A header field holding a non-negative integer, as written by ``str(int)``."""
+    text = _string(header, key)
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"field {key!r} is {text[:40]!r}, not a non-negative integer")
+    return int(text)
+
+
+def _json_object(header: dict[str, str], key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_string(header, key))
+    except RecursionError:
+        raise ValueError(f"field {key!r} nests too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"field {key!r} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"field {key!r} is a JSON {type(value).__name__}, not an object")
+    return value
 
 
 @dataclass
@@ -129,11 +166,13 @@ def read_meta(uri: str | os.PathLike) -> AdapterMeta:
     if "://" not in where:
         try:
             with safe_open(where, framework="pt") as handle:
-                return AdapterMeta.from_header(handle.metadata(), where)
+                header = handle.metadata()
         except FileNotFoundError:
             raise AdapterError(f"adapter file {where} does not exist") from None
-        except (SafetensorError, OSError) as exc:
-            raise AdapterError(f"{where} is not a readable safetensors file: {exc}") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"{where} is not a readable safetensors file (truncated or corrupt?): "
+                               f"{exc}") from None
+        return AdapterMeta.from_header(header, where)
     return load_adapter(uri).meta
 
 
@@ -147,24 +186,40 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None) -> Adapter:
     try:
         tensors = safetensors_load(data)
         header = header_of(data)
-    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+    except (SafetensorError, ValueError) as exc:
         raise AdapterError(f"{where} is not a valid safetensors file (truncated or corrupt?): {exc}") from None
     meta = AdapterMeta.from_header(header, where)
     if content_sha256(tensors) != meta.sha256:
         raise AdapterError(f"{where} fails its sha256 check: the tensor data was altered or damaged")
     if meta.encoding is not None:
         tensors = decompress(tensors, meta.encoding, where=where)
+    else:
+        for name in sorted(tensors):
+            if tensors[name].dtype != torch.float32:
+                raise AdapterError(f"{where}: tensor {name} is {str(tensors[name].dtype).removeprefix('torch.')}, "
+                                   "but a file without an encoding holds float32 tensors; write it with "
+                                   "fedfm.adapters.save_adapter")
     return Adapter(tensors=tensors, meta=meta)
 
 
 def header_of(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's bytes (its 8-byte length, then the JSON header)."""
+    """The ``__metadata__`` of a safetensors file's bytes (its 8-byte length, then the JSON header);
+    ValueError if they hold none."""
     if len(data) < 8:
         raise ValueError("file shorter than a safetensors header")
     length = int.from_bytes(data[:8], "little")
     if length > len(data) - 8:
         raise ValueError("header length exceeds file size")
-    return json.loads(data[8 : 8 + length]).get("__metadata__", {})
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except RecursionError:
+        raise ValueError("the header nests too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"the header's __metadata__ is a JSON {type(metadata).__name__}, not an object")
+    return metadata
 
 
 def validate_update(update: Adapter, reference: Adapter, *, client: str, round_index: int,

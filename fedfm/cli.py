@@ -103,6 +103,13 @@ def _with_config(command):
 
         config_path = kwargs.pop("config")
         overrides = {}
+        given = [name for name in _CONFIG_FLAGS if kwargs[name] is not None] + (["config"] if config_path else [])
+        if kwargs.get("resume") is not None:  # the run goes on with the config it started with
+            if given:
+                raise typer.BadParameter(f"a resumed run keeps the config it started with; drop "
+                                         f"{', '.join('--' + name.replace('_', '-') for name in given)}",
+                                         param_hint="--resume")
+            return command(cfg=None, **{key: value for key, value in kwargs.items() if key not in _CONFIG_FLAGS})
         for name, (path, _, _) in _CONFIG_FLAGS.items():
             value = kwargs.pop(name)
             if name == "strategy_params" and value is not None:
@@ -123,41 +130,65 @@ def _with_config(command):
 _RUN_OUTPUT = typer.Option(None, "--output", "-o", help="Run directory (default runs/NAME-TIME).")
 _PUSHGATEWAY = typer.Option(None, "--pushgateway", envvar="FEDFM_PUSHGATEWAY",
                             help="Push the run's metrics to this Prometheus Pushgateway URL.")
+_RESUME = typer.Option(None, "--resume", help="Continue the interrupted run in this directory after its last "
+                                              "checkpointed round, with the config it started with.",
+                       file_okay=False, exists=True)
 
 
 @app.command()
 @_with_config
 def run(
-    cfg: FederationConfig,
+    cfg: Optional[FederationConfig],
     output: Optional[Path] = _RUN_OUTPUT,
     pushgateway: Optional[str] = _PUSHGATEWAY,
+    resume: Optional[Path] = _RESUME,
 ) -> None:
     """Run a federated fine-tune locally through the KFP pipeline (kfp.local)."""
-    _run_locally(cfg, output, pushgateway, simulated=False)
+    _run_locally(cfg, output, pushgateway, simulated=False, resume=resume)
 
 
 @app.command()
 @_with_config
 def simulate(
-    cfg: FederationConfig,
+    cfg: Optional[FederationConfig],
     output: Optional[Path] = _RUN_OUTPUT,
     pushgateway: Optional[str] = _PUSHGATEWAY,
+    resume: Optional[Path] = _RESUME,
+    attack: Optional[str] = typer.Option(None, "--attack", help="Make some clients Byzantine: sign-flip[:SCALE], "
+                                                                "scale[:FACTOR], gaussian[:STD], nan, label-flip."),
+    attackers: float = typer.Option(0.2, "--attackers", help="With --attack: the share (below 1) or number of "
+                                                             "clients that attack, drawn with the seed."),
 ) -> None:
     """Simulate the federation in this process, without KFP: clients train one after another on a model
     loaded once (research, benchmarks, many clients). Same results as `fedfm run`."""
-    _run_locally(cfg, output, pushgateway, simulated=True)
+    if attack is not None and resume is not None:
+        raise typer.BadParameter("a resumed run attacks as it started; drop --attack", param_hint="--attack")
+    plan = None
+    if attack is not None:
+        from fedfm.attacks import choose_attackers, parse_attack
+
+        share = int(attackers) if attackers >= 1 else attackers
+        plan = (parse_attack(attack), choose_attackers(cfg.training_clients, share, cfg.seed))
+    _run_locally(cfg, output, pushgateway, simulated=True, resume=resume, attack=plan)
 
 
-def _run_locally(cfg: FederationConfig, output: Optional[Path], pushgateway: Optional[str], *,
-                 simulated: bool) -> None:
+def _run_locally(cfg: Optional[FederationConfig], output: Optional[Path], pushgateway: Optional[str], *,
+                 simulated: bool, resume: Optional[Path] = None, attack: Optional[tuple] = None) -> None:
     """`fedfm run` (the pipeline under kfp.local) or `fedfm simulate` (in process), with live progress
-    and a summary."""
+    and a summary; with ``resume``, of the interrupted run in that directory."""
     from fedfm.data import describe_clients
-    from fedfm.pipelines.local_runner import claim_output, run_local
+    from fedfm.pipelines.local_runner import claim_output, run_config, run_local
+    from fedfm.preflight import check_inputs
     from fedfm.simulation import check_simulated, simulate as simulate_federation
 
+    if resume is not None:
+        if output is not None and output.resolve() != resume.resolve():
+            raise typer.BadParameter("a resumed run writes into its own directory; drop --output",
+                                     param_hint="--output")
+        output, cfg = resume, run_config(resume)
     if simulated:
         check_simulated(cfg)  # before the output directory is made
+    check_inputs(cfg)  # a missing model, dataset or unusable storage fails here, before any work
     console = _console()
     output = output or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     reporter = None
@@ -165,7 +196,8 @@ def _run_locally(cfg: FederationConfig, output: Optional[Path], pushgateway: Opt
         from fedfm.pushgateway import PushgatewayReporter
 
         reporter = PushgatewayReporter(pushgateway, cfg.name)  # an unreachable URL fails here, before any work
-    claim_output(output)
+    if resume is None:
+        claim_output(output)
     mode = "centralized baseline" if cfg.centralized else f"{len(cfg.clients)} tenants"
     console.print(f"[bold]FedFM{' simulation' if simulated else ''}[/] {cfg.task} · {cfg.model.name_or_path} · "
                   f"{cfg.data.source} ({cfg.data.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
@@ -184,7 +216,11 @@ def _run_locally(cfg: FederationConfig, output: Optional[Path], pushgateway: Opt
             elif line:
                 live.console.print(line, markup=False, highlight=False)  # "[round 1]" is text, not markup
 
-        result = (simulate_federation if simulated else run_local)(cfg, output, on_event=on_event)
+        if simulated:
+            attacks = {} if attack is None else {"attack": attack[0], "attackers": attack[1]}
+            result = simulate_federation(cfg, output, on_event=on_event, resume=resume is not None, **attacks)
+        else:
+            result = run_local(cfg, output, on_event=on_event, resume=resume is not None)
         live.update(progress.render())
     metric = quality_metric(cfg.task)
     console.print(_summary_table(cfg, result.history))
@@ -267,13 +303,16 @@ def submit_command(
     namespace: Optional[str] = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user)."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Default: <config name>-<pipeline hash>."),
     token: Optional[str] = typer.Option(None, "--token", envvar="KFP_TOKEN", help="Bearer token (or KFP_TOKEN)."),
+    start_round: int = typer.Option(1, "--start-round", min=1, help="Resume: the first round to run; the rounds "
+                                                                    "before are restored from the checkpoints at "
+                                                                    "execution.checkpoint_uri."),
 ) -> None:
     """Compile the federation and start a run of it on a Kubeflow Pipelines endpoint."""
     from fedfm.components import DEFAULT_IMAGE
     from fedfm.pipelines.submit import submit
 
     run = submit(cfg, host, image=image or DEFAULT_IMAGE, pipeline_name=pipeline_name, experiment=experiment,
-                 namespace=namespace, run_name=run_name, token=token)
+                 namespace=namespace, run_name=run_name, token=token, start_round=start_round)
     _console().print(f"run {run.run_id} of pipeline {run.pipeline_id} (version {run.version_id}) started: {run.url}")
 
 
@@ -385,10 +424,14 @@ class RunProgress:
 
     def update(self, event: dict[str, Any]) -> str | None:
         """Apply ``event``; return a one-line description of finished or failed steps."""
-        kind, step = event["event"], event["step"]
+        kind, step = event["event"], event.get("step", event["event"])
         round_state = self.rounds.get(event.get("round", 0), self.rounds[0])
         if kind == "failed":
             text = f"failed: {event['error']}"
+        elif kind == "retry":  # below the quorum: fresh clients drawn for the missing ones
+            text = f"{event['short']} short of the quorum; attempt {event['attempt']}: {', '.join(event['clients'])}"
+        elif step == "client_finetune" and kind == "finished" and "train_loss" not in event:
+            text = f"{event.get('phase', 'no update')}: {event.get('reason', '')}"  # failed, or past the deadline
         elif step == "client_finetune":
             text = "training" if kind == "started" else f"loss {event['train_loss']:.3f}"
         elif step == "evaluate":

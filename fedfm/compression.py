@@ -57,6 +57,8 @@ _FP16_TOP_EXPONENT = 15  # a tensor's largest fp16 magnitude (or int8 scale) lan
 _MAX_EXPONENT = 300  # float32 magnitudes need shifts within ±200; 2.0**1024 would overflow
 _INT32_LIMIT = 2**31 - 1
 _MAX_TABLE_BYTES = 64 << 20  # a header's tensor table inflates to at most this (no zlib bombs)
+_MAX_VALUES = 1 << 40  # values one encoded tensor may claim: far beyond any adapter, and a damaged shape's
+# product (up to 10^400 from a few big sizes) is refused before anything is computed or allocated
 
 
 # --- compress ------------------------------------------------------------------------------------
@@ -193,8 +195,8 @@ def decompress(stored: Tensors, description: Description, *, where: str = "compr
     if not isinstance(description, dict):
         raise AdapterError(f"{where}: its encoding is {type(description).__name__}, not a JSON object")
     method = description.get("method")
-    if method not in _DECODERS:
-        raise AdapterError(f"{where}: unknown encoding method {method!r} (known: {', '.join(_DECODERS)})")
+    if not isinstance(method, str) or method not in _DECODERS:
+        raise AdapterError(f"{where}: unknown encoding method {_shown(method)} (known: {', '.join(_DECODERS)})")
     dtypes, decode = _DECODERS[method]
     _check_stored(stored, dtypes, method, where)
     return decode(stored, description, _entries(description, where), where)
@@ -212,12 +214,22 @@ def _entries(description: Description, where: str) -> list[_Entry]:
             raise AdapterError(f"{where}: entry {position} of its encoding names no tensor")
         shape = row.get("shape")
         if not isinstance(shape, list) or not all(_is_int(size) and size >= 0 for size in shape):
-            raise AdapterError(f"{where}: tensor {name} has shape {shape!r} in its encoding, not a list of sizes")
+            raise AdapterError(f"{where}: tensor {name} has shape {_shown(shape)} in its encoding, not a list of "
+                               "sizes")
+        if math.prod(shape) > _MAX_VALUES:
+            raise AdapterError(f"{where}: tensor {name} has shape {_shown(shape)} in its encoding, more than "
+                               f"{_MAX_VALUES} values (a damaged encoding)")
         if name in seen:
             raise AdapterError(f"{where}: tensor {name} appears twice in its encoding")
         seen.add(name)
         entries.append(_Entry(name, tuple(shape), row))
     return entries
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, shortened: a damaged header may hold anything."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -227,8 +239,8 @@ def _is_int(value: Any) -> bool:
 def _integer(entry: _Entry, key: str, low: int, high: int, where: str) -> int:
     value = entry.row.get(key)
     if not _is_int(value) or not low <= value <= high:
-        raise AdapterError(f"{where}: tensor {entry.name} has {key} {value!r} in its encoding; expected an integer "
-                           f"from {low} to {high}")
+        raise AdapterError(f"{where}: tensor {entry.name} has {key} {_shown(value)} in its encoding; expected an "
+                           f"integer from {low} to {high}")
     return value
 
 
@@ -289,34 +301,53 @@ def _decode_bf16(stored: Tensors, description: Description, entries: list[_Entry
 def _decode_int8(stored: Tensors, description: Description, entries: list[_Entry], where: str) -> Tensors:
     block = description.get("block_size")
     if not _is_int(block) or block < 1:
-        raise AdapterError(f"{where}: its int8 encoding has block_size {block!r}, not a positive integer")
+        raise AdapterError(f"{where}: its int8 encoding has block_size {_shown(block)}, not a positive integer")
     values, scales, out = _Reader(stored["values"], "values", where), _Reader(stored["scales"], "scales", where), {}
     for entry in entries:
         exponent = _integer(entry, "exponent", -_MAX_EXPONENT, _MAX_EXPONENT, where)
         quantized = values.take(entry.numel, entry).double()
-        scale = scales.take(math.ceil(entry.numel / block), entry).double() * 2.0**exponent
-        out[entry.name] = (quantized * scale.repeat_interleave(block)[: entry.numel]).float().reshape(entry.shape)
+        scale = scales.take(-(-entry.numel // block), entry).double() * 2.0**exponent
+        # a block never spans more than the tensor: repeating a scale block_size times could allocate
+        # far more than the tensor when a damaged header claims a huge block_size
+        per_block = min(block, entry.numel)
+        out[entry.name] = (quantized * scale.repeat_interleave(per_block)[: entry.numel]).float().reshape(entry.shape)
     values.finish()
     scales.finish()
     return out
 
 
 def _decode_topk(stored: Tensors, description: Description, entries: list[_Entry], where: str) -> Tensors:
+    fraction = description.get("fraction")
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise AdapterError(f"{where}: its topk encoding has fraction {_shown(fraction)}, not a number in (0, 1]")
     indices, values = _Reader(stored["indices"], "indices", where), _Reader(stored["values"], "values", where)
     out = {}
     for entry in entries:
         kept = _integer(entry, "kept", 0, entry.numel, where)
+        if kept != kept_count(entry.numel, fraction):
+            # what the encoder keeps; it also bounds the tensor a few stored values decode into
+            raise AdapterError(f"{where}: tensor {entry.name} has kept {kept} in its encoding, but a fraction of "
+                               f"{fraction} of its {entry.numel} values is {kept_count(entry.numel, fraction)}")
         chosen, chosen_values = indices.take(kept, entry).long(), values.take(kept, entry)
         if kept and (int(chosen.min()) < 0 or int(chosen.max()) >= entry.numel):
             raise AdapterError(f"{where}: tensor {entry.name} has stored indices outside 0..{entry.numel - 1}")
         if torch.unique(chosen).numel() != kept:
             raise AdapterError(f"{where}: tensor {entry.name} has a stored index twice")
-        flat = torch.zeros(entry.numel, dtype=torch.float32)
+        flat = _zeros(entry, where)
         flat[chosen] = chosen_values
         out[entry.name] = flat.reshape(entry.shape)
     indices.finish()
     values.finish()
     return out
+
+
+def _zeros(entry: _Entry, where: str) -> torch.Tensor:
+    try:
+        return torch.zeros(entry.numel, dtype=torch.float32)
+    except (RuntimeError, MemoryError):  # torch reports a failed allocation as RuntimeError
+        raise AdapterError(f"{where}: tensor {entry.name} of shape {entry.shape} does not fit in memory "
+                           f"({entry.numel} values); its encoding is damaged, or the update far larger than "
+                           "this federation's adapter") from None
 
 
 _Encoder = Callable[[Tensors, CompressionConfig], _Encoded]
@@ -353,7 +384,9 @@ def decode_description(text: str, where: str) -> Description:
             raise ValueError("its tensor table is truncated or larger than any adapter's")
         description["tensors"] = json.loads(table)
     except (ValueError, KeyError, TypeError, zlib.error, binascii.Error) as exc:
-        raise AdapterError(f"{where} has a damaged encoding header ({exc})") from None
+        raise AdapterError(f"{where} has a damaged encoding header ({_shown(str(exc), 300)})") from None
+    except RecursionError:
+        raise AdapterError(f"{where} has a damaged encoding header (it nests too deeply)") from None
     return description
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,14 @@ _PARTITION = re.compile(r"^(iid|dirichlet:(?P<alpha>[0-9.eE+-]+)|column:(?P<colu
 Task = Literal["classification", "causal-lm"]
 
 DEFAULT_LOCAL_STEPS = 20
+
+# policy.preset: how many MADs above the median norm an update may be, and the robust rule it brings
+PRESET_NORM_MADS = 3.0
+PRESET_RULE = ("fedtrimmedavg", {"beta": 0.2})
+ROBUST_RULES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")
+
+# The most tenants `clients: N` simulates (each is a ClientConfig; 10^9 of them would exhaust memory).
+MAX_CLIENTS = 10_000
 
 # The pooled pseudo-client of a centralized run (the baseline federated quality is judged against).
 CENTRALIZED_CLIENT = "centralized"
@@ -55,7 +64,8 @@ def parse_partition(scheme: str) -> tuple[str, float | str | None]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/NaN are refused: as_dict() must be JSON (a KFP parameter), and no setting means them
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -92,6 +102,18 @@ class DataConfig(_Section):
     def _split_columns(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError(f"data.labels {value!r} has fewer than 2 labels; a classifier needs at least 2 "
+                                 "(or leave data.labels unset to read them from the data)")
+            repeated = sorted({label for label in value if value.count(label) > 1})
+            if repeated:
+                raise ValueError(f"data.labels repeats {', '.join(map(repr, repeated))}; list each label once")
         return value
 
     @field_validator("partition")
@@ -205,6 +227,8 @@ class UpdateChecksConfig(_Section):
         "reject", description="reject: leave the update out of the round; clip: scale it down to the bound; "
                               "quarantine: leave it out and take no more updates from the client")
     min_updates: int = Field(3, ge=3, description="the outlier check needs at least this many updates in a round")
+    clip_to_median: bool | None = Field(None, description="scale every kept update down to at most the round's median "
+                                                    "norm (norm bounding without a fixed bound, as FLAME does)")
 
 
 class AdaptiveClippingConfig(_Section):
@@ -283,8 +307,37 @@ class PolicyConfig(_Section):
     min_clients: int | None = Field(None, ge=1, description="quorum: updates a round needs to aggregate "
                                                            "(default: every client drawn)")
     round_deadline_seconds: float | None = Field(None, gt=0, description="a client's fine-tune must finish "
-                                                                        "within this (cluster mode)")
+                                                                        "within this: a Job is stopped at it; a local "
+                                                                        "fine-tune that ends later is not used")
+    below_quorum: Literal["fail", "retry"] = Field(
+        "fail", description="a round with fewer updates than the quorum: fail (the run stops; resume it later), or "
+                            "retry: draw fresh clients, not yet in the round, in place of the missing ones")
+    max_retries: int = Field(1, ge=1, le=10, description="below_quorum retry: how many fresh draws a round may make")
+    quarantine_after_failures: int | None = Field(None, ge=1, description="a client that sent no usable update in "
+                                                                          "this many of its rounds in a row is not "
+                                                                          "drawn again (None: never)")
+    invalid_updates: Literal["fail", "reject"] | None = Field(
+        None, description="an update that fails validation (NaN/inf, wrong shapes, another base model): fail the "
+                          "round, or reject it (the client counts as missing); default: reject under a preset, "
+                          "else fail")
+    preset: Literal["none", "checks", "robust"] = Field(
+        "none", description="Byzantine robustness in one word. checks: reject invalid updates and norm outliers "
+                            "(median + 3 MAD) and bound the rest to the median norm, any rule, with a majority "
+                            "quorum unless min_clients is set; robust: checks plus a robust rule (fedtrimmedavg "
+                            "with beta 0.2 in place of fedavg)")
     update_checks: UpdateChecksConfig = Field(default_factory=UpdateChecksConfig)
+
+    @model_validator(mode="after")
+    def _expand_preset(self) -> PolicyConfig:
+        """A preset fills the checks the user left unset (an explicit setting wins)."""
+        if self.preset != "none":  # unset: None, which is also what as_dict leaves out
+            if self.invalid_updates is None:
+                self.invalid_updates = "reject"
+            if self.update_checks.norm_mads is None:
+                self.update_checks.norm_mads = PRESET_NORM_MADS
+            if self.update_checks.clip_to_median is None:
+                self.update_checks.clip_to_median = True
+        return self
 
 
 class ExecutionConfig(_Section):
@@ -296,6 +349,10 @@ class ExecutionConfig(_Section):
     federation_namespace: str | None = Field(None, description="namespace of the Federation object (default: "
                                                                "the pipeline pod's own namespace)")
     poll_seconds: float = Field(2.0, gt=0, description="how often a step checks its ClientRounds")
+    checkpoint_uri: str | None = Field(None, description="fsspec URI under which the federation's state is "
+                                                         "checkpointed after every round, to resume from (default: "
+                                                         "fedfm run/simulate: the run's directory; kubernetes: the "
+                                                         "run's folder under storage_uri)")
     client_state_uri: str | None = Field(None, description="fsspec URI under which each client without its own "
                                                            "state_uri keeps its personal state (fedfm run: the "
                                                            "run's directory)")
@@ -334,7 +391,7 @@ class FederationConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="partitioning, initialization and batch order (numpy seeds are >= 0)")
     parallelism: int = Field(2, ge=1, description="clients trained at once in one round")
     centralized: bool = Field(
         False,
@@ -353,6 +410,8 @@ class FederationConfig(_Section):
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 1:
                 raise ValueError("clients must be at least 1")
+            if value > MAX_CLIENTS:
+                raise ValueError(f"clients {value} is more than {MAX_CLIENTS}; simulate fewer tenants")
             return _numbered_clients(value)
         if isinstance(value, list):
             return [{"name": item} if isinstance(item, str) else item for item in value]
@@ -384,6 +443,24 @@ class FederationConfig(_Section):
             if self.policy.update_checks.norm_mads is not None:
                 raise ValueError("policy.update_checks.norm_mads needs each update's norm, which secure aggregation "
                                  "hides from the server; bound what a client can send with privacy.clip_norm instead")
+        if self.policy.below_quorum == "retry":
+            if self.policy.min_clients is None:
+                raise ValueError("policy.below_quorum retry needs policy.min_clients: without a quorum below the "
+                                 "round's size, every client drawn is needed and no fresh one can stand in")
+            if self.privacy.enabled or secagg.enabled:
+                raise ValueError("policy.below_quorum retry cannot be combined with differential privacy (the "
+                                 "accountant assumes one Poisson draw per round) or secure aggregation (its keys "
+                                 "are agreed before training); use below_quorum fail")
+        if self.policy.preset != "none" and self.policy.min_clients is None:
+            # rejecting an update must not fail the round: the quorum becomes a majority, not every client
+            self.policy.min_clients = len(self.training_clients) // 2 + 1
+        if self.policy.preset == "robust" and self.strategy.name not in ROBUST_RULES:
+            if self.strategy.name != "fedavg":
+                raise ValueError(f"policy.preset robust brings a robust rule, but strategy {self.strategy.name!r} "
+                                 f"is not one: choose one of {', '.join(ROBUST_RULES)}, or policy.preset checks "
+                                 "(the checks with any rule)")
+            self.strategy = StrategyConfig(name=PRESET_RULE[0], params=dict(PRESET_RULE[1]),
+                                           clip_norm=self.strategy.clip_norm)
         own_data = [client.name for client in self.clients if client.train]
         if self.centralized and own_data:
             raise ValueError("centralized runs pool a simulated partition; clients with their own data "
@@ -431,14 +508,14 @@ class FederationConfig(_Section):
     def mixed_ranks(self) -> bool:
         return len({self.client_rank(name) for name in self.training_clients}) > 1
 
-    def sampled_clients(self, round_index: int) -> list[str]:
+    def sampled_clients(self, round_index: int, exclude: Collection[str] = ()) -> list[str]:
         """The clients drawn for ``round_index``: ``policy.sample_fraction`` of them (never fewer than the
         quorum), the same draw in every process for a given seed and round. Under differential privacy
         each client is drawn with probability ``policy.sample_fraction`` instead (Poisson sampling), so
-        a round may draw fewer than the quorum."""
+        a round may draw fewer than the quorum. Clients in ``exclude`` (quarantined) are never drawn."""
         import numpy as np
 
-        clients = self.training_clients
+        clients = [client for client in self.training_clients if client not in exclude]
         if self.privacy.enabled:  # Poisson sampling: each client independently, as the privacy accountant assumes
             if self.policy.sample_fraction >= 1:
                 return list(clients)
@@ -449,6 +526,18 @@ class FederationConfig(_Section):
             return list(clients)
         chosen = np.random.default_rng([self.seed, round_index]).choice(len(clients), size=count, replace=False)
         return [clients[index] for index in sorted(chosen)]
+
+    def fresh_clients(self, round_index: int, attempt: int, count: int, exclude: Collection[str]) -> list[str]:
+        """``policy.below_quorum`` retry: up to ``count`` clients not in ``exclude`` (those already in the
+        round, and quarantined ones), drawn for attempt ``attempt`` (≥ 2) of ``round_index``."""
+        import numpy as np
+
+        candidates = [client for client in self.training_clients if client not in exclude]
+        if count >= len(candidates):
+            return candidates
+        chosen = np.random.default_rng([self.seed, round_index, attempt]).choice(len(candidates), size=count,
+                                                                                  replace=False)
+        return [candidates[index] for index in sorted(chosen)]
 
     def secagg_threshold(self, sampled: int) -> int:
         """t for a round with ``sampled`` clients: the configured threshold (at most ``sampled``), else a majority."""
@@ -520,13 +609,21 @@ def load_config(path: str | Path) -> FederationConfig:
     """Read a federation config from a YAML or JSON file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at "
+                          f"position {exc.start}); save it as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests too deeply to be a federation config") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a value PyYAML cannot construct: 2001-02-30
+        raise ConfigError(f"config file {path} holds a value YAML cannot read ({exc}); quote it if it is "
+                          "meant as a string") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

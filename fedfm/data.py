@@ -19,6 +19,7 @@ dataset, column, client) and what to change.
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import math
@@ -137,10 +138,23 @@ def _read_file(source: str) -> pd.DataFrame:
             frame = _parse_json(payload, lines=suffix == ".jsonl")
     except DataError as exc:
         raise DataError(f"data file {source} is not valid {suffix[1:].upper()}: {exc}") from None
-    except Exception as exc:  # pandas / pyarrow parser errors, bad encodings, corrupt parquet
+    except UnicodeDecodeError as exc:
+        near = bytes(exc.object[max(exc.start - 20, 0) : exc.start + 1])
+        raise DataError(f"data file {source} is not UTF-8 text (byte {near[-1:]!r} in {near!r}"
+                        f"{_encoding_hint(payload)}); save it as UTF-8") from None
+    except Exception as exc:  # pandas / pyarrow parser errors, corrupt parquet
         raise DataError(f"data file {source} is not valid {suffix[1:].upper()} ({_reason(exc)}); "
                         "check that the file is complete and in that format") from None
     return frame.reset_index(drop=True)
+
+
+def _encoding_hint(payload: bytes) -> str:
+    """What a byte-order mark says about a file that is not UTF-8 ("" without one)."""
+    if payload.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "; it starts with a UTF-32 byte-order mark"
+    if payload.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "; it starts with a UTF-16 byte-order mark"
+    return ""
 
 
 def _parse_json(payload: bytes, *, lines: bool) -> pd.DataFrame:

@@ -70,3 +70,8 @@ class SubmitError(FedFMError):
 
 class PrivacyBudgetError(FedFMError):
     """A round would spend more differential-privacy budget than the run's target allows."""
+
+
+class CheckpointError(FedFMError):
+    """A run cannot resume from (or write) a checkpoint: none where one is needed, one that is damaged,
+    or a start that would recompute or skip a checkpointed round."""

@@ -8,6 +8,8 @@ the tenant's namespace and waits for the operator to report it.
 
 from __future__ import annotations
 
+import sys
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -15,7 +17,8 @@ from fedfm.adapters import AdapterMeta
 from fedfm.config import FederationConfig
 from fedfm.tasks import LossSums
 
-SUCCEEDED = "Succeeded"
+# ClientRound phases (operators/api.py) a client's work can end in
+SUCCEEDED, FAILED, TIMED_OUT = "Succeeded", "Failed", "TimedOut"
 
 
 @dataclass
@@ -61,14 +64,41 @@ class Executor(ABC):
         """Told when a round cannot aggregate (the cluster records it on the Federation)."""
 
 
+def late(cfg: FederationConfig, seconds: float) -> str | None:
+    """Why a fine-tune that took ``seconds`` missed ``policy.round_deadline_seconds`` (None: in time)."""
+    deadline = cfg.policy.round_deadline_seconds
+    if deadline is None or seconds <= deadline:
+        return None
+    return f"the fine-tune took {seconds:.1f} s, past the round's deadline of {deadline:g} s " \
+           "(policy.round_deadline_seconds): its update is not used"
+
+
+def train_here(cfg: FederationConfig, client: str, round_index: int, global_uri: str, update_out: str,
+               **options) -> ClientOutcome:
+    """Fine-tune ``client`` in this process, as a Job would in its namespace: an error is the client's
+    own (the round goes on without it, quorum permitting) and a fine-tune past the round's deadline
+    counts as missing. A process cannot stop its own fine-tune midway, so a late update is discarded
+    rather than cut short."""
+    import traceback
+
+    from fedfm.training import train_client
+
+    started = time.time()
+    try:
+        train_client(cfg, client, round_index, global_uri, update_out, **options)
+    except Exception as exc:  # a client's crash is its own, as a failed Job is
+        print(f"client {client}, round {round_index} failed:", file=sys.stderr)
+        traceback.print_exc()
+        return ClientOutcome(client, FAILED, f"{type(exc).__name__}: {exc}")
+    reason = late(cfg, time.time() - started)
+    return ClientOutcome(client, TIMED_OUT, reason) if reason else ClientOutcome(client)
+
+
 class LocalExecutor(Executor):
     """Clients' work in this process, on data this process can read (simulation and tests)."""
 
     def train(self, cfg, client, round_index, global_uri, update_out):
-        from fedfm.training import train_client
-
-        train_client(cfg, client, round_index, global_uri, update_out)
-        return ClientOutcome(client)
+        return train_here(cfg, client, round_index, global_uri, update_out)
 
     def evaluate(self, cfg, round_index, adapter_uri, clients):
         from fedfm.evaluation import evaluate_clients

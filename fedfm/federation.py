@@ -93,6 +93,7 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
         mean, privacy_figures, privacy_state = noisy_mean(cfg, round_index, stream, shapes, privacy_state)
         stream = [_mean_update(current, mean, round_index)]
     aggregate = strategy.aggregate(current.tensors, stream, state=state)
+    failing = quarantine.count_failures(clients, missing, round_index, cfg.policy.quarantine_after_failures)
     extra_state = quarantine.as_state()
     metrics: dict[str, Any] = {"clients": clients, "missing": missing, "strategy": strategy.name}
     if privacy_figures is not None:
@@ -104,6 +105,8 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
         metrics["clipped"] = clipped
     if checks_record is not None:
         metrics["update_checks"] = checks_record
+    if failing:  # clients quarantined for failing round after round
+        metrics["quarantined"] = failing
     return write_round(cfg, round_index, current, strategy.name, aggregate, metrics, started, global_out,
                        state_out, extra_state)
 
@@ -151,30 +154,35 @@ def require_quorum(cfg: FederationConfig, round_index: int, sent: int, missing: 
 def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates: list[tuple[str, str]],
              missing: dict[str, str], clients: dict[str, dict[str, Any]],
              quarantine: Quarantine) -> tuple[Iterable[Adapter], dict[str, Any] | None]:
-    """The round's validated updates as ``policy.update_checks`` leaves them, and its ``update_checks``
-    record (None: the norm check is off).
+    """The round's validated updates as ``policy`` leaves them, and its ``update_checks`` record (None:
+    the norm check is off).
 
-    Quarantined clients' updates go into ``missing`` unread. With ``norm_mads`` a first pass measures
-    every update's norm (validating it) and the aggregation's pass reloads the kept ones: outliers are
-    rejected or quarantined (into ``missing``, out of ``clients``; the quorum is checked again) or clipped.
+    Quarantined clients' updates go into ``missing`` unread. With ``policy.invalid_updates`` reject or
+    ``norm_mads``, a first pass validates every update and measures its norm, and the aggregation's
+    pass reloads the kept ones: invalid updates and norm outliers are rejected or quarantined (into
+    ``missing``, out of ``clients``; the quorum is checked again), others clipped or bounded.
     """
     updates = quarantine.leave_out(updates, missing)
     require_quorum(cfg, round_index, len(updates), missing)
-    checks = cfg.policy.update_checks
-    if checks.norm_mads is None:
+    checks, rejecting = cfg.policy.update_checks, cfg.policy.invalid_updates == "reject"
+    if checks.norm_mads is None and not rejecting:
         return _validated(cfg, round_index, current, updates, clients), None
-    if len(updates) < checks.min_updates:
-        return _validated(cfg, round_index, current, updates, clients), skipped_record(len(updates), checks)
-    norms, metas = measure_norms(_validated(cfg, round_index, current, updates, clients))
-    outcome = judge(norms, checks)
-    for client, reason in outcome.left_out.items():
-        missing[client] = reason
-        del clients[client]
-    if checks.action == "quarantine":
-        quarantine.add(outcome.outliers, round_index)
-    kept = [(client, uri) for client, uri in updates if client not in outcome.outliers]
+    norms, metas = measure_norms(_validated(cfg, round_index, current, updates, clients,
+                                            rejected=missing if rejecting else None))
+    record, factors = None, {}
+    if checks.norm_mads is not None and len(norms) < checks.min_updates:
+        record = skipped_record(len(norms), checks)
+    elif checks.norm_mads is not None:
+        outcome = judge(norms, checks)
+        for client, reason in outcome.left_out.items():
+            missing[client] = reason
+            del clients[client]
+        if checks.action == "quarantine":
+            quarantine.add(outcome.outliers, round_index)
+        record, factors = outcome.record(), outcome.factors
+    kept = [(client, uri) for client, uri in updates if client in clients]
     require_quorum(cfg, round_index, len(kept), missing)
-    return reloaded(kept, metas, outcome.scales), outcome.record()
+    return reloaded(kept, metas, factors), record
 
 
 def _sent_shapes(cfg: FederationConfig, round_index: int, global_tensors: Tensors) -> dict[str, tuple[int, ...]]:
@@ -200,6 +208,13 @@ def save_server_state(uri: str, strategy: str, round_index: int, state: ServerSt
     storage.write_bytes(uri, safetensors_save(tensors, metadata=header))
 
 
+def quarantined(cfg: FederationConfig, state_uri: str | None) -> set[str]:
+    """The clients the server state at ``state_uri`` (None: round 1) has quarantined: never drawn again."""
+    if not state_uri:
+        return set()
+    return set(Quarantine.split(load_server_state(state_uri, build_strategy(cfg.strategy).name))[0].since)
+
+
 def load_server_state(uri: str, strategy: str) -> ServerState:
     """The server state at ``uri``, which must be ``strategy``'s (an empty file is round 1's empty state)."""
     data = storage.read_bytes(uri)
@@ -209,18 +224,32 @@ def load_server_state(uri: str, strategy: str) -> ServerState:
         tensors = safetensors_load(data)
         header = header_of(data) or {}
     except Exception as exc:  # safetensors and json raise several types for damaged bytes
-        raise FedFMError(f"server state {uri} is damaged: {exc}") from None
+        raise StorageError(f"server state {uri} is damaged: {exc}") from None
     if header.get("format") != SERVER_STATE_FORMAT:
-        raise FedFMError(f"{uri} is not a FedFM server state (format {header.get('format')!r})")
+        raise StorageError(f"{uri} is not a FedFM server state (format {header.get('format')!r})")
     if header.get("strategy") != strategy:
-        raise FedFMError(f"server state {uri} belongs to strategy {header.get('strategy')!r}, not {strategy!r}: "
-                         "a run cannot change its strategy midway")
-    return {**json.loads(header["numbers"]), **tensors}
+        raise StorageError(f"server state {uri} belongs to strategy {header.get('strategy')!r}, not {strategy!r}: "
+                           "a run cannot change its strategy midway")
+    try:
+        numbers = json.loads(header["numbers"])
+    except KeyError:
+        raise StorageError(f"server state {uri} is damaged: its header has no 'numbers'") from None
+    except (ValueError, RecursionError) as exc:
+        raise StorageError(f"server state {uri} is damaged: its numbers are not JSON ({exc})") from None
+    if not isinstance(numbers, dict):
+        raise StorageError(f"server state {uri} is damaged: its numbers are a JSON {type(numbers).__name__}, "
+                           "not an object")
+    for name, value in sorted(tensors.items()):
+        if value.dtype != torch.float32:
+            raise StorageError(f"server state {uri} is damaged: tensor {name} is "
+                               f"{str(value.dtype).removeprefix('torch.')}, not float32")
+    return {**numbers, **tensors}
 
 
 def _validated(cfg: FederationConfig, round_index: int, current: Adapter, updates: Iterable[tuple[str, str]],
-               clients: dict[str, dict[str, Any]]) -> Iterator[Adapter]:
-    """Load, check and yield one update at a time, recording each client's figures in ``clients``."""
+               clients: dict[str, dict[str, Any]], rejected: dict[str, str] | None = None) -> Iterator[Adapter]:
+    """Load, check and yield one update at a time, recording each client's figures in ``clients``. An
+    invalid update fails the round, or with ``rejected`` goes there (client → why) and is skipped."""
     expected = set(cfg.training_clients)
     for client, uri in updates:
         if client not in expected:
@@ -228,18 +257,30 @@ def _validated(cfg: FederationConfig, round_index: int, current: Adapter, update
                                          f"client of this federation ({', '.join(sorted(expected))})", client=client)
         if client in clients:
             raise AdapterValidationError(f"client {client} sent two updates for round {round_index}", client=client)
-        update = load_adapter(uri, who=f"client {client}")
-        if update.meta.client != client:
-            raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
-                                         client=client)
-        validate_update(update, current, client=client, round_index=round_index,
-                        expected_shapes=expected_update_shapes(cfg, client, round_index, current.tensors))
+        try:
+            update = _valid_update(cfg, round_index, current, client, uri)
+        except FedFMError as exc:  # unreadable, damaged or not matching the global adapter
+            if rejected is None:
+                raise
+            rejected[client] = f"rejected (policy.invalid_updates): {exc}"
+            continue
         figures = {key: update.meta.metrics[key] for key in _CLIENT_FIELDS if key in update.meta.metrics}
         figures["samples"] = update.meta.samples
         figures["bytes_up"] = storage.size(uri)
         clients[client] = figures
         yield update
         del update  # not held while the next one loads
+
+
+def _valid_update(cfg: FederationConfig, round_index: int, current: Adapter, client: str, uri: str) -> Adapter:
+    """``client``'s update at ``uri``, loaded and checked against the global adapter ``current``."""
+    update = load_adapter(uri, who=f"client {client}")
+    if update.meta.client != client:
+        raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
+                                     client=client)
+    validate_update(update, current, client=client, round_index=round_index,
+                    expected_shapes=expected_update_shapes(cfg, client, round_index, current.tensors))
+    return update
 
 
 def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: float) -> dict[str, Any]:
@@ -264,6 +305,8 @@ def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: flo
         record["privacy"] = meta.metrics["privacy"]
     if "update_checks" in meta.metrics:  # the round's norm statistics and the outliers it handled
         record["update_checks"] = meta.metrics["update_checks"]
+    if "quarantined" in meta.metrics:  # clients quarantined after failing round after round
+        record["quarantined"] = meta.metrics["quarantined"]
     if "train_loss" in meta.metrics:  # secure aggregation: only the round's mean is known
         record["train_loss"] = meta.metrics["train_loss"]
     elif clients:

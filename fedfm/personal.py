@@ -8,13 +8,14 @@ one and the state for any round is the newest file at or before it.
 
 from __future__ import annotations
 
+import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedfm import storage
 from fedfm.adapters import Tensors
 from fedfm.config import FederationConfig
-from fedfm.errors import ConfigError, FedFMError
+from fedfm.errors import AdapterError, ConfigError, StorageError
 
 RESIDUAL_DIRECTORY = "compression-residual"
 
@@ -36,11 +37,24 @@ def _newest(directory: str, before: int, client: str, what: str) -> Tensors:
     for earlier in range(before, 0, -1):
         uri = _round_file(directory, earlier)
         if storage.exists(uri):
+            data = storage.read_bytes(uri)
             try:
-                return safetensors_load(storage.read_bytes(uri))
+                tensors = safetensors_load(data)
             except Exception as exc:  # safetensors raises several types for damaged bytes
-                raise FedFMError(f"client {client}'s {what} {uri} is damaged: {exc}") from None
+                raise AdapterError(f"client {client}'s {what} {uri} is damaged ({exc}); delete it to start that "
+                                   "state afresh, or restore it") from None
+            for name, value in sorted(tensors.items()):
+                if value.dtype != torch.float32:
+                    raise AdapterError(f"client {client}'s {what} {uri} is damaged: tensor {name} is "
+                                       f"{str(value.dtype).removeprefix('torch.')}, not float32")
+            return tensors
     return {}
+
+
+def _encoded(tensors: Tensors, client: str, round_index: int) -> bytes:
+    """A state file's bytes: the tensors as float32 (what :func:`_newest` accepts back)."""
+    values = {name: value.detach().to("cpu", torch.float32).contiguous() for name, value in tensors.items()}
+    return safetensors_save(values, metadata={"client": client, "round": str(round_index)})
 
 
 def save_personal(cfg: FederationConfig, client: str, round_index: int, tensors: Tensors) -> str:
@@ -48,9 +62,7 @@ def save_personal(cfg: FederationConfig, client: str, round_index: int, tensors:
     uri = _round_file(_location(cfg, client), round_index)
     # a retried round (a Job's second attempt) replaces its own unused first attempt; earlier rounds'
     # files are never touched
-    storage.write_bytes(uri, safetensors_save({name: value.contiguous() for name, value in tensors.items()},
-                                              metadata={"client": client, "round": str(round_index)}),
-                        overwrite=True)
+    storage.write_bytes(uri, _encoded(tensors, client, round_index), overwrite=True)
     return uri
 
 
@@ -80,15 +92,14 @@ def load_residual(cfg: FederationConfig, client: str, round_index: int) -> Tenso
     """
     own = residual_uri(cfg, client, round_index)
     if storage.exists(own):
-        raise FedFMError(f"client {client}'s error-feedback residual for round {round_index} already exists at "
-                         f"{own}: this round already ran with this state location; give a new run its own "
-                         "state_uri or execution.client_state_uri")
+        raise StorageError(f"client {client}'s error-feedback residual for round {round_index} already exists at "
+                           f"{own}: this round already ran with this state location; give a new run its own "
+                           "state_uri or execution.client_state_uri")
     return _newest(_residual_directory(cfg, client), round_index - 1, client, "error-feedback residual")
 
 
 def save_residual(cfg: FederationConfig, client: str, round_index: int, tensors: Tensors) -> str:
     """Write what ``client``'s update for ``round_index`` left unsent (never over an existing file)."""
     uri = residual_uri(cfg, client, round_index)
-    storage.write_bytes(uri, safetensors_save({name: value.contiguous() for name, value in tensors.items()},
-                                              metadata={"client": client, "round": str(round_index)}))
+    storage.write_bytes(uri, _encoded(tensors, client, round_index))
     return uri

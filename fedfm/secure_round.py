@@ -41,6 +41,7 @@ from fedfm.adapters import AdapterMeta, Tensors, header_of, l2_norm, load_adapte
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, QuorumError, SecureAggregationError
 from fedfm.strategies import build_strategy
+from fedfm.update_checks import Quarantine
 
 MASKED_FORMAT = "fedfm-masked-update/1"
 WEIGHT = "secagg.weight"  # the extra entries of a contribution, beside the adapter's tensors
@@ -316,6 +317,7 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
 
     strategy = build_strategy(cfg.strategy)
     privacy_state, state = privacy.PrivacyState.split(load_server_state(state_in, strategy.name) if state_in else {})
+    quarantine, state = Quarantine.split(state)
     metrics: dict[str, Any] = {"clients": figures, "missing": missing, "strategy": strategy.name,
                                "secure_aggregation": {"survivors": survivors, "threshold": keys["threshold"],
                                                       "dropped": sorted(set(keys["public"]) - set(survivors))}}
@@ -329,8 +331,12 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
         metrics["train_loss"] = loss / weight
     aggregate = strategy.aggregate(current.tensors, [_mean_update(current, mean, round_index)], state=state)
     aggregate.clients, aggregate.samples = survivors, samples
+    failing = quarantine.count_failures(survivors, missing, round_index, cfg.policy.quarantine_after_failures)
+    if failing:  # clients quarantined for failing round after round
+        metrics["quarantined"] = failing
+    extra_state = {**quarantine.as_state(), **(privacy_state.as_state() if cfg.privacy.enabled else {})}
     return write_round(cfg, round_index, current, strategy.name, aggregate, metrics, started, global_out, state_out,
-                       privacy_state.as_state() if cfg.privacy.enabled else {})
+                       extra_state)
 
 
 def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, state: privacy.PrivacyState

@@ -23,48 +23,111 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedfm import events
+from fedfm import checkpoint, events
+from fedfm.attacks import Attack
+from fedfm.checkpoint import Checkpoint, checkpoint_root
 from fedfm.config import FederationConfig
 from fedfm.errors import ConfigError
-from fedfm.pipelines.local_runner import LocalRun, _follow, claim_output, environ, with_client_state_here
+from fedfm.executors import FAILED, ClientOutcome
+from fedfm.pipelines.local_runner import LocalRun, _follow, environ, resume_run, start_run
 
 RUNNER = "simulate"
-FAILED = "Failed"  # the ClientRound phase of a fine-tune that ended in an error
+
+
+@dataclass(frozen=True)
+class Attackers:
+    """``fedfm simulate --attack``: which clients are Byzantine, and how."""
+
+    attack: Attack
+    clients: frozenset[str]
+
+    def record(self) -> dict[str, Any]:
+        """What run.json keeps, so that a resumed run attacks as the interrupted one did."""
+        return {"kind": self.attack.kind, "scale": self.attack.scale, "clients": sorted(self.clients)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> Attackers | None:
+        if not record:
+            return None
+        return cls(Attack(kind=record["kind"], scale=record["scale"]), frozenset(record["clients"]))
+
+    def check(self, cfg: FederationConfig) -> None:
+        unknown = sorted(self.clients - set(cfg.training_clients))
+        if unknown:
+            raise ConfigError(f"attackers {', '.join(unknown)} are not clients of this federation "
+                              f"({', '.join(cfg.training_clients)})")
+        if not self.clients:
+            raise ConfigError("an attack needs at least one attacker")
+        if self.attack.kind == "label-flip" and cfg.task != "classification":
+            raise ConfigError("the label-flip attack needs a classification task")
+
+
+def attacked_update(cfg: FederationConfig, attack: Attack, client: str, round_index: int, global_uri: str,
+                    update_uri: str) -> ClientOutcome:
+    """A Byzantine client's update: trained on flipped labels (label-flip), or trained honestly and then
+    replaced by the attack's tensors, written where the honest update would be."""
+    from fedfm.adapters import load_adapter, save_adapter
+    from fedfm.attacks import attack_seed, poison_data_hook, poison_update
+    from fedfm.executors import train_here
+
+    if not attack.poisons_update:  # label-flip: honest training on poisoned data
+        return train_here(cfg, client, round_index, global_uri, update_uri,
+                          poison_data=poison_data_hook(attack, cfg.data.labels))
+    honest_uri = f"{update_uri}.honest"
+    outcome = train_here(cfg, client, round_index, global_uri, honest_uri)
+    if outcome.succeeded:
+        honest = load_adapter(honest_uri, who=f"client {client}")
+        tensors = poison_update(attack, honest.tensors, seed=attack_seed(cfg.seed, client, round_index))
+        save_adapter(update_uri, tensors, honest.meta)  # the honest file stays beside it, for the record
+    return outcome
 
 
 def simulate(cfg: FederationConfig, output: Path, on_event: Callable[[dict[str, Any]], None] | None = None, *,
-             reuse_models: bool = True) -> LocalRun:
+             reuse_models: bool = True, resume: bool = False, attack: Attack | None = None,
+             attackers: Collection[str] = ()) -> LocalRun:
     """Run the federation ``cfg`` in this process; write ``metrics.json``, ``report.png`` and the final
     PEFT adapter under ``output``, as :func:`fedfm.pipelines.local_runner.run_local` does.
 
     ``on_event`` sees each step's progress event (:mod:`fedfm.events`) on a background thread while
     ``sys.stdout`` and ``sys.stderr`` go to ``run.log``. ``reuse_models=False`` loads the base model
     from disk for every client and evaluation, as the pipeline's separate steps do (for comparisons).
+
+    ``resume``: continue the interrupted run in ``output`` after its last checkpointed round, with the
+    config (and attack) it started with; ``cfg`` is then ignored and may be None. ``attack`` makes the
+    clients in ``attackers`` Byzantine (:mod:`fedfm.attacks`), for testing a setup's robustness.
     """
     from fedfm.federation import step_config
     from fedfm.modeling import reuse_base_models
     from fedfm.report import plot_report, write_metrics
 
-    check_simulated(cfg)
     output = Path(output)
-    claim_output(output)
-    cfg = with_client_state_here(cfg, output)  # as fedfm run: clients' personal adapter parts under output/
+    if resume:
+        resumed = resume_run(output, RUNNER)
+        cfg, start = resumed.cfg, resumed.checkpoint
+        plan = Attackers.from_record(resumed.record.get("attack"))
+    else:
+        check_simulated(cfg)
+        plan = None if attack is None else Attackers(attack, frozenset(attackers))
+        if plan is not None:
+            plan.check(cfg)
+        cfg, start = start_run(cfg, output, RUNNER, {"attack": plan and plan.record()}), None
     events_path, log_path = output / "events.jsonl", output / "run.log"
     started = time.time()
     reuse = reuse_base_models() if reuse_models else contextlib.nullcontext()
-    with open(log_path, "w", buffering=1) as log, _output_to(log), _environment(events_path), \
-            _follow(events_path, on_event), reuse:
-        history = _federate(step_config(cfg.as_dict()), output / "work", output / "adapter")
+    with open(log_path, "a", buffering=1) as log, _output_to(log), _environment(events_path), \
+            _follow(events_path, on_event, from_end=resume), reuse:
+        history = _federate(step_config(cfg.as_dict()), output / "work", output / "adapter", start, plan)
     seconds = time.time() - started
 
     run = LocalRun(output=output, history=history, seconds=seconds)
     write_metrics(run.metrics_path, cfg.as_dict(), history,
                   {"seconds": seconds, "runner": RUNNER, "centralized": cfg.centralized,
-                   "clients": cfg.training_clients})
+                   "clients": cfg.training_clients, "resumed_from": None if start is None else start.round})
     mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
     plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
     return run
@@ -78,42 +141,75 @@ def check_simulated(cfg: FederationConfig) -> None:
                           "(fedfm submit)")
 
 
-def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path) -> list[dict[str, Any]]:
-    """The pipeline's steps, one after another; returns the run's history (rounds 0..R)."""
-    from fedfm.federation import aggregate_round, export, initialize
+def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path, start: Checkpoint | None,
+              plan: Attackers | None) -> list[dict[str, Any]]:
+    """The pipeline's steps, one after another, from round 0 or after the checkpoint ``start``; every
+    round ends in a checkpoint. Returns the run's history (rounds 0..R)."""
+    from fedfm.federation import aggregate_round, export, initialize, quarantined
     from fedfm.privacy import rounds_within_budget
 
-    global_uri = str(work / "round-0" / "global_adapter.safetensors")
-    with events.step("init"):
-        initialize(cfg, global_uri)
-    history_uri = _evaluate(cfg, global_uri, None, str(work / "round-0" / "history.json"))
-    state_uri: str | None = None  # round 1 starts without server state
-    for round_index in range(1, rounds_within_budget(cfg) + 1):  # a privacy budget may end the run early
+    root = checkpoint_root(cfg)
+    if start is None:
+        global_uri = str(work / "round-0" / "global_adapter.safetensors")
+        with events.step("init"):
+            initialize(cfg, global_uri)
+        history_uri = _evaluate(cfg, global_uri, None, str(work / "round-0" / "history.json"))
+        state_uri: str | None = None  # round 1 starts without server state
+        _checkpoint(root, cfg, 0, global_uri, state_uri, history_uri)
+    else:  # the last checkpointed round's files are the next round's inputs, as they would have been
+        global_uri, state_uri, history_uri = (start.uri("global_adapter"), start.uri("server_state"),
+                                              start.uri("history"))
+    first = 1 if start is None else start.round + 1
+    for round_index in range(first, rounds_within_budget(cfg) + 1):  # a privacy budget may end the run early
         round_dir = work / f"round-{round_index}"
         if cfg.secure_aggregation.enabled:
             global_uri, state_uri = _secure_round(cfg, round_index, global_uri, state_uri, round_dir)
-            history_uri = _evaluate(cfg, global_uri, history_uri, str(round_dir / "history.json"))
-            continue
-        updates: list[tuple[str, str]] = []
-        missing: dict[str, str] = {}
-        for client in cfg.sampled_clients(round_index):
+        else:
+            updates, missing = _train_round(cfg, round_index, global_uri, round_dir, quarantined(cfg, state_uri), plan)
+            new_global, new_state = str(round_dir / "global_adapter.safetensors"), str(round_dir / "server_state")
+            with events.step("aggregate", round=round_index) as figures:
+                meta = aggregate_round(cfg, round_index, global_uri, updates, new_global, missing,
+                                       state_in=state_uri, state_out=new_state)
+                figures.update(clients=len(updates), missing=len(missing), samples=meta.samples,
+                               round_seconds=meta.metrics.get("round_seconds"))
+            global_uri, state_uri = new_global, new_state
+        history_uri = _evaluate(cfg, global_uri, history_uri, str(round_dir / "history.json"))
+        _checkpoint(root, cfg, round_index, global_uri, state_uri, history_uri)
+    with events.step("export"):
+        export(cfg, global_uri, str(adapter_dir))
+    return json.loads(Path(history_uri).read_text())
+
+
+def _checkpoint(root: str | None, cfg: FederationConfig, round_index: int, global_uri: str, state_uri: str | None,
+                history_uri: str) -> None:
+    if root is not None:
+        with events.step("checkpoint", round=round_index):
+            checkpoint.save(root, cfg, round_index, global_uri, state_uri, history_uri)
+
+
+def _train_round(cfg: FederationConfig, round_index: int, global_uri: str, round_dir: Path,
+                 excluded: Collection[str], plan: Attackers | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The round's fine-tunes, one client after another: the ``(client, update)`` pairs and the missing
+    clients, with why. Below the quorum, ``policy.below_quorum`` retry draws fresh clients (not yet in
+    the round nor ``excluded``) in place of the missing ones, up to ``policy.max_retries`` times."""
+    updates: list[tuple[str, str]] = []
+    missing: dict[str, str] = {}
+    drawn, attempt = cfg.sampled_clients(round_index, exclude=excluded), 1
+    while drawn:
+        for client in drawn:
             update_uri = str(round_dir / "updates" / f"{client}.safetensors")
-            failure = _finetune(cfg, client, round_index, global_uri, update_uri)
+            failure = _finetune(cfg, client, round_index, global_uri, update_uri, plan)
             if failure is None:
                 updates.append((client, update_uri))
             else:
                 missing[client] = failure
-        new_global, new_state = str(round_dir / "global_adapter.safetensors"), str(round_dir / "server_state")
-        with events.step("aggregate", round=round_index) as figures:
-            meta = aggregate_round(cfg, round_index, global_uri, updates, new_global, missing,
-                                   state_in=state_uri, state_out=new_state)
-            figures.update(clients=len(updates), missing=len(missing), samples=meta.samples,
-                           round_seconds=meta.metrics.get("round_seconds"))
-        global_uri, state_uri = new_global, new_state
-        history_uri = _evaluate(cfg, global_uri, history_uri, str(round_dir / "history.json"))
-    with events.step("export"):
-        export(cfg, global_uri, str(adapter_dir))
-    return json.loads(Path(history_uri).read_text())
+        short = cfg.quorum(len(updates) + len(missing)) - len(updates)
+        if short <= 0 or cfg.policy.below_quorum != "retry" or attempt > cfg.policy.max_retries:
+            break
+        attempt += 1
+        drawn = cfg.fresh_clients(round_index, attempt, short, exclude={*excluded, *missing, *dict(updates)})
+        events.emit("retry", round=round_index, attempt=attempt, clients=drawn, short=short)
+    return updates, missing
 
 
 def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, state_uri: str | None,
@@ -140,7 +236,9 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     def at(kind: str, client: str = "") -> str:
         return str(box / kind / f"{client}.json") if client else str(box / f"{kind}.json")
 
-    advertised = each(cfg.sampled_clients(round_index), "advertise",
+    from fedfm.federation import quarantined
+
+    advertised = each(cfg.sampled_clients(round_index, exclude=quarantined(cfg, state_uri)), "advertise",
                       lambda client: secure_round.advertise(cfg, client, round_index, at("keys", client)))
     advertisers = secure_round.relay_keys(cfg, round_index, {c: at("keys", c) for c in advertised}, at("keys"))
     shared = each(advertisers, "share", lambda client: secure_round.share(cfg, client, round_index, at("keys"),
@@ -173,21 +271,26 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     return new_global, new_state
 
 
-def _finetune(cfg: FederationConfig, client: str, round_index: int, global_uri: str, update_uri: str) -> str | None:
-    """Train ``client``; None when its update is at ``update_uri``, else why there is none."""
-    from fedfm import training
+def _finetune(cfg: FederationConfig, client: str, round_index: int, global_uri: str, update_uri: str,
+              plan: Attackers | None = None) -> str | None:
+    """Train ``client``; None when its update is at ``update_uri``, else why there is none (an error,
+    or the round's deadline missed: :func:`fedfm.executors.train_here`)."""
     from fedfm.adapters import read_meta
+    from fedfm.executors import train_here
 
+    attack = plan.attack if plan is not None and client in plan.clients else None
     try:
         with events.step("client_finetune", client=client, round=round_index) as figures:
-            training.train_client(cfg, client, round_index, global_uri, update_uri)
+            if attack is None:
+                outcome = train_here(cfg, client, round_index, global_uri, update_uri)
+            else:
+                outcome = attacked_update(cfg, attack, client, round_index, global_uri, update_uri)
+            if not outcome.succeeded:
+                figures.update(phase=outcome.phase, reason=outcome.reason)
+                return f"{outcome.phase}: {outcome.reason}"
             meta = read_meta(update_uri)
             figures.update(train_loss=meta.metrics["train_loss"], samples=meta.samples,
                            seconds=meta.metrics["seconds"])
-    except Exception as exc:  # a client's crash is its own: the round goes on without it (quorum permitting)
-        print(f"client {client}, round {round_index} failed:", file=sys.stderr)
-        traceback.print_exc()  # into run.log
-        return f"{FAILED}: {type(exc).__name__}: {exc}"
     finally:
         gc.collect()  # the client's model, optimizer and engine, before the next client builds its own
     return None

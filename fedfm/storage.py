@@ -35,6 +35,15 @@ def _at(uri: str, verb: str, local, remote):
         raise StorageError(f"{uri} does not exist") from None
     except (OSError, ValueError, ImportError) as exc:
         raise StorageError(f"cannot {verb} {uri}: {exc}") from None
+    except Exception as exc:  # fsspec implementations raise what they like for a URI they cannot use
+        if _is_local(uri):
+            raise
+        raise StorageError(f"cannot {verb} {uri}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception from an fsspec implementation, for a message: its type says more than its text."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
@@ -65,6 +74,8 @@ def write_bytes(uri: str | os.PathLike, data: bytes, *, overwrite: bool = False)
         raise
     except (OSError, ValueError, ImportError) as exc:
         raise StorageError(f"cannot write {uri}: {exc}") from None
+    except Exception as exc:  # fsspec implementations raise what they like for a URI they cannot use
+        raise StorageError(f"cannot write {uri}: {_reason(exc)}") from None
 
 
 def _write_local(path: Path, data: bytes, overwrite: bool) -> None:

@@ -47,28 +47,52 @@ MAD_FLOOR = 0.01
 
 @dataclass
 class Quarantine:
-    """The clients whose updates are no longer taken: client → (round it was quarantined in, why)."""
+    """The per-client bookkeeping: the clients whose updates are no longer taken (client → round it was
+    quarantined in, why), and how many rounds in a row each client drawn sent no usable update."""
 
     since: dict[str, tuple[int, str]] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def split(cls, state: Mapping[str, Any]) -> tuple[Quarantine, dict[str, Any]]:
         """This state and the rest (the strategy's), from one loaded server state."""
         carried = state.get(STATE_PREFIX + "quarantined", {})
-        own = cls(since={client: (int(entry["round"]), str(entry["reason"])) for client, entry in carried.items()})
+        own = cls(since={client: (int(entry["round"]), str(entry["reason"])) for client, entry in carried.items()},
+                  failures={client: int(count) for client, count in state.get(STATE_PREFIX + "failures", {}).items()})
         return own, {key: value for key, value in state.items() if not key.startswith(STATE_PREFIX)}
 
     def as_state(self) -> dict[str, Any]:
-        """The server-state keys to save (none while nobody is quarantined)."""
-        if not self.since:
-            return {}
-        return {STATE_PREFIX + "quarantined": {client: {"round": round_index, "reason": reason}
-                                               for client, (round_index, reason) in sorted(self.since.items())}}
+        """The server-state keys to save (none while nobody is quarantined or failing)."""
+        state: dict[str, Any] = {}
+        if self.since:
+            state[STATE_PREFIX + "quarantined"] = {client: {"round": round_index, "reason": reason}
+                                                   for client, (round_index, reason) in sorted(self.since.items())}
+        if self.failures:
+            state[STATE_PREFIX + "failures"] = dict(sorted(self.failures.items()))
+        return state
 
     def add(self, outliers: Mapping[str, str], round_index: int) -> None:
         """Quarantine ``outliers`` (client → why) from ``round_index`` on."""
         for client, reason in outliers.items():
             self.since.setdefault(client, (round_index, reason))
+
+    def count_failures(self, sent: Iterable[str], missing: Mapping[str, str], round_index: int,
+                       limit: int | None) -> dict[str, str]:
+        """Count a round's outcome per client: one that sent a usable update starts again from zero, one
+        that did not (``missing``) fails once more, and with ``limit`` (policy.quarantine_after_failures)
+        the ones that reach it are quarantined. Returns those, with why."""
+        for client in sent:
+            self.failures.pop(client, None)
+        newly = {}
+        for client, reason in missing.items():
+            if client in self.since:
+                continue
+            self.failures[client] = self.failures.get(client, 0) + 1
+            if limit is not None and self.failures[client] >= limit:
+                newly[client] = (f"sent no usable update in {self.failures[client]} rounds in a row "
+                                 f"(policy.quarantine_after_failures {limit}); the last time: {reason}")
+        self.add(newly, round_index)
+        return newly
 
     def leave_out(self, updates: Iterable[tuple[str, str]], missing: dict[str, str]) -> list[tuple[str, str]]:
         """The ``(client, uri)`` pairs of clients not in quarantine; the others go into ``missing``, with why.
@@ -113,6 +137,13 @@ class CheckOutcome:
     stats: NormStatistics
     outliers: dict[str, str] = field(default_factory=dict)  # client → why (the ones rejected or quarantined)
     scales: dict[str, float] = field(default_factory=dict)  # client → factor its update is multiplied by (clip)
+    bounded: dict[str, float] = field(default_factory=dict)  # client → factor to the median norm (clip_to_median)
+
+    @property
+    def factors(self) -> dict[str, float]:
+        """Each scaled client's factor: the smaller of its clip and its bound to the median."""
+        return {client: min(self.scales.get(client, 1.0), self.bounded.get(client, 1.0))
+                for client in {**self.scales, **self.bounded}}
 
     @property
     def left_out(self) -> dict[str, str]:
@@ -130,6 +161,8 @@ class CheckOutcome:
             record["rejected"] = dict(self.outliers)
         else:
             record["quarantined"] = dict(self.outliers)
+        if self.bounded:  # the norms scaled down to the median
+            record["bounded_to_median"] = {client: self.norms[client] for client in self.bounded}
         return record
 
 
@@ -164,6 +197,10 @@ def judge(norms: Mapping[str, float], checks: UpdateChecksConfig) -> CheckOutcom
             outcome.scales[client] = stats.bound / norm
         else:
             outcome.outliers[client] = outlier_reason(client, norm, stats, checks.norm_mads)
+    if checks.clip_to_median:  # FLAME's bounding (Nguyen et al. 2022, https://arxiv.org/abs/2101.02281)
+        for client, norm in norms.items():
+            if client not in outcome.outliers and norm > stats.median:
+                outcome.bounded[client] = stats.median / norm
     return outcome
 
 

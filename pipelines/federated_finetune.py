@@ -19,6 +19,13 @@ Under secure aggregation (``secure_aggregation.enabled``) a round is the protoco
 Rounds are unrolled at compile time (KFP has no loops whose body feeds the next iteration), so the
 compiled pipeline is for ``cfg.rounds`` rounds; everything else is read from the ``config``
 parameter at run time, which defaults to the config it was compiled from.
+
+Every round ends with a checkpoint of the federation's state (:mod:`fedfm.checkpoint`, written by
+the evaluate step). The ``start_round`` parameter resumes a run: init restores the checkpoint of
+round ``start_round - 1`` from ``execution.checkpoint_uri``, and the steps of earlier rounds pass it
+through without training, aggregating or evaluating anything (evaluate passes on a round whose
+record the restored history already holds) (kfp.local cannot run a loop over no
+clients, nor select between artifacts of an If and an Else, so they are no-ops rather than absent).
 """
 
 import ast
@@ -48,24 +55,27 @@ def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
         description=f"Federated LoRA fine-tuning of {cfg.model.name_or_path} ({cfg.task}) over "
                     f"{len(cfg.training_clients)} client(s), {cfg.rounds} round(s), {cfg.strategy.name}.",
     )
-    def federated_finetune(config: dict = default_config) -> Outputs:
+    def federated_finetune(config: dict = default_config, start_round: int = 1) -> Outputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # keeps this run's cluster objects apart from other runs'
-        init = steps.init_federation(config=config, compiled_rounds=cfg.rounds,
+        init = steps.init_federation(config=config, run_id=run_id, start_round=start_round, compiled_rounds=cfg.rounds,
                                      compiled_secure_aggregation=cfg.secure_aggregation.enabled)
         init.set_display_name("init")
         global_adapter, server_state = init.outputs["global_adapter"], init.outputs["server_state"]
-        evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
-                                    history_in=init.outputs["history"]).set_display_name("round 0: evaluate")
+        evaluation = steps.evaluate(config=config, run_id=run_id, round_index=0, global_adapter=global_adapter,
+                                    server_state=server_state, history_in=init.outputs["history"])
+        _checkpointing(evaluation, "round 0: evaluate")
         for round_index in range(1, rounds_within_budget(cfg) + 1):  # a privacy budget may allow fewer
-            selection = steps.select_clients(config=config, round_index=round_index).after(init)
-            selection.set_display_name(f"round {round_index}: select clients")
-            aggregation = one_round(_Round(steps, cfg, config, run_id, round_index), selection, global_adapter,
-                                    server_state)
+            selection = steps.select_clients(config=config, round_index=round_index, server_state=server_state)
+            # only once the last round is evaluated and checkpointed: a run stopped now resumes after it
+            selection.after(evaluation).set_display_name(f"round {round_index}: select clients")
+            aggregation = one_round(_Round(steps, cfg, config, run_id, round_index, start_round), selection,
+                                    global_adapter, server_state)
             global_adapter = aggregation.outputs["new_global_adapter"]
             server_state = aggregation.outputs["new_server_state"]
-            evaluation = steps.evaluate(config=config, run_id=run_id, global_adapter=global_adapter,
+            evaluation = steps.evaluate(config=config, run_id=run_id, round_index=round_index,
+                                        global_adapter=global_adapter, server_state=server_state,
                                         history_in=evaluation.outputs["history"])
-            evaluation.set_display_name(f"round {round_index}: evaluate")
+            _checkpointing(evaluation, f"round {round_index}: evaluate")
         export = steps.export_adapter(config=config, global_adapter=global_adapter).set_display_name("export")
         return Outputs(adapter=export.outputs["adapter"], history=evaluation.outputs["history"])
 
@@ -80,6 +90,7 @@ class _Round(NamedTuple):
     config: Any  # the pipeline's `config` parameter
     run_id: str
     index: int
+    start_round: Any  # the pipeline's `start_round` parameter: rounds before it are restored, not run
 
     @property
     def label(self) -> str:
@@ -98,15 +109,24 @@ def _client_task(task: Any, display_name: str) -> Any:
     return task
 
 
+def _checkpointing(task: Any, display_name: str) -> Any:
+    """The evaluate step, which writes the round's checkpoint: never served from KFP's cache, or the
+    checkpoint would not be written."""
+    task.set_display_name(display_name)
+    task.set_caching_options(False)
+    return task
+
+
 def _plain_round(round_: _Round, selection: Any, global_adapter: Any, server_state: Any) -> Any:
     """Each selected client fine-tunes, and the aggregate step combines the updates; returns that step."""
     steps, config, run_id, index = round_.steps, round_.config, round_.run_id, round_.index
     with round_.clients(selection.output, "clients") as client:
-        finetune = steps.client_finetune(config=config, client=client, round_index=index, run_id=run_id,
-                                         global_adapter=global_adapter)
+        finetune = steps.client_finetune(config=config, client=client, round_index=index,
+                                         start_round=round_.start_round, run_id=run_id, global_adapter=global_adapter)
         _client_task(finetune, f"{round_.label}: fine-tune")
-    aggregation = steps.aggregate(config=config, round_index=index, run_id=run_id, global_adapter=global_adapter,
-                                  updates=dsl.Collected(finetune.outputs["update"]), server_state=server_state)
+    aggregation = steps.aggregate(config=config, round_index=index, start_round=round_.start_round, run_id=run_id,
+                                  global_adapter=global_adapter, updates=dsl.Collected(finetune.outputs["update"]),
+                                  server_state=server_state)
     return aggregation.set_display_name(f"{round_.label}: aggregate")
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -20,12 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedfm import events
+from fedfm import events, storage
+from fedfm.checkpoint import Checkpoint
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError
 
 # kfp.local runs at most this many ParallelFor iterations at once, whatever `parallelism` says.
 KFP_LOCAL_MAX_CONCURRENCY = 2
+RUNNER = "kfp.local"
+# What a run directory records when the run starts: the runner and the config, for --resume.
+RUN_RECORD = "run.json"
+# A round's file or folder name (round-3, round-0003.safetensors)
+_ROUND_NAME = re.compile(r"^round-0*(\d+)(\.safetensors)?$")
 
 
 @dataclass
@@ -47,14 +54,18 @@ class LocalRun:
         return self.output / "report.png"
 
 
-def run_local(cfg: FederationConfig, output: Path,
-              on_event: Callable[[dict[str, Any]], None] | None = None) -> LocalRun:
+def run_local(cfg: FederationConfig | None, output: Path,
+              on_event: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = False) -> LocalRun:
     """Run the pipeline for ``cfg`` under kfp.local; write ``metrics.json``, ``report.png`` and the
     final PEFT adapter under ``output``.
 
     ``on_event`` sees each step's progress event as it happens, on a background thread, while
     ``sys.stdout`` and ``sys.stderr`` go to ``run.log``: a callback that shows something writes to a
     stream it took beforehand.
+
+    ``resume``: continue the interrupted run in ``output`` with its own config (``cfg`` is ignored):
+    the pipeline runs again with ``start_round`` after the last checkpointed round, whose files its
+    init step restores; the rounds before are not recomputed.
     """
     from kfp import local
 
@@ -62,18 +73,21 @@ def run_local(cfg: FederationConfig, output: Path,
     from fedfm.report import plot_report, write_metrics
 
     output = Path(output)
-    claim_output(output)
-    cfg = with_client_state_here(cfg, output)
+    if resume:
+        resumed = resume_run(output, RUNNER)
+        cfg, start_round = resumed.cfg, 1 if resumed.checkpoint is None else resumed.checkpoint.round + 1
+    else:
+        cfg, start_round = start_run(cfg, output, RUNNER), 1
     events_path, log_path = output / "events.jsonl", output / "run.log"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output / "kfp"),
                raise_on_error=True)
     pipeline = build_pipeline(cfg)
 
     started = time.time()
-    with open(log_path, "w") as log, _kfp_output_to(log), _step_environment(cfg, events_path), \
-            _follow(events_path, on_event):
+    with open(log_path, "a") as log, _kfp_output_to(log), _step_environment(cfg, events_path), \
+            _follow(events_path, on_event, from_end=resume):
         try:
-            task = pipeline(config=cfg.as_dict())
+            task = pipeline(config=cfg.as_dict(), start_round=start_round)
         except RuntimeError as exc:
             raise FedFMError(_failure(events_path, log_path, exc)) from None
     seconds = time.time() - started
@@ -82,8 +96,8 @@ def run_local(cfg: FederationConfig, output: Path,
     shutil.copytree(task.outputs["adapter"].path, output / "adapter")
     run = LocalRun(output=output, history=history, seconds=seconds)
     write_metrics(run.metrics_path, cfg.as_dict(), history,
-                  {"seconds": seconds, "runner": "kfp.local", "centralized": cfg.centralized,
-                   "clients": cfg.training_clients})
+                  {"seconds": seconds, "runner": RUNNER, "centralized": cfg.centralized,
+                   "clients": cfg.training_clients, "resumed_from": start_round - 1 if resume else None})
     mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
     plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
     return run
@@ -107,8 +121,77 @@ def claim_output(output: Path) -> None:
     """Never mix two runs in one directory, and never overwrite a finished run's results."""
     if output.exists() and any(output.iterdir()):
         raise FedFMError(f"output directory {output} is not empty; choose a new --output (a finished run's "
-                         "results are never overwritten)")
+                         "results are never overwritten), or continue an interrupted run there with --resume")
     output.mkdir(parents=True, exist_ok=True)
+
+
+def start_run(cfg: FederationConfig, output: Path, runner: str, extra: dict[str, Any] | None = None
+              ) -> FederationConfig:
+    """Claim ``output`` for a new run and record there what resuming it needs (``run.json``): the runner
+    and the config, whose clients keep their state and whose checkpoints go under ``output`` unless the
+    config says where. Returns that config."""
+    claim_output(output)
+    cfg = with_client_state_here(cfg, output)
+    if not cfg.execution.checkpoint_uri:
+        cfg = cfg.with_overrides({"execution.checkpoint_uri": str(output.resolve() / "checkpoints")})
+    record = {"runner": runner, "config": cfg.as_dict(), **(extra or {})}
+    storage.write_bytes(output / RUN_RECORD, json.dumps(record, indent=1, sort_keys=True).encode())
+    return cfg
+
+
+@dataclass
+class ResumedRun:
+    cfg: FederationConfig
+    checkpoint: Checkpoint | None  # None: killed before round 0 was checkpointed; the run starts over
+    record: dict[str, Any]  # run.json
+
+
+def run_config(output: Path) -> FederationConfig:
+    """The config the run in ``output`` started with (its ``run.json``)."""
+    return FederationConfig.parse(_run_record(Path(output))["config"], source=f"the config in {output / RUN_RECORD}")
+
+
+def _run_record(output: Path) -> dict[str, Any]:
+    from fedfm.errors import CheckpointError
+
+    try:
+        return json.loads(storage.read_bytes(output / RUN_RECORD))
+    except (FedFMError, ValueError):
+        raise CheckpointError(f"{output} is not a run directory to resume: it has no readable {RUN_RECORD} (the "
+                              "record `fedfm run` and `fedfm simulate` write when they start)") from None
+
+
+def resume_run(output: Path, runner: str) -> ResumedRun:
+    """The interrupted run in ``output``: its config and last checkpoint. What the interrupted round
+    left (its updates, the clients' state files for it) is moved aside, never deleted, so that the
+    round runs again from the checkpoint as it would have the first time."""
+    from fedfm import checkpoint
+    from fedfm.errors import CheckpointError
+
+    output = Path(output)
+    record = _run_record(output)
+    if record.get("runner") != runner:
+        command = "fedfm simulate" if record.get("runner") == "simulate" else "fedfm run"
+        raise CheckpointError(f"{output} was started by {command}: resume it with `{command} --resume {output}`")
+    if (output / "metrics.json").exists():
+        raise CheckpointError(f"the run in {output} finished (its metrics.json is written): nothing to resume")
+    cfg = run_config(output)
+    last = checkpoint.latest(cfg.execution.checkpoint_uri)
+    _set_aside(output, -1 if last is None else last.round)
+    return ResumedRun(cfg, last, record)
+
+
+def _set_aside(output: Path, last_round: int) -> None:
+    """Rename what rounds after ``last_round`` left under ``output`` (``work/round-N``, the clients'
+    ``round-NNNN`` state files, an unfinished checkpoint) to ``NAME.interrupted-TIME``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved: list[Path] = []
+    for folder in ("work", "client-state", "checkpoints"):
+        for path in sorted((output / folder).rglob("round-*"), key=lambda item: len(item.parts)):
+            match = _ROUND_NAME.match(path.name)
+            if match and int(match.group(1)) > last_round and not any(parent in moved for parent in path.parents):
+                path.rename(path.with_name(f"{path.name}.interrupted-{stamp}"))
+                moved.append(path)
 
 
 @contextlib.contextmanager
@@ -159,15 +242,17 @@ def _kfp_output_to(log: TextIO):
 
 
 @contextlib.contextmanager
-def _follow(events_path: Path, on_event: Callable[[dict[str, Any]], None] | None):
-    """Deliver events to ``on_event`` from a background thread while the pipeline runs."""
+def _follow(events_path: Path, on_event: Callable[[dict[str, Any]], None] | None, *, from_end: bool = False):
+    """Deliver events to ``on_event`` from a background thread while the pipeline runs (``from_end``:
+    only those appended from now on, as when a run resumes)."""
     if on_event is None:
         yield
         return
     stop = threading.Event()
+    start = events_path.stat().st_size if from_end and events_path.exists() else 0
 
     def poll() -> None:
-        offset = 0
+        offset = start
         while True:
             stopping = stop.is_set()
             batch, offset = events.read(events_path, offset)

@@ -30,7 +30,9 @@ class SubmittedRun:
 
 def submit(cfg: FederationConfig, host: str, *, image: str, pipeline_name: str | None = None,
            experiment: str = "fedfm", namespace: str | None = None, run_name: str | None = None,
-           token: str | None = None) -> SubmittedRun:
+           token: str | None = None, start_round: int = 1) -> SubmittedRun:
+    """Compile ``cfg``, upload it (once per distinct YAML) and start a run; ``start_round`` > 1 resumes the
+    run whose checkpoints ``execution.checkpoint_uri`` names."""
     import kfp
     import urllib3
     from kfp_server_api.exceptions import ApiException
@@ -56,7 +58,7 @@ def submit(cfg: FederationConfig, host: str, *, image: str, pipeline_name: str |
             experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
             run = client.run_pipeline(experiment_id, run_name or f"{cfg.name}-{version_name[-12:]}",
                                       pipeline_id=pipeline_id, version_id=version_id,
-                                      params={"config": cfg.as_dict()})
+                                      params={"config": cfg.as_dict(), "start_round": start_round})
         except ApiException as exc:
             raise SubmitError(f"KFP at {host} refused the submission: {exc.status} {exc.reason}: "
                               f"{(exc.body or '').strip()[:500]}") from None

@@ -24,11 +24,12 @@ def test_compiled_yaml_loads_with_kfps_loader_and_has_the_round_structure(tiny_c
     compile_pipeline(cfg, str(tmp_path / "p.yaml"), image="registry.example/fedfm:test")
     component = load_component_from_file(str(tmp_path / "p.yaml"))
     assert component.name == "federated-finetune"
-    assert list(component.component_spec.inputs) == ["config"]
+    assert list(component.component_spec.inputs) == ["config", "start_round"]
     assert sorted(component.component_spec.outputs) == ["adapter", "history"]
 
     spec = yaml.safe_load((tmp_path / "p.yaml").read_text())
     assert spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] == cfg.as_dict()
+    assert spec["root"]["inputDefinitions"]["parameters"]["start_round"]["defaultValue"] == 1
     tasks = spec["root"]["dag"]["tasks"]
     loops = {task["taskInfo"]["name"]: task for task in tasks.values() if "parameterIterator" in task}
     assert sorted(loops) == ["round-1-clients", "round-2-clients", "round-3-clients"]
@@ -61,7 +62,10 @@ def _check_run(run, cfg):
         assert record["round_seconds"] >= max(c["seconds"] for c in record["clients"].values())
         assert sorted(record["eval"]["clients"]) == cfg.client_names  # every tenant evaluates
     metrics = json.loads(run.metrics_path.read_text())
-    assert metrics["rounds"] == history and metrics["config"] == cfg.as_dict()
+    assert metrics["rounds"] == history
+    # the run's config: the one given, checkpointing into the run's directory
+    assert metrics["config"] == cfg.with_overrides(
+        {"execution.checkpoint_uri": str(run.output.resolve() / "checkpoints")}).as_dict()
     assert run.report_path.stat().st_size > 10_000
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
     assert json.loads((run.adapter_dir / "fedfm.json").read_text())["rounds"] == cfg.rounds

@@ -310,5 +310,5 @@ def test_a_pipeline_compiled_without_secure_aggregation_refuses_a_config_that_tu
     cfg = tiny_config(**{"secure_aggregation.enabled": True, "execution.client_state_uri": str(tmp_path / "cs")})
     outputs = [_Artifact(tmp_path / name) for name in ("global", "state", "history")]
     with pytest.raises(ConfigError, match="pipeline was compiled without its steps: recompile"):
-        init_federation(cfg.as_dict(), cfg.rounds, False, *outputs)
+        init_federation(cfg.as_dict(), "", 1, cfg.rounds, False, *outputs)
     assert not (tmp_path / "global").exists()

@@ -84,7 +84,9 @@ def test_simulate_gives_the_pipelines_results_and_files(tiny_config, tmp_path):
     ours_metrics, theirs_metrics = (json.loads(run.metrics_path.read_text()) for run in (simulated, piped))
     assert _shape(ours_metrics) == _shape(theirs_metrics)
     assert ours_metrics["run"]["runner"] == "simulate" and theirs_metrics["run"]["runner"] == "kfp.local"
-    assert ours_metrics["config"] == theirs_metrics["config"] == cfg.as_dict()
+    for run, metrics in ((simulated, ours_metrics), (piped, theirs_metrics)):  # each checkpoints into its directory
+        assert metrics["config"] == cfg.with_overrides(
+            {"execution.checkpoint_uri": str(run.output.resolve() / "checkpoints")}).as_dict()
     assert ours_metrics["rounds"] == simulated.history
     assert simulated.report_path.stat().st_size > 10_000
     assert sorted(p.name for p in simulated.adapter_dir.iterdir()) == sorted(p.name for p in
@@ -95,11 +97,11 @@ def test_simulate_gives_the_pipelines_results_and_files(tiny_config, tmp_path):
 
     # the same progress events as the pipeline's steps, in the pipeline's order
     finished = [(e["step"], e.get("round"), e.get("client")) for e in seen if e["event"] == "finished"]
-    assert finished == [("init", None, None), ("evaluate", 0, None),
+    assert finished == [("init", None, None), ("evaluate", 0, None), ("checkpoint", 0, None),
                         *[("client_finetune", 1, c) for c in cfg.client_names], ("aggregate", 1, None),
-                        ("evaluate", 1, None),
+                        ("evaluate", 1, None), ("checkpoint", 1, None),
                         *[("client_finetune", 2, c) for c in cfg.client_names], ("aggregate", 2, None),
-                        ("evaluate", 2, None), ("export", None, None)]
+                        ("evaluate", 2, None), ("checkpoint", 2, None), ("export", None, None)]
 
 
 def test_many_clients_with_server_state_load_the_model_once(tiny_config, tmp_path, monkeypatch):
@@ -157,7 +159,9 @@ def test_a_failing_client_is_missing_and_the_quorum_decides(tiny_config, tmp_pat
     record = run.history[1]
     assert sorted(record["clients"]) == ["tenant-0", "tenant-2"]
     assert record["missing"] == {"tenant-1": "Failed: TrainingError: client tenant-1: the disk is full"}
-    assert any(e["event"] == "failed" and e["step"] == "client_finetune" and e["client"] == "tenant-1" for e in seen)
+    # as the pipeline's step reports a failed Job: the step finished, the client sent nothing
+    assert any(e["event"] == "finished" and e["step"] == "client_finetune" and e["client"] == "tenant-1"
+               and e["phase"] == "Failed" for e in seen)
     metrics = json.loads(run.metrics_path.read_text())
     assert metrics["rounds"][1]["missing"] == record["missing"]
     assert "the disk is full" in (run.output / "run.log").read_text()  # with its traceback

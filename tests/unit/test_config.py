@@ -101,3 +101,23 @@ def test_client_sampling_is_seeded_and_respects_the_quorum():
         FederationConfig.parse({"clients": 3, "policy": {"min_clients": 5}})
     with pytest.raises(ConfigError, match="execution.storage_uri is required when execution.mode is kubernetes"):
         FederationConfig.parse({"execution": {"mode": "kubernetes"}})
+
+
+def test_quarantined_clients_are_never_drawn_and_fresh_draws_avoid_the_round():
+    cfg = FederationConfig(clients=8).with_overrides({"policy.sample_fraction": 0.5, "policy.min_clients": 3})
+    for round_index in range(1, 20):
+        drawn = cfg.sampled_clients(round_index, exclude={"tenant-0", "tenant-1"})
+        assert len(drawn) == 3 and not {"tenant-0", "tenant-1"} & set(drawn)  # half of the 6 left
+        assert drawn == cfg.sampled_clients(round_index, exclude={"tenant-0", "tenant-1"})  # the same in any process
+        fresh = cfg.fresh_clients(round_index, 2, 2, exclude={*drawn, "tenant-0"})
+        assert len(fresh) == 2 and not set(fresh) & {*drawn, "tenant-0"}
+    assert cfg.fresh_clients(1, 2, 5, exclude=cfg.client_names[:7]) == ["tenant-7"]  # all that is left
+
+
+def test_below_quorum_retry_needs_a_quorum_and_no_privacy_or_secure_aggregation():
+    with pytest.raises(ConfigError, match="below_quorum retry needs policy.min_clients"):
+        FederationConfig.parse({"policy": {"below_quorum": "retry"}})
+    with pytest.raises(ConfigError, match="cannot be combined with differential privacy"):
+        FederationConfig.parse({"policy": {"below_quorum": "retry", "min_clients": 2},
+                                "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0}})
+    assert FederationConfig.parse({"policy": {"below_quorum": "retry", "min_clients": 2}}).policy.max_retries == 1

@@ -275,3 +275,69 @@ def test_without_norm_mads_nothing_is_checked(federation_files, tmp_path):
     meta = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
     assert "update_checks" not in meta.metrics and len(meta.metrics["counted"]) == 11
     assert_tensors_equal(tmp_path / "next.safetensors", fedavg(start, tensors))
+
+
+# --- policy.preset: invalid updates rejected, outliers rejected, the rest bounded, a robust rule -------
+
+NAN_SENDER = "tenant-11"
+
+
+def _with_a_nan_update(federation_files, tmp_path):
+    cfg, global_uri, start, tensors, pairs = federation_files
+    nan = {name: torch.full_like(value, float("nan")) for name, value in honest_tensors(0).items()}
+    pairs = [*pairs, (NAN_SENDER, write_update(tmp_path / f"{NAN_SENDER}.safetensors", NAN_SENDER, nan, 12))]
+    return FederationConfig(clients=12).with_overrides({"policy.min_clients": 8}), global_uri, start, tensors, pairs
+
+
+def test_without_a_preset_a_nan_update_fails_the_round_and_nothing_is_written(federation_files, tmp_path):
+    cfg, global_uri, _, _, pairs = _with_a_nan_update(federation_files, tmp_path)
+    out = tmp_path / "next.safetensors"
+    with pytest.raises(AdapterValidationError, match=f"client {NAN_SENDER}'s tensor .* non-finite"):
+        aggregate_round(cfg, 1, global_uri, pairs, str(out))
+    assert not out.exists()
+
+
+def test_the_checks_preset_rejects_invalid_updates_and_outliers_and_bounds_the_rest_to_the_median(
+        federation_files, tmp_path):
+    cfg, global_uri, start, tensors, pairs = _with_a_nan_update(federation_files, tmp_path)
+    cfg = cfg.with_overrides({"policy.preset": "checks"})
+    assert cfg.strategy.name == "fedavg"  # checks keep the rule
+    out = tmp_path / "next.safetensors"
+    meta = aggregate_round(cfg, 1, global_uri, pairs, str(out))
+
+    missing = meta.metrics["missing"]
+    assert missing[NAN_SENDER].startswith("rejected (policy.invalid_updates): client tenant-11's tensor")
+    assert set(missing) == {NAN_SENDER, *SCALED_UP, FLIPPED}
+    median = meta.metrics["update_checks"]["median"]
+    bounded = {client: {name: value * min(1.0, median / l2_norm(tensors[client])) for name, value in
+                        tensors[client].items()} for client in HONEST}
+    assert set(meta.metrics["update_checks"]["bounded_to_median"]) == {
+        client for client in HONEST if l2_norm(tensors[client]) > median}
+    assert_tensors_equal(out, fedavg(start, bounded))
+
+
+def test_the_robust_preset_brings_trimmed_mean_and_refuses_a_non_robust_rule(federation_files, tmp_path):
+    from fedfm.errors import ConfigError
+
+    cfg, global_uri, _, tensors, pairs = _with_a_nan_update(federation_files, tmp_path)
+    robust = cfg.with_overrides({"policy.preset": "robust"})
+    assert (robust.strategy.name, robust.strategy.params) == ("fedtrimmedavg", {"beta": 0.2})
+    assert robust.policy.invalid_updates == "reject" and robust.policy.update_checks.norm_mads == 3.0
+    meta = aggregate_round(robust, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
+    assert sorted(meta.metrics["counted"]) == sorted(HONEST) and meta.metrics["strategy"] == "fedtrimmedavg"
+    assert cfg.with_overrides({"policy.preset": "robust", "strategy.name": "krum"}).strategy.name == "krum"
+    with pytest.raises(ConfigError, match="strategy 'fedadam' is not one"):
+        cfg.with_overrides({"policy.preset": "robust", "strategy.name": "fedadam"})
+    explicit = cfg.with_overrides({"policy.preset": "checks", "policy.update_checks.norm_mads": 5.0})
+    assert explicit.policy.update_checks.norm_mads == 5.0  # what is set explicitly wins
+
+
+def test_failures_in_a_row_quarantine_a_client_and_a_success_resets_the_count():
+    quarantine = update_checks.Quarantine()
+    assert quarantine.count_failures(["a"], {"b": "Failed: OOM"}, 1, limit=2) == {}
+    assert quarantine.count_failures(["b"], {"c": "TimedOut"}, 2, limit=2) == {}  # b recovered
+    newly = quarantine.count_failures(["a", "b"], {"c": "TimedOut: late again"}, 3, limit=2)
+    assert set(newly) == {"c"} and "2 rounds in a row" in newly["c"] and "late again" in newly["c"]
+    state = quarantine.as_state()
+    again, rest = update_checks.Quarantine.split({**state, "momentum": 1})
+    assert again.since["c"][0] == 3 and again.failures == {"c": 2} and rest == {"momentum": 1}

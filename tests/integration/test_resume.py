@@ -1,0 +1,148 @@
+"""kill -9 in the middle of a round, then --resume: the run finishes with the adapter an uninterrupted run
+gives, and no checkpointed round is computed again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedfm import events
+
+pytestmark = pytest.mark.slow
+
+FEDFM = str(Path(sys.executable).parent / "fedfm")
+
+
+def _fedfm(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([FEDFM, *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _killed_mid_round(command: str, config: Path, output: Path, round_index: int) -> None:
+    """Start ``fedfm COMMAND``, and kill -9 its whole process group once a client of ``round_index`` has
+    finished its fine-tune (the round is under way, not yet aggregated)."""
+    process = subprocess.Popen([FEDFM, command, "-c", str(config), "-o", str(output)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            seen = events.read(output / "events.jsonl")[0] if (output / "events.jsonl").exists() else []
+            if any(event["event"] == "finished" and event["step"] == "client_finetune"
+                   and event.get("round") == round_index for event in seen):
+                break
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"round {round_index} never started")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[str, int]]:
+    return {str(path.relative_to(directory)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def _assert_same_adapter(ours: Path, theirs: Path) -> None:
+    mine, reference = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
+    assert sorted(mine) == sorted(reference)
+    for name, value in reference.items():
+        assert (mine[name] - value).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("command", ["simulate", "run"])
+def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(tiny_config, tmp_path, command):
+    rounds = 3 if command == "simulate" else 2
+    # FedAdam: its moments are server state the resumed rounds must continue from
+    cfg = tiny_config(rounds=rounds, clients=3 if command == "simulate" else 2,
+                      **{"strategy.name": "fedadam", "strategy.params": {"eta": 0.01}})
+    config = tmp_path / "federation.yaml"
+    config.write_text(yaml.safe_dump(cfg.as_dict()))
+    _fedfm(command, "-c", str(config), "-o", str(tmp_path / "uninterrupted"))
+
+    run = tmp_path / "interrupted"
+    _killed_mid_round(command, config, run, round_index=rounds)  # the last round: every earlier one is done
+    checkpoints = run / "checkpoints"
+    finished = _snapshot(checkpoints)
+    assert sorted(path.name for path in checkpoints.iterdir()) == [f"round-{r:04d}" for r in range(rounds)]
+    events_before = (run / "events.jsonl").stat().st_size
+
+    _fedfm(command, "--resume", str(run))
+
+    _assert_same_adapter(run / "adapter", tmp_path / "uninterrupted" / "adapter")
+    after = _snapshot(checkpoints)
+    assert {name: value for name, value in after.items() if name in finished} == finished  # untouched
+    resumed, _ = events.read(run / "events.jsonl", events_before)
+    trained = {event.get("round") for event in resumed if event["step"] == "client_finetune"
+               and event["event"] == "finished"}
+    assert trained == {rounds}, "a checkpointed round was trained again"
+    evaluated = {event.get("round") for event in resumed
+                 if event["step"] == "evaluate" and event["event"] == "finished"}
+    assert evaluated == {rounds}, "a checkpointed round was evaluated again"
+    assert not any(event["step"] == "checkpoint" and event.get("round") != rounds for event in resumed)
+    history = json.loads((run / "metrics.json").read_text())["rounds"]
+    reference = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["rounds"]
+    assert [record["round"] for record in history] == list(range(rounds + 1))
+    assert history[-1]["eval"]["global"]["loss"] == pytest.approx(reference[-1]["eval"]["global"]["loss"],
+                                                                   rel=1e-5)
+    # the killed round's partial work is set aside, not deleted
+    if command == "simulate":
+        assert list((run / "work").glob(f"round-{rounds}.interrupted-*"))
+    with pytest.raises(subprocess.CalledProcessError):  # a finished run is not resumed again
+        subprocess.run([FEDFM, command, "--resume", str(run)], capture_output=True, check=True, timeout=300)
+
+
+def test_resume_refuses_new_config_flags_and_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "not-a-run").mkdir()
+    for args, message in ((["simulate", "--resume", str(tmp_path / "not-a-run")], "has no readable run.json"),
+                          (["run", "--resume", str(tmp_path / "not-a-run"), "--rounds", "5"],
+                           "keeps the config it started with; drop --rounds"),
+                          (["simulate", "--attack", "sign-flop", "--output", str(tmp_path / "x")],
+                           "accepted: sign-flip")):
+        done = subprocess.run([FEDFM, *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and message in " ".join((done.stdout + done.stderr).split()), args
+    assert not (tmp_path / "x").exists()  # refused before anything was made
+
+
+def test_simulate_attack_sends_the_attackers_poisoned_updates(tiny_config, tmp_path):
+    """``fedfm simulate --attack sign-flip:10``: the attacker's update is −10 × its honest one; FedAvg takes
+    it; the robust preset leaves it out (a majority quorum, so the round goes on)."""
+    from typer.testing import CliRunner
+
+    from fedfm.adapters import load_adapter
+    from fedfm.cli import app
+
+    cfg = tiny_config(rounds=1, clients=4)
+    for name, run_cfg in (("fedavg", cfg), ("robust", cfg.with_overrides({"policy.preset": "robust"}))):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(run_cfg.as_dict()))
+        result = CliRunner().invoke(app, ["simulate", "-c", str(config), "--attack", "sign-flip:10",
+                                          "--attackers", "1", "--output", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "fedavg" / "run.json").read_text())
+    attacker = record["attack"]["clients"][0]
+    assert record["attack"] == {"kind": "sign-flip", "scale": 10.0, "clients": [attacker]}
+    updates = tmp_path / "fedavg" / "work" / "round-1" / "updates"
+    sent = load_adapter(updates / f"{attacker}.safetensors").tensors
+    honest = load_adapter(updates / f"{attacker}.safetensors.honest").tensors
+    for name, value in honest.items():
+        torch.testing.assert_close(sent[name], -10 * value)
+    fedavg_round = json.loads((tmp_path / "fedavg" / "metrics.json").read_text())["rounds"][1]
+    robust_round = json.loads((tmp_path / "robust" / "metrics.json").read_text())["rounds"][1]
+    assert attacker in fedavg_round["clients"]
+    assert attacker not in robust_round["clients"]
+    assert robust_round["missing"][attacker].startswith(f"rejected: client {attacker}'s update norm")
