@@ -47,7 +47,8 @@ def evaluate(
     root = checkpoint.checkpoint_root(cfg, run_id)
     if root is not None:
         with events.step("checkpoint", round=round_index):
-            checkpoint.save(root, cfg, round_index, global_adapter.path, server_state.path, history.path)
+            saved = checkpoint.save(root, cfg, round_index, global_adapter.path, server_state.path, history.path)
+        executor.round_checkpointed(cfg, round_index, saved.directory)
     metrics.log_metric("round", round_index)
     for name, value in result["global"].items():
         metrics.log_metric(name, value)

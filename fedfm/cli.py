@@ -167,8 +167,7 @@ def simulate(
     if attack is not None:
         from fedfm.attacks import choose_attackers, parse_attack
 
-        share = int(attackers) if attackers >= 1 else attackers
-        plan = (parse_attack(attack), choose_attackers(cfg.training_clients, share, cfg.seed))
+        plan = (parse_attack(attack), choose_attackers(cfg.training_clients, attackers, cfg.seed))
     _run_locally(cfg, output, pushgateway, simulated=True, resume=resume, attack=plan)
 
 

@@ -63,6 +63,10 @@ class Executor(ABC):
     def round_failed(self, cfg: FederationConfig, round_index: int, message: str) -> None:
         """Told when a round cannot aggregate (the cluster records it on the Federation)."""
 
+    def round_checkpointed(self, cfg: FederationConfig, round_index: int, directory: str) -> None:
+        """Told where round ``round_index``'s checkpoint is (the cluster records it on the Federation, for
+        a resumed run's ``execution.checkpoint_uri`` and ``start_round``)."""
+
 
 def late(cfg: FederationConfig, seconds: float) -> str | None:
     """Why a fine-tune that took ``seconds`` missed ``policy.round_deadline_seconds`` (None: in time)."""

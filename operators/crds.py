@@ -151,6 +151,7 @@ def federation_crd() -> dict:
                                                       "clipNorm": _NUMBER}),
                                   "time": _TIME}),
         "lastFailure": _object({"round": _INTEGER, "runId": _STRING, "message": _STRING, "time": _TIME}),
+        "lastCheckpoint": _object({"round": _INTEGER, "uri": _STRING, "runId": _STRING, "time": _TIME}),
         "lastEvaluation": _object({"round": _INTEGER, "metrics": {"type": "object", "additionalProperties": _NUMBER},
                                    "time": _TIME}),
         "observedAggregateTime": _TIME | {"description": "the lastAggregate the operator has counted in its metrics"},

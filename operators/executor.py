@@ -102,6 +102,10 @@ class KubernetesExecutor(Executor):
                    if key in ("loss", "accuracy", "perplexity") and math.isfinite(value)}  # JSON has no NaN
         self._report({"lastEvaluation": {"round": round_index, "metrics": figures, "time": kube.now()}})
 
+    def round_checkpointed(self, cfg, round_index, directory):
+        self._report({"lastCheckpoint": {"round": round_index, "uri": directory.rsplit("/", 1)[0],
+                                         "runId": self.run_id, "time": kube.now()}})
+
     def round_failed(self, cfg, round_index, message):
         self._report({"lastFailure": {"round": round_index, "runId": self.run_id, "message": message,
                                       "time": kube.now()}})

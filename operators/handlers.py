@@ -53,6 +53,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.api_client()  # fail at start, not in the first handler, when there are no credentials
 
 
+def _failed_message(failure: dict[str, Any], checkpoint: dict[str, Any] | None) -> str:
+    """Why the last round failed, and how to go on from the last checkpoint of that run."""
+    message = failure.get("message", "")
+    if checkpoint and checkpoint.get("runId") == failure.get("runId"):
+        message += (f"; resume after round {checkpoint['round']}: start_round {checkpoint['round'] + 1} with "
+                    f"execution.checkpoint_uri {checkpoint['uri']}")
+    return message
+
+
 def _event(obj: dict, normal: bool, reason: str, message: str) -> None:
     """An Event on ``obj`` for its users (kopf.event is not subject to posting.level, unlike kopf.info)."""
     kopf.event(obj, type="Normal" if normal else "Warning", reason=reason, message=message)
@@ -303,8 +312,8 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
                                and r["metadata"]["creationTimestamp"] >= failure["time"] for r in rounds)
     conditions = set_condition(conditions, condition(
         "RoundFailed", failed, "BelowQuorum" if failed else "Aggregated",
-        failure.get("message", "") if failed else (f"round {aggregate['round']} aggregated" if aggregate else
-                                                   "no round has failed"), now))
+        _failed_message(failure, status.get("lastCheckpoint")) if failed else
+        (f"round {aggregate['round']} aggregated" if aggregate else "no round has failed"), now))
     phase = ("Invalid" if problem else "Failed" if failed and not restarted else "Running" if running
              else "Ready" if ready else "Waiting")
     new = {"phase": phase, "membersReady": ready, "members": members, "conditions": conditions,

@@ -167,3 +167,30 @@ def test_a_kill_at_a_random_moment_never_leaves_a_half_written_file(tmp_path):
             assert checkpoint.latest(str(root)).round == last
         for directory in rounds:
             _assert_whole_or_absent(directory, sources)
+
+
+def test_the_federation_status_says_where_to_resume(monkeypatch, tmp_path):
+    """Cluster mode: each checkpoint goes to the Federation's status.lastCheckpoint (in the CRD's schema),
+    and a failed round's condition says which start_round and checkpoint_uri resume the run."""
+    from fedfm.operators import executor as cluster
+    from fedfm.operators.crds import federation_crd
+    from fedfm.operators.handlers import _failed_message
+
+    cfg = FederationConfig.parse({"name": "fed", "data": {"labels": ["a", "b"]},
+                                  "execution": {"mode": "kubernetes", "storage_uri": "s3://bucket/fedfm",
+                                                "federation_namespace": "platform"}})
+    root = checkpoint.checkpoint_root(cfg, "run-1")
+    assert root == f"s3://bucket/fedfm/fed/runs/{checkpoint.run_key('run-1')}/checkpoints"
+    reports = []
+    executor = cluster.KubernetesExecutor(cfg, "run-1")
+    monkeypatch.setattr(executor, "_report", reports.append)
+    executor.round_checkpointed(cfg, 4, checkpoint.round_directory(root, 4))
+    saved = reports[0]["lastCheckpoint"]
+    assert {key: saved[key] for key in ("round", "uri", "runId")} == {"round": 4, "uri": root, "runId": "run-1"}
+    schema = federation_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert set(schema["properties"]["status"]["properties"]["lastCheckpoint"]["properties"]) == set(saved)
+
+    failure = {"round": 5, "runId": "run-1", "message": "round 5: 2 of 4 clients sent an update"}
+    assert _failed_message(failure, saved) == (f"round 5: 2 of 4 clients sent an update; resume after round 4: "
+                                               f"start_round 5 with execution.checkpoint_uri {root}")
+    assert _failed_message({**failure, "runId": "run-2"}, saved) == failure["message"]  # another run's checkpoint
