@@ -218,6 +218,7 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     (:mod:`fedfm.secure_round`), each client step one after another; a client whose step raises drops
     out, and the protocol recovers its masks while ``threshold`` clients remain."""
     from fedfm import secure_round
+    from fedfm.federation import quarantined
 
     box, missing = round_dir / "secagg", {}
 
@@ -235,8 +236,6 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
 
     def at(kind: str, client: str = "") -> str:
         return str(box / kind / f"{client}.json") if client else str(box / f"{kind}.json")
-
-    from fedfm.federation import quarantined
 
     advertised = each(cfg.sampled_clients(round_index, exclude=quarantined(cfg, state_uri)), "advertise",
                       lambda client: secure_round.advertise(cfg, client, round_index, at("keys", client)))

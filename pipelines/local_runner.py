@@ -73,11 +73,12 @@ def run_local(cfg: FederationConfig | None, output: Path,
     from fedfm.report import plot_report, write_metrics
 
     output = Path(output)
+    resumed_from = None  # the checkpointed round this run goes on from
     if resume:
         resumed = resume_run(output, RUNNER)
-        cfg, start_round = resumed.cfg, 1 if resumed.checkpoint is None else resumed.checkpoint.round + 1
+        cfg, resumed_from = resumed.cfg, None if resumed.checkpoint is None else resumed.checkpoint.round
     else:
-        cfg, start_round = start_run(cfg, output, RUNNER), 1
+        cfg = start_run(cfg, output, RUNNER)
     events_path, log_path = output / "events.jsonl", output / "run.log"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output / "kfp"),
                raise_on_error=True)
@@ -87,7 +88,7 @@ def run_local(cfg: FederationConfig | None, output: Path,
     with open(log_path, "a") as log, _kfp_output_to(log), _step_environment(cfg, events_path), \
             _follow(events_path, on_event, from_end=resume):
         try:
-            task = pipeline(config=cfg.as_dict(), start_round=start_round)
+            task = pipeline(config=cfg.as_dict(), start_round=1 if resumed_from is None else resumed_from + 1)
         except RuntimeError as exc:
             raise FedFMError(_failure(events_path, log_path, exc)) from None
     seconds = time.time() - started
@@ -97,7 +98,7 @@ def run_local(cfg: FederationConfig | None, output: Path,
     run = LocalRun(output=output, history=history, seconds=seconds)
     write_metrics(run.metrics_path, cfg.as_dict(), history,
                   {"seconds": seconds, "runner": RUNNER, "centralized": cfg.centralized,
-                   "clients": cfg.training_clients, "resumed_from": start_round - 1 if resume else None})
+                   "clients": cfg.training_clients, "resumed_from": resumed_from})
     mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
     plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
     return run
