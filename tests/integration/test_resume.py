@@ -114,7 +114,8 @@ def test_resume_refuses_new_config_flags_and_a_directory_that_is_not_a_run(tmp_p
                           (["simulate", "--attack", "sign-flop", "--output", str(tmp_path / "x")],
                            "accepted: sign-flip")):
         done = subprocess.run([FEDFM, *args], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and message in " ".join((done.stdout + done.stderr).split()), args
+        said = " ".join((done.stdout + done.stderr).replace("│", " ").split())  # typer's error box wraps lines
+        assert done.returncode == 2 and message in said, (args, said)
     assert not (tmp_path / "x").exists()  # refused before anything was made
 
 
