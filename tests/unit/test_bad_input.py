@@ -272,8 +272,9 @@ def encodings(draw) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             key = draw(st.sampled_from(["method", "block_size", "fraction", "tensors", "other"]))
             description[key] = draw(json_values | st.sampled_from(
                 [0, -1, 2**40, 2**64, 1e-300, 5e-324, 0.5, 1, 1.0, 2, "int8", "topk", "fp16", "bf16", True]))
-        elif target == "row" and rows:
-            row = draw(st.sampled_from(rows))
+        elif target == "row" and any(isinstance(row, dict) for row in rows):
+            # a row: one of the description's objects (an earlier "rows" change may have added other values)
+            row = draw(st.sampled_from([row for row in rows if isinstance(row, dict)]))
             key = draw(st.sampled_from(["name", "shape", "exponent", "kept", "other"]))
             row[key] = draw(json_values | st.sampled_from(
                 [[2**20, 2**20], [10**30], [0], [], [-1], [True], [2, 6], [6, 2], [3], [1.5], 0, -300, 301,
