@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfm-stack
 ARGS  ?=
 
-.PHONY: venv run test compile images bench-quality bench-overhead bench-aggregate bench-secagg clean
+.PHONY: venv run test compile images bench-quality bench-overhead bench-aggregate bench-secagg bench-robust clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/install-stack.sh
 	scripts/install-stack.sh $(VENV)
@@ -44,6 +44,9 @@ bench-aggregate: venv
 
 bench-secagg: venv
 	$(PY) bench/secagg.py $(ARGS)
+
+bench-robust: venv
+	$(PY) bench/robust.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs pipeline.yaml .pytest_cache

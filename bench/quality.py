@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ag_news_test.csv"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_setup_arguments(parser: argparse.ArgumentParser, *, clients: int = 8) -> None:
+    """The options of the AG News setup (data, federation size, training budget) that :func:`ag_news_config`
+    reads; other benches (``robust.py``) share them."""
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=clients)
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--local-steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -47,27 +48,24 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strategy", action="append", default=[], metavar="NAME[:PARAMS_JSON]",
-                        help="compare these rules side by side (repeatable) instead of FedAvg vs centralized")
-    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES_JSON",
-                        help="compare these config variants (dotted-path overrides) side by side (repeatable)")
-    parser.add_argument("--mixed-ranks", default="4,8,16", help="LoRA ranks cycled over the clients for "
-                                                                "rank-aware rules")
-    parser.add_argument("--engine", choices=["pipeline", "simulate"], default="pipeline")
-    parser.add_argument("--output", type=Path,
-                        default=ROOT / "runs" / f"bench-quality-{time.strftime('%Y%m%d-%H%M%S')}")
-    args = parser.parse_args()
 
-    if not args.data.exists():
-        print(f"bench/quality.py: the AG News data is not at {args.data} (it lives in ../shared/data/ beside the "
-              "repository and is never committed); pass --data PATH", file=sys.stderr)
-        return 2
 
+def data_missing(args, bench: str) -> bool:
+    """Say so on stderr when the AG News file is not where ``--data`` points."""
+    if args.data.exists():
+        return False
+    print(f"{bench}: the AG News data is not at {args.data} (it lives in ../shared/data/ beside the "
+          "repository and is never committed); pass --data PATH", file=sys.stderr)
+    return True
+
+
+def ag_news_config(args):
+    """The benchmark federation on AG News (labels resolved from the data), from :func:`add_setup_arguments`'
+    options."""
     from fedfm.config import FederationConfig
-    from fedfm.data import describe_clients, resolve_labels
-    from fedfm.pipelines.local_runner import run_local
+    from fedfm.data import resolve_labels
 
-    cfg = resolve_labels(FederationConfig.parse({
+    return resolve_labels(FederationConfig.parse({
         "name": "ag-news",
         "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "max_length": args.max_length},
         "task": "classification",
@@ -80,9 +78,38 @@ def main() -> int:
         "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r},
         "seed": args.seed,
     }))
-    print(f"AG News: {args.data}; labels {cfg.data.labels}")
+
+
+def describe_setup(cfg, data: Path) -> None:
+    """Print the data file, the labels and each tenant's rows."""
+    from fedfm.data import describe_clients
+
+    print(f"AG News: {data}; labels {cfg.data.labels}")
     for client, info in describe_clients(cfg).items():
         print(f"  {client}: train {info['train']:4d} eval {info['eval']:4d}  labels {info['labels']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_arguments(parser)
+    parser.add_argument("--strategy", action="append", default=[], metavar="NAME[:PARAMS_JSON]",
+                        help="compare these rules side by side (repeatable) instead of FedAvg vs centralized")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES_JSON",
+                        help="compare these config variants (dotted-path overrides) side by side (repeatable)")
+    parser.add_argument("--mixed-ranks", default="4,8,16", help="LoRA ranks cycled over the clients for "
+                                                                "rank-aware rules")
+    parser.add_argument("--engine", choices=["pipeline", "simulate"], default="pipeline")
+    parser.add_argument("--output", type=Path,
+                        default=ROOT / "runs" / f"bench-quality-{time.strftime('%Y%m%d-%H%M%S')}")
+    args = parser.parse_args()
+
+    if data_missing(args, "bench/quality.py"):
+        return 2
+
+    from fedfm.pipelines.local_runner import run_local
+
+    cfg = ag_news_config(args)
+    describe_setup(cfg, args.data)
 
     if args.engine == "simulate":
         from fedfm.simulation import simulate as run_local  # noqa: F811 (same signature, in process)
