@@ -46,8 +46,7 @@ def evaluate(
         figures.update(record["eval"]["global"])
     root = checkpoint.checkpoint_root(cfg, run_id)
     if root is not None:
-        with events.step("checkpoint", round=round_index):
-            saved = checkpoint.save(root, cfg, round_index, global_adapter.path, server_state.path, history.path)
+        saved = checkpoint.save(root, cfg, round_index, global_adapter.path, server_state.path, history.path)
         executor.round_checkpointed(cfg, round_index, saved.directory)
     metrics.log_metric("round", round_index)
     for name, value in result["global"].items():

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedfm import storage
+from fedfm import events, storage
 from fedfm.config import FederationConfig
 from fedfm.errors import CheckpointError, StorageError
 
@@ -82,23 +82,24 @@ def save(root: str, cfg: FederationConfig, round_index: int, global_adapter: str
          history: str) -> Checkpoint:
     """Checkpoint round ``round_index`` from the files the round left (``server_state`` None or an
     empty file: the strategy has no state yet). Refuses to replace an existing checkpoint's files."""
-    directory = round_directory(root, round_index)
-    if storage.exists(f"{directory}/{MANIFEST}"):
-        raise CheckpointError(f"round {round_index} is already checkpointed at {directory}; a finished round is "
-                              "never recomputed or replaced: resume after the last checkpointed round, or give "
-                              "the run a new execution.checkpoint_uri")
-    sources = {"global_adapter": global_adapter, "server_state": server_state, "history": history}
-    files = {}
-    for role, source in sources.items():
-        data = storage.read_bytes(source) if source else b""
-        # overwrite: files without a manifest are a killed checkpoint's leftovers, not a checkpoint
-        storage.write_bytes(f"{directory}/{FILES[role]}", data, overwrite=True)
-        files[role] = {"name": FILES[role], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    manifest = {"format": FORMAT, "round": round_index, "federation": cfg.name, "files": files,
-                "sampler": {"seed": cfg.seed, "next_round": round_index + 1}, "config": cfg.as_dict(),
-                "saved_at": time.time()}
-    storage.write_bytes(f"{directory}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
-    return Checkpoint(round_index, directory, manifest)
+    with events.step("checkpoint", round=round_index):  # the run's progress shows each checkpoint
+        directory = round_directory(root, round_index)
+        if storage.exists(f"{directory}/{MANIFEST}"):
+            raise CheckpointError(f"round {round_index} is already checkpointed at {directory}; a finished round is "
+                                  "never recomputed or replaced: resume after the last checkpointed round, or give "
+                                  "the run a new execution.checkpoint_uri")
+        sources = {"global_adapter": global_adapter, "server_state": server_state, "history": history}
+        files = {}
+        for role, source in sources.items():
+            data = storage.read_bytes(source) if source else b""
+            # overwrite: files without a manifest are a killed checkpoint's leftovers, not a checkpoint
+            storage.write_bytes(f"{directory}/{FILES[role]}", data, overwrite=True)
+            files[role] = {"name": FILES[role], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        manifest = {"format": FORMAT, "round": round_index, "federation": cfg.name, "files": files,
+                    "sampler": {"seed": cfg.seed, "next_round": round_index + 1}, "config": cfg.as_dict(),
+                    "saved_at": time.time()}
+        storage.write_bytes(f"{directory}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        return Checkpoint(round_index, directory, manifest)
 
 
 def load(root: str, round_index: int) -> Checkpoint:

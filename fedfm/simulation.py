@@ -183,8 +183,7 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path, start: Check
 def _checkpoint(root: str | None, cfg: FederationConfig, round_index: int, global_uri: str, state_uri: str | None,
                 history_uri: str) -> None:
     if root is not None:
-        with events.step("checkpoint", round=round_index):
-            checkpoint.save(root, cfg, round_index, global_uri, state_uri, history_uri)
+        checkpoint.save(root, cfg, round_index, global_uri, state_uri, history_uri)
 
 
 def _train_round(cfg: FederationConfig, round_index: int, global_uri: str, round_dir: Path,
