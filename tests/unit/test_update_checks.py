@@ -12,7 +12,7 @@ import torch
 
 from fedfm import federation, update_checks
 from fedfm.adapters import AdapterMeta, l2_norm, load_adapter, save_adapter
-from fedfm.config import FederationConfig
+from fedfm.config import PRESET_NORM_MADS, FederationConfig
 from fedfm.errors import AdapterValidationError, QuorumError
 from fedfm.federation import aggregate_round, load_server_state
 from fedfm.update_checks import MAD_FLOOR, norm_statistics
@@ -209,11 +209,26 @@ def test_an_honest_round_rejects_nobody(federation_files, tmp_path, spread):
 def test_a_tight_round_still_catches_an_outlier():
     """MAD = 0 does not switch the check off: twice the median is far above the floor's bound."""
     stats = norm_statistics([1.0, 1.0, 1.0, 1.0, 2.0], norm_mads=3.0)
-    assert stats.mad == 0 and stats.bound == pytest.approx(1.03)
+    assert stats.mad == 0 and stats.bound == pytest.approx(1.0 + 3.0 * MAD_FLOOR) and stats.bound < 2.0
     outcome = update_checks.judge({"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0, "e": 2.0},
                                   FederationConfig(clients=5).policy.update_checks.model_copy(
                                       update={"norm_mads": 3.0}))
     assert set(outcome.outliers) == {"e"}
+
+
+def test_the_preset_keeps_honest_clients_as_far_apart_as_on_ag_news_and_rejects_the_attackers():
+    """Round 6 of bench/robust.py's sign-flip ×10 run, as multiples of the median norm: honest clients from 0.83
+    to 1.22 ×, with a MAD of 11 %; the two attackers about 9 ×. (With the former 1 % MAD floor and 3 MADs,
+    honest clients 4-14 % above the median were rejected.)"""
+    ratios = {"tenant-0": 1.22, "tenant-1": 1.16, "tenant-2": 0.825, "tenant-3": 1.005, "tenant-4": 0.931,
+              "tenant-5": 0.995, "tenant-6": 9.639, "tenant-7": 0.952, "tenant-8": 0.988, "tenant-9": 9.073}
+    checks = FederationConfig(clients=10).with_overrides({"policy.preset": "robust"}).policy.update_checks
+    for median in (2.306, 1e-3):
+        outcome = update_checks.judge({client: ratio * median for client, ratio in ratios.items()}, checks)
+        assert set(outcome.outliers) == {"tenant-6", "tenant-9"}
+        # and in a round whose other honest clients agree to the last digit (MAD 0), 1.22 × still passes
+        tight = {**{client: median for client in ratios}, "tenant-0": 1.22 * median, "tenant-6": 9.639 * median}
+        assert set(update_checks.judge(tight, checks).outliers) == {"tenant-6"}
 
 
 def test_the_check_ignores_the_norm_a_client_reports(federation_files, tmp_path):
@@ -322,14 +337,14 @@ def test_the_robust_preset_brings_trimmed_mean_and_refuses_a_non_robust_rule(fed
     cfg, global_uri, _, tensors, pairs = _with_a_nan_update(federation_files, tmp_path)
     robust = cfg.with_overrides({"policy.preset": "robust"})
     assert (robust.strategy.name, robust.strategy.params) == ("fedtrimmedavg", {"beta": 0.2})
-    assert robust.policy.invalid_updates == "reject" and robust.policy.update_checks.norm_mads == 3.0
+    assert robust.policy.invalid_updates == "reject" and robust.policy.update_checks.norm_mads == PRESET_NORM_MADS
     meta = aggregate_round(robust, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
     assert sorted(meta.metrics["counted"]) == sorted(HONEST) and meta.metrics["strategy"] == "fedtrimmedavg"
     assert cfg.with_overrides({"policy.preset": "robust", "strategy.name": "krum"}).strategy.name == "krum"
     with pytest.raises(ConfigError, match="strategy 'fedadam' is not one"):
         cfg.with_overrides({"policy.preset": "robust", "strategy.name": "fedadam"})
-    explicit = cfg.with_overrides({"policy.preset": "checks", "policy.update_checks.norm_mads": 5.0})
-    assert explicit.policy.update_checks.norm_mads == 5.0  # what is set explicitly wins
+    explicit = cfg.with_overrides({"policy.preset": "checks", "policy.update_checks.norm_mads": 2.0})
+    assert explicit.policy.update_checks.norm_mads == 2.0  # what is set explicitly wins
 
 
 def test_failures_in_a_row_quarantine_a_client_and_a_success_resets_the_count():
