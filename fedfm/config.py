@@ -324,7 +324,7 @@ class PolicyConfig(_Section):
                           "else fail")
     preset: Literal["none", "checks", "robust"] = Field(
         "none", description="Byzantine robustness in one word. checks: reject invalid updates and norm outliers "
-                            "(median + 5 MAD, at least 1.5 × the median) and bound the rest to the median norm, "
+                            "(median + 5 MAD, at least 1.5 times the median) and bound the rest to the median norm, "
                             "any rule, with a majority quorum unless min_clients is set; robust: checks plus a "
                             "robust rule (fedtrimmedavg with beta 0.2 in place of fedavg)")
     update_checks: UpdateChecksConfig = Field(default_factory=UpdateChecksConfig)
