@@ -17,7 +17,8 @@ from fedfm.adapters import AdapterMeta
 from fedfm.config import FederationConfig
 from fedfm.tasks import LossSums
 
-# ClientRound phases (operators/api.py) a client's work can end in
+# The phases a client's work can end in: a ClientRound's final phases in cluster mode (operators/api.py takes them
+# from here), a local outcome's otherwise.
 SUCCEEDED, FAILED, TIMED_OUT = "Succeeded", "Failed", "TimedOut"
 
 

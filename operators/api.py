@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from fedfm.executors import FAILED, SUCCEEDED, TIMED_OUT
+
 GROUP = "fedfm.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -25,7 +27,8 @@ LABEL_PURPOSE = f"{GROUP}/purpose"
 TRAIN, EVALUATE = "Train", "Evaluate"
 # One of a client's secure-aggregation steps (spec.secureStep: advertise, share, train, reveal)
 SECURE = "SecureAggregation"
-PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT = "Pending", "Running", "Succeeded", "Failed", "TimedOut"
+# The phases a client's work ends in are the core's (imported above): the aggregate step reads them.
+PENDING, RUNNING = "Pending", "Running"
 FINAL_PHASES = (SUCCEEDED, FAILED, TIMED_OUT)
 # A ClientRound that failed because its update was invalid: the reason that quarantines the client.
 INVALID_UPDATE = "InvalidUpdate"
