@@ -8,6 +8,9 @@ one and the state for any round is the newest file at or before it.
 
 from __future__ import annotations
 
+import json
+import time
+
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
@@ -51,10 +54,10 @@ def _newest(directory: str, before: int, client: str, what: str) -> Tensors:
     return {}
 
 
-def _encoded(tensors: Tensors, client: str, round_index: int) -> bytes:
+def _encoded(tensors: Tensors, client: str, round_index: int, **metadata: str) -> bytes:
     """A state file's bytes: the tensors as float32 (what :func:`_newest` accepts back)."""
     values = {name: value.detach().to("cpu", torch.float32).contiguous() for name, value in tensors.items()}
-    return safetensors_save(values, metadata={"client": client, "round": str(round_index)})
+    return safetensors_save(values, metadata={"client": client, "round": str(round_index), **metadata})
 
 
 def save_personal(cfg: FederationConfig, client: str, round_index: int, tensors: Tensors) -> str:
@@ -83,23 +86,54 @@ def residual_uri(cfg: FederationConfig, client: str, round_index: int) -> str:
     return _round_file(_residual_directory(cfg, client), round_index)
 
 
-def load_residual(cfg: FederationConfig, client: str, round_index: int) -> Tensors:
+def load_residual(cfg: FederationConfig, client: str, round_index: int, started_from: str) -> Tensors:
     """What ``client``'s earlier updates left unsent, to add to its update for ``round_index`` (its
     newest residual file before it: a client not drawn in a round keeps what it had; none: nothing).
+    ``started_from``: the sha256 of the global adapter this attempt trains from.
 
     Called before the client trains, so that it also fails fast where ``round_index``'s own residual
-    already exists: residuals are never overwritten, and a state location serves one run.
+    already exists from another start: a state location serves one run. One from the same global
+    adapter is an earlier attempt at this very round (a Job's retry, or a run resumed at this round
+    after it was cut off): it is kept beside, as ``round-NNNN.safetensors.interrupted-TIME`` (no round
+    reads it again), and this attempt writes the round's file anew.
     """
     own = residual_uri(cfg, client, round_index)
     if storage.exists(own):
-        raise StorageError(f"client {client}'s error-feedback residual for round {round_index} already exists at "
-                           f"{own}: this round already ran with this state location; give a new run its own "
-                           "state_uri or execution.client_state_uri")
+        data = storage.read_bytes(own)
+        if _started_from(data) != started_from:
+            raise StorageError(f"client {client}'s error-feedback residual for round {round_index} already exists at "
+                               f"{own}, from another start of the round: this round already ran with this state "
+                               "location; give a new run its own state_uri or execution.client_state_uri")
+        _keep_beside(own, data)
     return _newest(_residual_directory(cfg, client), round_index - 1, client, "error-feedback residual")
 
 
-def save_residual(cfg: FederationConfig, client: str, round_index: int, tensors: Tensors) -> str:
-    """Write what ``client``'s update for ``round_index`` left unsent (never over an existing file)."""
+def save_residual(cfg: FederationConfig, client: str, round_index: int, tensors: Tensors, started_from: str) -> str:
+    """Write what ``client``'s update for ``round_index`` left unsent, recording ``started_from`` (the
+    global adapter's sha256). Never over an existing file, unless it is an earlier attempt at this round
+    that :func:`load_residual` kept beside."""
     uri = residual_uri(cfg, client, round_index)
-    storage.write_bytes(uri, _encoded(tensors, client, round_index))
+    again = storage.exists(uri) and _started_from(storage.read_bytes(uri)) == started_from
+    storage.write_bytes(uri, _encoded(tensors, client, round_index, started_from=started_from), overwrite=again)
     return uri
+
+
+def _started_from(data: bytes) -> str | None:
+    """The global adapter's sha256 a residual file records (None: unreadable, or not recorded)."""
+    try:
+        length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return None
+    return metadata.get("started_from") if isinstance(metadata, dict) else None
+
+
+def _keep_beside(uri: str, data: bytes) -> str:
+    """A copy of ``uri``'s ``data`` under ``URI.interrupted-TIME`` (never over another one)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        beside = f"{uri}.interrupted-{stamp}" + (f"-{attempt}" if attempt else "")
+        if not storage.exists(beside):
+            storage.write_bytes(beside, data)
+            return beside
+    raise StorageError(f"{uri}: too many earlier attempts kept beside it")

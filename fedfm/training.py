@@ -110,7 +110,8 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
 
     global_state = load_adapter(global_adapter, who="the federation")
     # read first, so that a client with nowhere to keep its residual fails before it trains
-    residual = load_residual(cfg, client, round_index) if uses_error_feedback(cfg.compression) else None
+    residual = (load_residual(cfg, client, round_index, started_from=global_state.meta.sha256)
+                if uses_error_feedback(cfg.compression) else None)
     lora_rank = cfg.client_rank(client)
     loaded = build_model(cfg, rank=rank_of(global_state.tensors) if cfg.lora.restart else lora_rank)
     if global_state.meta.base_model != loaded.fingerprint:
@@ -202,7 +203,7 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
         )
         result.sha256 = save_adapter(update_out, update, meta, compression=cfg.compression)
         if left_out is not None:  # only once the update is written: a failed write leaves no residual
-            save_residual(cfg, client, round_index, left_out)
+            save_residual(cfg, client, round_index, left_out, started_from=global_state.meta.sha256)
     return result
 
 

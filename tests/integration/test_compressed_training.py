@@ -11,7 +11,7 @@ from safetensors.torch import load as safetensors_load
 
 from fedfm.adapters import load_adapter, read_meta, validate_update
 from fedfm.compression import kept_count
-from fedfm.errors import ConfigError
+from fedfm.errors import ConfigError, StorageError
 from fedfm.federation import initialize
 from fedfm.training import train_client
 
@@ -108,3 +108,28 @@ def test_without_error_feedback_a_client_keeps_nothing(tiny_config, tmp_path):
     cfg = tiny_config(**{"compression.method": "topk", "compression.error_feedback": False})
     _, path = _train(cfg, tmp_path, "topk")
     assert load_adapter(path).meta.encoding["method"] == "topk"
+
+
+def test_a_retried_round_trains_again_with_error_feedback_and_keeps_the_first_residual(tiny_config, tmp_path):
+    """A Job's second attempt, or a pipeline resumed at the round it was cut off in, trains the client
+    again from the same global adapter: it runs (it used to refuse, the round's residual existing), sends
+    the same update, and the first attempt's residual stays beside. Another start of the round is refused."""
+    state = tmp_path / "client-state"
+    cfg = tiny_config(**{"compression.method": "int8", "execution.client_state_uri": str(state)})
+    _, first = _train(cfg, tmp_path, "first")
+    folder = state / CLIENT / "compression-residual"
+    first_residual = (folder / "round-0001.safetensors").read_bytes()
+
+    _, second = _train(cfg, tmp_path, "second")
+    assert load_adapter(second).tensors.keys() == load_adapter(first).tensors.keys()
+    for name, value in load_adapter(first).tensors.items():
+        assert torch.equal(load_adapter(second).tensors[name], value), name  # the same seed, the same update
+    kept = [path for path in folder.iterdir() if path.name.startswith("round-0001.safetensors.interrupted-")]
+    assert len(kept) == 1 and kept[0].read_bytes() == first_residual
+    assert (folder / "round-0001.safetensors").exists()
+
+    other_global = tmp_path / "other-global.safetensors"
+    initialize(tiny_config(**{"seed": 1}), str(other_global))
+    with pytest.raises(StorageError, match="residual for round 1 already exists .* from another start of the round"):
+        train_client(cfg, CLIENT, 1, str(other_global), str(tmp_path / "other.safetensors"))
+    assert not (tmp_path / "other.safetensors").exists()

@@ -502,7 +502,7 @@ def test_client_state_files_load_or_fail_with_a_fedfm_error(run_dir, data, which
         call = lambda: load_personal(cfg, "a", 1)  # noqa: E731
     else:
         path = run_dir.put("state/a/compression-residual/round-0001.safetensors", data)
-        call = lambda: load_residual(cfg, "a", 2)  # noqa: E731
+        call = lambda: load_residual(cfg, "a", 2, started_from="g2")  # noqa: E731
     with run_dir.unchanged():
         result = outcome(call)
     if isinstance(result, FedFMError):

@@ -10,6 +10,7 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import load as safetensors_load
 
 from fedfm.adapters import AdapterMeta, load_adapter, read_meta, save_adapter
 from fedfm.compression import (compress, decode_description, decompress, encode_description, kept_count, unsent,
@@ -173,16 +174,39 @@ def test_a_residual_that_does_not_fit_the_update_is_refused():
 
 def test_residuals_are_kept_per_round_and_never_overwritten(tmp_path):
     cfg = FederationConfig.parse({"clients": 2, "execution": {"client_state_uri": str(tmp_path)}})
-    assert load_residual(cfg, "tenant-0", 1) == {}  # nothing left out before the first round
-    save_residual(cfg, "tenant-0", 1, {"a": torch.ones(2)})
+    assert load_residual(cfg, "tenant-0", 1, started_from="g1") == {}  # nothing left out before the first round
+    save_residual(cfg, "tenant-0", 1, {"a": torch.ones(2)}, started_from="g1")
     assert residual_uri(cfg, "tenant-0", 1) == f"{tmp_path}/tenant-0/compression-residual/round-0001.safetensors"
-    assert torch.equal(load_residual(cfg, "tenant-0", 2)["a"], torch.ones(2))
-    assert torch.equal(load_residual(cfg, "tenant-0", 4)["a"], torch.ones(2))  # not drawn in rounds 2-3
-    assert load_residual(cfg, "tenant-1", 2) == {}
+    assert torch.equal(load_residual(cfg, "tenant-0", 2, started_from="g2")["a"], torch.ones(2))
+    assert torch.equal(load_residual(cfg, "tenant-0", 4, started_from="g4")["a"], torch.ones(2))  # not drawn in 2-3
+    assert load_residual(cfg, "tenant-1", 2, started_from="g2") == {}
     with pytest.raises(FedFMError, match="already exists"):
-        save_residual(cfg, "tenant-0", 1, {"a": torch.zeros(2)})
-    with pytest.raises(FedFMError, match="residual for round 1 already exists"):
-        load_residual(cfg, "tenant-0", 1)  # before training: the round already ran with this state location
+        save_residual(cfg, "tenant-0", 1, {"a": torch.zeros(2)}, started_from="another run's g1")
+    with pytest.raises(FedFMError, match="residual for round 1 already exists .* from another start of the round"):
+        load_residual(cfg, "tenant-0", 1, started_from="another run's g1")  # before training: fails fast
+    assert sorted(path.name for path in (tmp_path / "tenant-0" / "compression-residual").iterdir()) == [
+        "round-0001.safetensors"]
+
+
+def test_a_second_attempt_at_a_round_keeps_the_first_residual_beside_and_writes_its_own(tmp_path):
+    """A Job's retry, or a run resumed at the round it was cut off in, trains the round again from the
+    same global adapter: the first attempt's residual is not in its way, and is not lost either."""
+    cfg = FederationConfig.parse({"clients": 2, "execution": {"client_state_uri": str(tmp_path)}})
+    folder = tmp_path / "tenant-0" / "compression-residual"
+    save_residual(cfg, "tenant-0", 1, {"a": torch.ones(2)}, started_from="g1")
+    first = (folder / "round-0001.safetensors").read_bytes()
+    save_residual(cfg, "tenant-0", 2, {"a": torch.full((2,), 2.0)}, started_from="g2")  # cut off after this
+
+    assert torch.equal(load_residual(cfg, "tenant-0", 2, started_from="g2")["a"], torch.ones(2))  # round 1's
+    kept = [path for path in folder.iterdir() if path.name.startswith("round-0002.safetensors.interrupted-")]
+    assert len(kept) == 1 and safetensors_load(kept[0].read_bytes())["a"].tolist() == [2.0, 2.0]
+    save_residual(cfg, "tenant-0", 2, {"a": torch.full((2,), 3.0)}, started_from="g2")
+    assert torch.equal(load_residual(cfg, "tenant-0", 3, started_from="g3")["a"], torch.full((2,), 3.0))
+    assert (folder / "round-0001.safetensors").read_bytes() == first  # an earlier round is never touched
+    with pytest.raises(FedFMError, match="already exists"):  # an earlier round is not an attempt at this one
+        save_residual(cfg, "tenant-0", 1, {"a": torch.zeros(2)}, started_from="g2")
+    load_residual(cfg, "tenant-0", 2, started_from="g2")  # a third attempt: a second copy beside
+    assert len([path for path in folder.iterdir() if ".interrupted-" in path.name]) == 2
 
 
 def test_error_feedback_without_a_state_location_names_the_settings():
@@ -190,7 +214,7 @@ def test_error_feedback_without_a_state_location_names_the_settings():
     with pytest.raises(ConfigError, match=r"client tenant-0 keeps its compression error-feedback residual but has "
                                           r"nowhere to keep it: set its state_uri or execution.client_state_uri "
                                           r"\(or set compression.error_feedback to false\)"):
-        load_residual(cfg, "tenant-0", 1)
+        load_residual(cfg, "tenant-0", 1, started_from="g1")
 
 
 # --- damaged descriptions and files --------------------------------------------------------------
