@@ -36,6 +36,8 @@ def client_finetune(
             figures.update(train_loss=meta.metrics["train_loss"], samples=meta.samples, seconds=meta.metrics["seconds"])
             update.metadata.update(samples=meta.samples, train_loss=meta.metrics["train_loss"], sha256=meta.sha256)
         else:
-            storage.write_bytes(update.path, b"")  # an artifact must exist; its metadata says there is no update
+            # an artifact must exist; its metadata says there is no update. Over one a late fine-tune still
+            # wrote (past the deadline), which is not to be used
+            storage.write_bytes(update.path, b"", overwrite=True)
             figures.update(phase=outcome.phase, reason=outcome.reason)
     update.metadata.update(client=client, round=round_index, phase=outcome.phase, reason=outcome.reason)

@@ -309,8 +309,8 @@ class PolicyConfig(_Section):
     min_clients: int | None = Field(None, ge=1, description="quorum: updates a round needs to aggregate "
                                                            "(default: every client drawn)")
     round_deadline_seconds: float | None = Field(None, gt=0, description="a client's fine-tune must finish "
-                                                                        "within this: a Job is stopped at it; a local "
-                                                                        "fine-tune that ends later is not used")
+                                                                        "within this: a Job, or a local fine-tune, is "
+                                                                        "stopped at it and counts as TimedOut")
     below_quorum: Literal["fail", "retry"] = Field(
         "fail", description="a round with fewer updates than the quorum: fail (the run stops; resume it later), or "
                             "retry: draw fresh clients, not yet in the round, in place of the missing ones")

@@ -8,9 +8,13 @@ the tenant's namespace and waits for the operator to report it.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fedfm.adapters import AdapterMeta
@@ -78,19 +82,53 @@ def late(cfg: FederationConfig, seconds: float) -> str | None:
            "(policy.round_deadline_seconds): its update is not used"
 
 
+class DeadlineReached(BaseException):
+    """Raised into a local fine-tune when ``policy.round_deadline_seconds`` runs out. A BaseException, as
+    KeyboardInterrupt is, so that no ``except Exception`` on the way turns it into an ordinary failure."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Interrupt the code in this block with :class:`DeadlineReached` after ``seconds`` (None: never).
+
+    A SIGALRM timer, so only in the main thread (where a step's and ``fedfm simulate``'s clients run);
+    elsewhere the block runs to its end and :func:`late` judges it afterwards. Python code is interrupted
+    between bytecodes, a torch op once it returns, a wait (a sleep, a subprocess's output) at once.
+    """
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def reached(signum, frame):
+        raise DeadlineReached(seconds)
+
+    previous = signal.signal(signal.SIGALRM, reached)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def train_here(cfg: FederationConfig, client: str, round_index: int, global_uri: str, update_out: str,
                **options) -> ClientOutcome:
     """Fine-tune ``client`` in this process, as a Job would in its namespace: an error is the client's
-    own (the round goes on without it, quorum permitting) and a fine-tune past the round's deadline
-    counts as missing. A process cannot stop its own fine-tune midway, so a late update is discarded
-    rather than cut short."""
+    own (the round goes on without it, quorum permitting), and a fine-tune still running at the round's
+    deadline is stopped there (:func:`deadline`) and counts as missing, as a Job past its deadline does.
+    An update written after the deadline (off the main thread) is not used."""
     import traceback
 
     from fedfm.training import train_client
 
     started = time.time()
+    limit = cfg.policy.round_deadline_seconds
     try:
-        train_client(cfg, client, round_index, global_uri, update_out, **options)
+        with deadline(limit):
+            train_client(cfg, client, round_index, global_uri, update_out, **options)
+    except DeadlineReached:
+        return ClientOutcome(client, TIMED_OUT, f"the fine-tune was stopped at the round's deadline of {limit:g} s "
+                                                "(policy.round_deadline_seconds)")
     except Exception as exc:  # a client's crash is its own, as a failed Job is
         print(f"client {client}, round {round_index} failed:", file=sys.stderr)
         traceback.print_exc()

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -356,15 +357,22 @@ def _launch_ranks(cfg: FederationConfig, client: str, round_index: int, global_a
                    "--master_port", str(_free_port()), "-m", "fedfm.training", str(spec)]
         tail: collections.deque[str] = collections.deque(maxlen=_TORCHRUN_LOG_TAIL)
         reason = None  # a rank that fails on bad input says why on a "FedFMError: ..." line (_rank_main)
-        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        # a session of their own, so that the launcher and its ranks can be stopped together
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) as process:
             assert process.stdout is not None
-            for line in process.stdout:
-                sys.stdout.write(line)
-                tail.append(line.rstrip())
-                if reason is None and line.startswith("FedFMError: "):
-                    # ranks failing together can interleave their reports on one line: keep the first
-                    reason = line.removeprefix("FedFMError: ").split("FedFMError: ")[0].rstrip()
-            code = process.wait()
+            try:
+                for line in process.stdout:
+                    sys.stdout.write(line)
+                    tail.append(line.rstrip())
+                    if reason is None and line.startswith("FedFMError: "):
+                        # ranks failing together can interleave their reports on one line: keep the first
+                        reason = line.removeprefix("FedFMError: ").split("FedFMError: ")[0].rstrip()
+                code = process.wait()
+            except BaseException:  # the round's deadline (fedfm.executors.deadline), or this process is stopped
+                with contextlib.suppress(ProcessLookupError):  # they may all have exited already
+                    os.killpg(process.pid, signal.SIGKILL)
+                raise
         if code != 0 or not result_path.exists():
             raise TrainingError(
                 f"client {client}: {cfg.training.world_size} DeepSpeed processes exited with status {code}: "

@@ -135,3 +135,31 @@ def test_a_fine_tune_past_the_round_deadline_is_not_used(tiny_config, tmp_path, 
     assert sorted(run.history[-1]["clients"]) == ["tenant-0", "tenant-2"]
     assert "past the round's deadline of 600 s" in run.history[-1]["missing"]["tenant-1"]
     assert run.history[-1]["missing"]["tenant-1"].startswith("TimedOut")
+
+
+def test_a_fine_tune_that_hangs_is_stopped_at_the_round_deadline(tiny_config, tmp_path, monkeypatch):
+    """A client that would never finish (it waits an hour mid-training) is stopped at
+    policy.round_deadline_seconds, counts as TimedOut, and the round aggregates without it."""
+    import time
+
+    from fedfm.simulation import simulate
+
+    woke, real = [], training.train_client
+
+    def train_client(cfg, client, round_index, global_adapter, update_out, **options):
+        if client != "tenant-1":
+            return real(cfg, client, round_index, global_adapter, update_out, **options)
+
+        def hang(frame):
+            time.sleep(3600)
+            woke.append(client)  # only if the deadline did not stop it
+            return frame
+        return real(cfg, client, round_index, global_adapter, update_out, poison_data=hang)
+
+    monkeypatch.setattr(training, "train_client", train_client)
+    cfg = tiny_config(clients=3, rounds=1, **{"policy.min_clients": 2, "policy.round_deadline_seconds": 20})
+    run = simulate(cfg, tmp_path / "run")
+    assert woke == []
+    assert sorted(run.history[-1]["clients"]) == ["tenant-0", "tenant-2"]
+    assert run.history[-1]["missing"]["tenant-1"] == (
+        "TimedOut: the fine-tune was stopped at the round's deadline of 20 s (policy.round_deadline_seconds)")
