@@ -307,6 +307,8 @@ def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: flo
         record["update_checks"] = meta.metrics["update_checks"]
     if "quarantined" in meta.metrics:  # clients quarantined after failing round after round
         record["quarantined"] = meta.metrics["quarantined"]
+    if "secure_aggregation" in meta.metrics:  # the protocol's survivors, threshold and dropped clients
+        record["secure_aggregation"] = meta.metrics["secure_aggregation"]
     if "train_loss" in meta.metrics:  # secure aggregation: only the round's mean is known
         record["train_loss"] = meta.metrics["train_loss"]
     elif clients:

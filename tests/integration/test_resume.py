@@ -64,12 +64,16 @@ def _assert_same_adapter(ours: Path, theirs: Path) -> None:
         assert (mine[name] - value).abs().max().item() <= 1e-6, name
 
 
-@pytest.mark.parametrize("command", ["simulate", "run"])
-def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(tiny_config, tmp_path, command):
+@pytest.mark.parametrize("command, secure", [("simulate", False), ("run", False), ("simulate", True)],
+                         ids=["simulate", "run", "simulate-secure-aggregation"])
+def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(tiny_config, tmp_path, command, secure):
+    """Under secure aggregation the resumed round runs the protocol afresh (new keys, new masks), and its
+    masked sum still unmasks to the same mean update."""
     rounds = 3 if command == "simulate" else 2
     # FedAdam: its moments are server state the resumed rounds must continue from
     cfg = tiny_config(rounds=rounds, clients=3 if command == "simulate" else 2,
-                      **{"strategy.name": "fedadam", "strategy.params": {"eta": 0.01}})
+                      **{"strategy.name": "fedadam", "strategy.params": {"eta": 0.01},
+                         "secure_aggregation.enabled": secure})
     config = tmp_path / "federation.yaml"
     config.write_text(yaml.safe_dump(cfg.as_dict()))
     _fedfm(command, "-c", str(config), "-o", str(tmp_path / "uninterrupted"))
@@ -97,6 +101,7 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(tiny_config
     history = json.loads((run / "metrics.json").read_text())["rounds"]
     reference = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["rounds"]
     assert [record["round"] for record in history] == list(range(rounds + 1))
+    assert all(("secure_aggregation" in record) == secure for record in history[1:])
     assert history[-1]["eval"]["global"]["loss"] == pytest.approx(reference[-1]["eval"]["global"]["loss"],
                                                                    rel=1e-5)
     # the killed round's partial work is set aside, not deleted
