@@ -15,15 +15,23 @@ def aggregate(
     server_state: Input[Artifact],
     new_global_adapter: Output[Model],
     new_server_state: Output[Artifact],
+    retried_updates: Output[Artifact],
 ):
     """Run the configured strategy over the round's updates, if enough clients sent one; the
     strategy's server state (moments, momentum) comes in from the last round and goes on to the next.
-    A round before ``start_round`` passes on the checkpoint's adapter and state that init restored."""
+    A round before ``start_round`` passes on the checkpoint's adapter and state that init restored.
+
+    Below the quorum with ``policy.below_quorum: retry``, fresh clients fine-tune here, through the same
+    executor as the client steps (a Job in each one's namespace in cluster mode), since a KFP DAG cannot
+    grow a loop at run time; their updates are the ``retried_updates`` directory."""
+    import os
+
     from fedfm import events, storage
     from fedfm.errors import QuorumError
     from fedfm.executors import SUCCEEDED, build_executor
-    from fedfm.federation import aggregate_round, step_config
+    from fedfm.federation import aggregate_round, quarantined, retry_below_quorum, step_config
 
+    os.makedirs(retried_updates.path, exist_ok=True)
     if round_index < start_round:
         for source, target in ((global_adapter, new_global_adapter), (server_state, new_server_state)):
             storage.write_bytes(target.path, storage.read_bytes(source.path))
@@ -41,6 +49,17 @@ def aggregate(
                 pairs.append((client, update.path))
             else:
                 missing[client] = f"{phase}: {update.metadata.get('reason', '')}".rstrip(": ")
+
+        def finetune(client: str) -> tuple:
+            uri = f"{retried_updates.path}/{client}.safetensors"
+            with events.step("client_finetune", client=client, round=round_index) as shown:
+                outcome = executor.train(cfg, client, round_index, global_adapter.path, uri)
+                if not outcome.succeeded:
+                    shown.update(phase=outcome.phase, reason=outcome.reason)
+                    return None, f"{outcome.phase}: {outcome.reason}"
+            return uri, None
+
+        retry_below_quorum(cfg, round_index, pairs, missing, quarantined(cfg, server_state.path), finetune)
         try:
             meta = aggregate_round(cfg, round_index, global_adapter.path, pairs, new_global_adapter.path, missing,
                                    state_in=server_state.path, state_out=new_server_state.path)

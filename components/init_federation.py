@@ -31,9 +31,6 @@ def init_federation(
             raise ConfigError(f"config.secure_aggregation.enabled is {cfg.secure_aggregation.enabled}, but this "
                               f"pipeline was compiled {'with' if compiled_secure_aggregation else 'without'} its "
                               "steps: recompile with `fedfm compile`")
-        if cfg.policy.below_quorum == "retry":  # a fresh draw would need a loop the compiled DAG does not have
-            raise ConfigError("policy.below_quorum retry runs in `fedfm simulate` only so far; in the pipeline a "
-                              "round below the quorum fails, and the run resumes with start_round")
         if start_round > compiled_rounds:
             raise CheckpointError(f"start_round {start_round} is past the pipeline's {compiled_rounds} rounds")
         if start_round > 1 and cfg.secure_aggregation.enabled:

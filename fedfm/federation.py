@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -206,6 +206,35 @@ def save_server_state(uri: str, strategy: str, round_index: int, state: ServerSt
     header = {"format": SERVER_STATE_FORMAT, "strategy": strategy, "round": str(round_index),
               "numbers": json.dumps(numbers, sort_keys=True)}
     storage.write_bytes(uri, safetensors_save(tensors, metadata=header))
+
+
+def retry_below_quorum(cfg: FederationConfig, round_index: int, updates: list[tuple[str, str]],
+                       missing: dict[str, str], excluded: Collection[str],
+                       finetune: Callable[[str], tuple[str | None, str | None]]) -> None:
+    """``policy.below_quorum: retry``: while the round has fewer updates than its quorum and retries are left
+    (``policy.max_retries``), draw fresh clients (:meth:`~fedfm.config.FederationConfig.fresh_clients`: not yet
+    in the round, nor ``excluded``) in place of the missing ones. ``finetune(client)`` trains one and returns
+    ``(update_uri, None)``, or ``(None, why)``; ``updates`` and ``missing`` grow in place. Does nothing under
+    ``below_quorum: fail``: the quorum check then fails the round. ``fedfm simulate`` and the pipeline's
+    aggregate step both retry through here."""
+    from fedfm import events
+
+    attempt = 1
+    while cfg.policy.below_quorum == "retry" and attempt <= cfg.policy.max_retries:
+        short = cfg.quorum(len(updates) + len(missing)) - len(updates)
+        if short <= 0:
+            return
+        attempt += 1
+        drawn = cfg.fresh_clients(round_index, attempt, short, exclude={*excluded, *missing, *dict(updates)})
+        if not drawn:
+            return
+        events.emit("retry", round=round_index, attempt=attempt, clients=drawn, short=short)
+        for client in drawn:
+            uri, failure = finetune(client)
+            if failure is None:
+                updates.append((client, uri))
+            else:
+                missing[client] = failure
 
 
 def quarantined(cfg: FederationConfig, state_uri: str | None) -> set[str]:

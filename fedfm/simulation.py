@@ -190,24 +190,24 @@ def _train_round(cfg: FederationConfig, round_index: int, global_uri: str, round
                  excluded: Collection[str], plan: Attackers | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """The round's fine-tunes, one client after another: the ``(client, update)`` pairs and the missing
     clients, with why. Below the quorum, ``policy.below_quorum`` retry draws fresh clients (not yet in
-    the round nor ``excluded``) in place of the missing ones, up to ``policy.max_retries`` times."""
+    the round nor ``excluded``) in place of the missing ones (:func:`fedfm.federation.retry_below_quorum`)."""
+    from fedfm.federation import retry_below_quorum
+
     updates: list[tuple[str, str]] = []
     missing: dict[str, str] = {}
-    drawn, attempt = cfg.sampled_clients(round_index, exclude=excluded), 1
-    while drawn:
-        for client in drawn:
-            update_uri = str(round_dir / "updates" / f"{client}.safetensors")
-            failure = _finetune(cfg, client, round_index, global_uri, update_uri, plan)
-            if failure is None:
-                updates.append((client, update_uri))
-            else:
-                missing[client] = failure
-        short = cfg.quorum(len(updates) + len(missing)) - len(updates)
-        if short <= 0 or cfg.policy.below_quorum != "retry" or attempt > cfg.policy.max_retries:
-            break
-        attempt += 1
-        drawn = cfg.fresh_clients(round_index, attempt, short, exclude={*excluded, *missing, *dict(updates)})
-        events.emit("retry", round=round_index, attempt=attempt, clients=drawn, short=short)
+
+    def finetune(client: str) -> tuple[str | None, str | None]:
+        update_uri = str(round_dir / "updates" / f"{client}.safetensors")
+        failure = _finetune(cfg, client, round_index, global_uri, update_uri, plan)
+        return (update_uri, None) if failure is None else (None, failure)
+
+    for client in cfg.sampled_clients(round_index, exclude=excluded):
+        update_uri, failure = finetune(client)
+        if failure is None:
+            updates.append((client, update_uri))
+        else:
+            missing[client] = failure
+    retry_below_quorum(cfg, round_index, updates, missing, excluded, finetune)
     return updates, missing
 
 

@@ -16,6 +16,10 @@ Under secure aggregation (``secure_aggregation.enabled``) a round is the protoco
       ─► ParallelFor fine-tune (masked) ─► sum masked updates ─► ParallelFor(survivors) reveal shares
       ─► unmask and aggregate ─► evaluate
 
+A round below its quorum under ``policy.below_quorum: retry`` draws fresh clients in its aggregate
+step, which has them fine-tune through the executor (the same Jobs a client step starts): the loop of
+client steps is fixed when the run starts.
+
 Rounds are unrolled at compile time (KFP has no loops whose body feeds the next iteration), so the
 compiled pipeline is for ``cfg.rounds`` rounds; everything else is read from the ``config``
 parameter at run time, which defaults to the config it was compiled from.

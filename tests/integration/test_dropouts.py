@@ -163,3 +163,36 @@ def test_a_fine_tune_that_hangs_is_stopped_at_the_round_deadline(tiny_config, tm
     assert sorted(run.history[-1]["clients"]) == ["tenant-0", "tenant-2"]
     assert run.history[-1]["missing"]["tenant-1"] == (
         "TimedOut: the fine-tune was stopped at the round's deadline of 20 s (policy.round_deadline_seconds)")
+
+
+def test_the_pipeline_retries_below_the_quorum_with_a_fresh_client(tiny_config, tmp_path):
+    """``fedfm run`` (kfp.local): a drawn client that cannot keep its state (its state_uri is under a
+    file, so the error-feedback residual of its int8 update cannot be written) fails its fine-tune step;
+    the round is below its quorum, so the aggregate step draws a fresh client, which fine-tunes through
+    the executor, and the round completes with the quorum."""
+    from fedfm.pipelines.local_runner import run_local
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    names = [f"tenant-{index}" for index in range(4)]
+    overrides = {"policy.sample_fraction": 0.75, "policy.min_clients": 3, "policy.below_quorum": "retry",
+                 "compression.method": "int8", "execution.client_state_uri": str(tmp_path / "state")}
+    cfg = None
+    for seed in range(50):
+        dead = names[seed % 4]
+        clients = [{"name": name, **({"state_uri": str(blocker / "state")} if name == dead else {})}
+                   for name in names]
+        cfg = tiny_config(rounds=1, seed=seed, clients=clients, **overrides)
+        if dead in cfg.sampled_clients(1):
+            break
+    drawn = cfg.sampled_clients(1)
+    fresh = cfg.fresh_clients(1, 2, 1, exclude=drawn)
+    assert len(drawn) == 3 and len(fresh) == 1 and dead in drawn
+
+    seen = []
+    run = run_local(cfg, tmp_path / "run", on_event=seen.append)
+    last = run.history[-1]
+    assert sorted(last["clients"]) == sorted({*drawn, *fresh} - {dead})
+    assert list(last["missing"]) == [dead] and last["missing"][dead].startswith("Failed: StorageError")
+    retries = [event for event in seen if event["event"] == "retry"]
+    assert [(event["round"], event["clients"], event["short"]) for event in retries] == [(1, fresh, 1)]
