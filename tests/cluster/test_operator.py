@@ -334,6 +334,27 @@ def test_deadline_and_quorum(cluster, tiny_classifier, tmp_path):
     assert status["phase"] == "Failed" and "lastAggregate" not in status
 
 
+def test_below_the_quorum_a_fresh_tenant_trains_in_its_own_namespace(cluster, tiny_classifier, tmp_path):
+    """policy.below_quorum retry: 2 of the 3 tenants are drawn, and one of them never runs its Job; at its
+    deadline the aggregate step draws the third tenant, whose fine-tune runs as a Job in its own namespace,
+    and the round aggregates on 2."""
+    retry = make_federation(cluster, tiny_classifier, "fed-retry", min_clients=2, round_deadline_seconds=20,
+                            sample_fraction=0.6, below_quorum="retry")
+    retry.cfg = retry.cfg.with_overrides({"rounds": 1})
+    retry.config_file.write_text(json.dumps(retry.cfg.as_dict()))
+    drawn = retry.cfg.sampled_clients(1)
+    dead, fresh = drawn[0], retry.cfg.fresh_clients(1, 2, 1, exclude=drawn)
+    assert len(drawn) == 2 and len(fresh) == 1
+    cluster.behaviour[retry.namespaces[dead]] = "ignore"
+    code, output = finish(fedfm_run(cluster, retry, tmp_path / "retry"))
+    assert code == 0, output + cluster.operator.log()
+    record = json.loads((tmp_path / "retry" / "metrics.json").read_text())["rounds"][1]
+    assert sorted(record["clients"]) == sorted({*drawn, *fresh} - {dead})
+    assert record["missing"][dead].startswith("TimedOut: no result within the 20 s deadline")
+    trained = [r for r in cluster.rounds(retry.namespaces[fresh[0]]) if r["spec"]["purpose"] == "Train"]
+    assert [r["status"]["phase"] for r in trained] == ["Succeeded"]
+
+
 def _answer_with_nan(cluster: Cluster, namespace: str, stop: threading.Event) -> None:
     """Play tenant b's node: for each of its training Pods, write a well-formed update with a NaN in it
     (right keys, shapes and base model) and report the Pod Succeeded; run evaluations honestly."""
