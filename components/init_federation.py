@@ -33,9 +33,6 @@ def init_federation(
                               "steps: recompile with `fedfm compile`")
         if start_round > compiled_rounds:
             raise CheckpointError(f"start_round {start_round} is past the pipeline's {compiled_rounds} rounds")
-        if start_round > 1 and cfg.secure_aggregation.enabled:
-            raise CheckpointError("a pipeline under secure aggregation cannot resume at a later round yet: resume "
-                                  "the run with `fedfm simulate --resume`, or start it again")
         start = checkpoint.require_start(checkpoint.checkpoint_root(cfg, run_id), start_round)
         if start is None:
             meta = initialize(cfg, global_adapter.path)

@@ -13,13 +13,18 @@ from typing import List
 from kfp.dsl import Artifact, Input, Model, Output
 
 
-def secagg_advertise(config: dict, client: str, round_index: int, run_id: str, public_keys: Output[Artifact]):
-    """The client's fresh key pairs for this round; only the public keys come out."""
+def secagg_advertise(config: dict, client: str, round_index: int, start_round: int, run_id: str,
+                     public_keys: Output[Artifact]):
+    """The client's fresh key pairs for this round; only the public keys come out. (Every step here
+    does nothing in a round before ``start_round``, which was restored from a checkpoint.)"""
     from fedfm import events
     from fedfm.executors import SUCCEEDED
     from fedfm.federation import step_config
-    from fedfm.secure_pipeline import run_client_step
+    from fedfm.secure_pipeline import restored, run_client_step
 
+    if round_index < start_round:
+        public_keys.metadata.update(restored(client, round_index, public_keys.path))
+        return
     with events.step("secagg_advertise", client=client, round=round_index) as figures:
         cfg = step_config(config)
         metadata = run_client_step(cfg, run_id, client, round_index, "advertise", {}, public_keys.path)
@@ -28,16 +33,20 @@ def secagg_advertise(config: dict, client: str, round_index: int, run_id: str, p
     public_keys.metadata.update(metadata)
 
 
-def secagg_relay_keys(config: dict, round_index: int, run_id: str, public_keys: Input[List[Artifact]],
-                      keys: Output[Artifact]):
+def secagg_relay_keys(config: dict, round_index: int, start_round: int, run_id: str,
+                      public_keys: Input[List[Artifact]], keys: Output[Artifact]):
     """Collect the advertised keys (U1) into the file every client reads next; below the protocol's
     threshold the round ends here."""
-    from fedfm import events, secure_round
+    from fedfm import events, secure_round, storage
     from fedfm.errors import QuorumError
     from fedfm.executors import build_executor
     from fedfm.federation import step_config
     from fedfm.secure_pipeline import split
 
+    if round_index < start_round:
+        storage.write_bytes(keys.path, b"")
+        keys.metadata.update(round=round_index, clients=[], missing={})
+        return
     with events.step("secagg_relay_keys", round=round_index) as figures:
         cfg = step_config(config)
         published, missing = split(public_keys, "advertise")
@@ -50,14 +59,17 @@ def secagg_relay_keys(config: dict, round_index: int, run_id: str, public_keys: 
     keys.metadata.update(round=round_index, clients=advertised, missing=missing)
 
 
-def secagg_share(config: dict, client: str, round_index: int, run_id: str, keys: Input[Artifact],
+def secagg_share(config: dict, client: str, round_index: int, start_round: int, run_id: str, keys: Input[Artifact],
                  shares: Output[Artifact]):
     """The client's encrypted shares of its seeds, one per peer in U1 (skipped if it is not in U1)."""
     from fedfm import events
     from fedfm.executors import SUCCEEDED
     from fedfm.federation import step_config
-    from fedfm.secure_pipeline import run_if_relayed
+    from fedfm.secure_pipeline import restored, run_if_relayed
 
+    if round_index < start_round:
+        shares.metadata.update(restored(client, round_index, shares.path))
+        return
     with events.step("secagg_share", client=client, round=round_index) as figures:
         cfg = step_config(config)
         metadata = run_if_relayed(cfg, run_id, client, round_index, "share", keys, {"keys": keys.path}, shares.path)
@@ -66,15 +78,20 @@ def secagg_share(config: dict, client: str, round_index: int, run_id: str, keys:
     shares.metadata.update(metadata)
 
 
-def secagg_relay_shares(config: dict, round_index: int, keys: Input[Artifact], shares: Input[List[Artifact]],
-                        keys_shared: Output[Artifact], inboxes: Output[Artifact]):
+def secagg_relay_shares(config: dict, round_index: int, start_round: int, keys: Input[Artifact],
+                        shares: Input[List[Artifact]], keys_shared: Output[Artifact], inboxes: Output[Artifact]):
     """Pass each client that shared its inbox of ciphertexts (``inboxes/<client>.json``) and write the
     keys of the clients that shared (U2)."""
     import os
 
-    from fedfm import events, secure_round
+    from fedfm import events, secure_round, storage
     from fedfm.secure_pipeline import split
 
+    if round_index < start_round:
+        os.makedirs(inboxes.path, exist_ok=True)
+        storage.write_bytes(keys_shared.path, b"")
+        keys_shared.metadata.update(round=round_index, clients=[], missing={})
+        return
     with events.step("secagg_relay_shares", round=round_index) as figures:
         sent, missing = split(shares, "share")
         os.makedirs(inboxes.path, exist_ok=True)  # the artifact is a directory, even when nobody shared
@@ -89,6 +106,7 @@ def secagg_finetune(
     config: dict,
     client: str,
     round_index: int,
+    start_round: int,
     run_id: str,
     global_adapter: Input[Model],
     keys_shared: Input[Artifact],
@@ -101,8 +119,11 @@ def secagg_finetune(
     from fedfm import events, secure_round
     from fedfm.executors import SUCCEEDED
     from fedfm.federation import step_config
-    from fedfm.secure_pipeline import masked_figures, run_if_relayed
+    from fedfm.secure_pipeline import masked_figures, restored, run_if_relayed
 
+    if round_index < start_round:
+        update.metadata.update(restored(client, round_index, update.path))
+        return
     with events.step("client_finetune", client=client, round=round_index) as figures:
         cfg = step_config(config)
         # under privacy, how the client clips and noises its update: the server's to say, it knows the federation
@@ -121,6 +142,7 @@ def secagg_finetune(
 def secagg_sum(
     config: dict,
     round_index: int,
+    start_round: int,
     run_id: str,
     global_adapter: Input[Model],
     updates: Input[List[Model]],
@@ -138,8 +160,12 @@ def secagg_sum(
     from fedfm.errors import QuorumError, SecureAggregationError
     from fedfm.executors import build_executor
     from fedfm.federation import step_config
-    from fedfm.secure_pipeline import split
+    from fedfm.secure_pipeline import RESTORED_ITEMS, split
 
+    if round_index < start_round:
+        for output in (survivors, masked_sum, figures):
+            storage.write_bytes(output.path, b"")
+        return list(RESTORED_ITEMS)
     with events.step("secagg_sum", round=round_index) as shown:
         cfg = step_config(config)
         masked, missing = split(updates, "train")
@@ -155,14 +181,18 @@ def secagg_sum(
     return sorted(clients)
 
 
-def secagg_reveal(config: dict, client: str, round_index: int, run_id: str, keys_shared: Input[Artifact],
-                  inboxes: Input[Artifact], survivors: Input[Artifact], reveal: Output[Artifact]):
+def secagg_reveal(config: dict, client: str, round_index: int, start_round: int, run_id: str,
+                  keys_shared: Input[Artifact], inboxes: Input[Artifact], survivors: Input[Artifact],
+                  reveal: Output[Artifact]):
     """The survivor ``client``'s shares that let the server remove the masks (asked once per round)."""
     from fedfm import events
     from fedfm.executors import SUCCEEDED
     from fedfm.federation import step_config
-    from fedfm.secure_pipeline import run_client_step
+    from fedfm.secure_pipeline import restored, run_client_step
 
+    if round_index < start_round:
+        reveal.metadata.update(restored(client, round_index, reveal.path))
+        return
     with events.step("secagg_reveal", client=client, round=round_index) as figures:
         cfg = step_config(config)
         inputs = {"keys": keys_shared.path, "inbox": f"{inboxes.path}/{client}.json", "survivors": survivors.path}
@@ -175,6 +205,7 @@ def secagg_reveal(config: dict, client: str, round_index: int, run_id: str, keys
 def secagg_finish(
     config: dict,
     round_index: int,
+    start_round: int,
     run_id: str,
     global_adapter: Input[Model],
     keys_shared: Input[Artifact],
@@ -187,7 +218,8 @@ def secagg_finish(
     new_server_state: Output[Artifact],
 ):
     """Unmask the sum with the revealed shares and run the strategy on the round's mean update: the
-    round's aggregate step (same record, same server state chain, same report to the executor)."""
+    round's aggregate step (same record, same server state chain, same report to the executor). A round
+    before ``start_round`` passes on the checkpoint's adapter and state that init restored."""
     import json
 
     from fedfm import events, secure_round, storage
@@ -196,6 +228,11 @@ def secagg_finish(
     from fedfm.federation import step_config
     from fedfm.secure_pipeline import split
 
+    if round_index < start_round:
+        for source, target in ((global_adapter, new_global_adapter), (server_state, new_server_state)):
+            storage.write_bytes(target.path, storage.read_bytes(source.path))
+        new_global_adapter.metadata.update(global_adapter.metadata)
+        return
     with events.step("aggregate", round=round_index) as shown:
         cfg = step_config(config)
         executor = build_executor(cfg, run_id)

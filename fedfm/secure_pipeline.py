@@ -19,6 +19,17 @@ from fedfm.config import FederationConfig
 from fedfm.executors import SUCCEEDED, ClientOutcome, build_executor
 
 SKIPPED = "Skipped"  # a client step not run because the client left the round at an earlier step
+RESTORED = "Restored"  # a step of a round before the pipeline's start_round: restored from a checkpoint
+# The sum step's list for the reveal loop in a restored round: one no-op item (kfp.local cannot run a loop
+# over nothing)
+RESTORED_ITEMS = ["(restored from the checkpoint)"]
+
+
+def restored(client: str, round_index: int, output: str) -> dict[str, Any]:
+    """A client step of a round restored from a checkpoint (before ``start_round``): an empty output,
+    and metadata that says so, as ``client_finetune``'s does."""
+    storage.write_bytes(output, b"")
+    return {"client": client, "round": round_index, "phase": RESTORED, "reason": "from the checkpoint"}
 
 
 def missing_line(step: str, phase: str, reason: str) -> str:

@@ -137,37 +137,39 @@ def _plain_round(round_: _Round, selection: Any, global_adapter: Any, server_sta
 def _secure_round(round_: _Round, selection: Any, global_adapter: Any, server_state: Any) -> Any:
     """The secure aggregation protocol (components/secure_aggregation.py) in ``fedfm simulate``'s order;
     returns the finish step, which writes the round's global adapter and server state."""
-    steps, config, run_id, index, label = round_.steps, round_.config, round_.run_id, round_.index, round_.label
+    steps, label = round_.steps, round_.label
+    # what every step of the round is called with (a round before start_round passes through)
+    common = {"config": round_.config, "round_index": round_.index, "start_round": round_.start_round}
+    run_id = round_.run_id
     with round_.clients(selection.output, "advertise") as client:
-        advertise = _client_task(steps.secagg_advertise(config=config, client=client, round_index=index,
-                                                        run_id=run_id), f"{label}: advertise keys")
-    relay_keys = steps.secagg_relay_keys(config=config, round_index=index, run_id=run_id,
+        advertise = _client_task(steps.secagg_advertise(**common, client=client, run_id=run_id),
+                                 f"{label}: advertise keys")
+    relay_keys = steps.secagg_relay_keys(**common, run_id=run_id,
                                          public_keys=dsl.Collected(advertise.outputs["public_keys"]))
     relay_keys.set_display_name(f"{label}: relay keys")
     keys = relay_keys.outputs["keys"]
     with round_.clients(selection.output, "share") as client:
-        share = _client_task(steps.secagg_share(config=config, client=client, round_index=index, run_id=run_id,
-                                                keys=keys), f"{label}: share keys")
-    relay_shares = steps.secagg_relay_shares(config=config, round_index=index, keys=keys,
-                                             shares=dsl.Collected(share.outputs["shares"]))
+        share = _client_task(steps.secagg_share(**common, client=client, run_id=run_id, keys=keys),
+                             f"{label}: share keys")
+    relay_shares = steps.secagg_relay_shares(**common, keys=keys, shares=dsl.Collected(share.outputs["shares"]))
     relay_shares.set_display_name(f"{label}: relay shares")
     keys_shared = relay_shares.outputs["keys_shared"]
     with round_.clients(selection.output, "clients") as client:
-        finetune = _client_task(steps.secagg_finetune(config=config, client=client, round_index=index,
-                                                      run_id=run_id, global_adapter=global_adapter,
-                                                      keys_shared=keys_shared, server_state=server_state),
+        finetune = _client_task(steps.secagg_finetune(**common, client=client, run_id=run_id,
+                                                      global_adapter=global_adapter, keys_shared=keys_shared,
+                                                      server_state=server_state),
                                 f"{label}: fine-tune")
-    summed = steps.secagg_sum(config=config, round_index=index, run_id=run_id, global_adapter=global_adapter,
+    summed = steps.secagg_sum(**common, run_id=run_id, global_adapter=global_adapter,
                               updates=dsl.Collected(finetune.outputs["update"]), keys_shared=keys_shared)
     summed.set_display_name(f"{label}: sum masked updates")
     with round_.clients(summed.outputs["Output"], "reveal") as client:
-        reveal = _client_task(steps.secagg_reveal(config=config, client=client, round_index=index, run_id=run_id,
-                                                  keys_shared=keys_shared, inboxes=relay_shares.outputs["inboxes"],
+        reveal = _client_task(steps.secagg_reveal(**common, client=client, run_id=run_id, keys_shared=keys_shared,
+                                                  inboxes=relay_shares.outputs["inboxes"],
                                                   survivors=summed.outputs["survivors"]), f"{label}: reveal shares")
-    finish = steps.secagg_finish(config=config, round_index=index, run_id=run_id, global_adapter=global_adapter,
-                                 keys_shared=keys_shared, survivors=summed.outputs["survivors"],
-                                 masked_sum=summed.outputs["masked_sum"], figures=summed.outputs["figures"],
-                                 reveals=dsl.Collected(reveal.outputs["reveal"]), server_state=server_state)
+    finish = steps.secagg_finish(**common, run_id=run_id, global_adapter=global_adapter, keys_shared=keys_shared,
+                                 survivors=summed.outputs["survivors"], masked_sum=summed.outputs["masked_sum"],
+                                 figures=summed.outputs["figures"], reveals=dsl.Collected(reveal.outputs["reveal"]),
+                                 server_state=server_state)
     return finish.set_display_name(f"{label}: unmask and aggregate")
 
 

@@ -64,14 +64,14 @@ def _assert_same_adapter(ours: Path, theirs: Path) -> None:
         assert (mine[name] - value).abs().max().item() <= 1e-6, name
 
 
-@pytest.mark.parametrize("command, secure", [("simulate", False), ("run", False), ("simulate", True)],
-                         ids=["simulate", "run", "simulate-secure-aggregation"])
+@pytest.mark.parametrize("command, secure", [("simulate", False), ("run", False), ("simulate", True), ("run", True)],
+                         ids=["simulate", "run", "simulate-secure-aggregation", "run-secure-aggregation"])
 def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(tiny_config, tmp_path, command, secure):
     """Under secure aggregation the resumed round runs the protocol afresh (new keys, new masks), and its
     masked sum still unmasks to the same mean update."""
     rounds = 3 if command == "simulate" else 2
     # FedAdam: its moments are server state the resumed rounds must continue from
-    cfg = tiny_config(rounds=rounds, clients=3 if command == "simulate" else 2,
+    cfg = tiny_config(rounds=rounds, clients=3 if command == "simulate" or secure else 2,
                       **{"strategy.name": "fedadam", "strategy.params": {"eta": 0.01},
                          "secure_aggregation.enabled": secure})
     config = tmp_path / "federation.yaml"
