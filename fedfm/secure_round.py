@@ -58,12 +58,28 @@ def context(cfg: FederationConfig, round_index: int) -> bytes:
     return f"{cfg.name}/round-{round_index}".encode()
 
 
-def _private(cfg: FederationConfig, client: str, round_index: int, name: str) -> str:
+def _private(cfg: FederationConfig, client: str, round_index: int, name: str, *, new_instance: bool = False) -> str:
+    """Where ``client`` keeps ``name`` of its protocol instance for the round: the latest one, or with
+    ``new_instance`` (advertising fresh keys) a new one.
+
+    A round started again (a run resumed at the round it was cut off in, a retried advertise Job) runs the
+    protocol afresh, with new keys: the first instance keeps its state in ``secagg/round-NNNN/``, the
+    K-th in ``secagg/round-NNNN/attempt-K/``. An earlier instance's state is never overwritten, and never
+    used again: its shares cannot be revealed a second time, and its keys mask nothing new.
+    """
     location = cfg.client_state_location(client)
     if location is None:
         raise FedFMError(f"client {client} takes part in secure aggregation but has nowhere to keep its keys: set "
                          "its state_uri or execution.client_state_uri")
-    return f"{location}/secagg/round-{round_index:04d}/{name}"
+    folder = f"{location}/secagg/round-{round_index:04d}"
+
+    def instance(number: int) -> str:
+        return folder if number == 1 else f"{folder}/attempt-{number}"
+
+    started = 0  # instances of this round that advertised keys so far
+    while storage.exists(f"{instance(started + 1)}/keys.json"):
+        started += 1
+    return f"{instance(started + 1 if new_instance else max(started, 1))}/{name}"
 
 
 def private_update_uri(cfg: FederationConfig, client: str, round_index: int) -> str:
@@ -87,7 +103,7 @@ def _write_json(uri: str, value: Any) -> None:
 
 def advertise(cfg: FederationConfig, client: str, round_index: int, public_out: str) -> None:
     private, public = secagg.advertise(client)
-    storage.write_bytes(_private(cfg, client, round_index, "keys.json"), private)
+    storage.write_bytes(_private(cfg, client, round_index, "keys.json", new_instance=True), private)
     _write_json(public_out, public)
 
 

@@ -399,3 +399,44 @@ def test_add_masked_refuses_vectors_of_another_length_or_type():
 
 def test_secure_aggregation_error_is_a_fedfm_error():
     assert issubclass(SecureAggregationError, FedFMError)
+
+
+def test_a_round_started_again_runs_a_new_protocol_instance_and_keeps_the_first(tmp_path):
+    """A resumed round (or a retried advertise Job) advertises fresh keys into a new instance
+    (``secagg/round-NNNN/attempt-2``): the first instance's files are never overwritten nor used again,
+    and the reveal-once rule holds per instance."""
+    from fedfm import secure_round
+    from fedfm.config import FederationConfig
+
+    state = tmp_path / "state"
+    cfg = FederationConfig.parse({"clients": 3, "secure_aggregation": {"enabled": True},
+                                  "execution": {"client_state_uri": str(state)}})
+    clients = cfg.client_names
+
+    def run_instance(box):
+        for client in clients:
+            secure_round.advertise(cfg, client, 1, f"{box}/keys/{client}.json")
+        secure_round.relay_keys(cfg, 1, {client: f"{box}/keys/{client}.json" for client in clients}, f"{box}/keys.json")
+        for client in clients:
+            secure_round.share(cfg, client, 1, f"{box}/keys.json", f"{box}/shares/{client}.json")
+        secure_round.relay_shares(f"{box}/keys.json", {client: f"{box}/shares/{client}.json" for client in clients},
+                                  f"{box}/keys-shared.json", {client: f"{box}/inbox/{client}.json" for client in clients})
+        (box / "survivors.json").write_text(json.dumps(clients))
+        secure_round.reveal(cfg, clients[0], 1, f"{box}/keys-shared.json", f"{box}/inbox/{clients[0]}.json",
+                            str(box / "survivors.json"), f"{box}/reveal.json")
+
+    first = tmp_path / "first"
+    run_instance(first)
+    with pytest.raises(SecureAggregationError, match="already revealed its shares for round 1"):
+        secure_round.reveal(cfg, clients[0], 1, f"{first}/keys-shared.json", f"{first}/inbox/{clients[0]}.json",
+                            str(first / "survivors.json"), f"{first}/again.json")
+    kept = {path: path.read_bytes() for path in sorted(state.rglob("*")) if path.is_file()}
+
+    second = tmp_path / "second"
+    run_instance(second)  # fresh keys, and a reveal again: a new instance
+    assert {path: path.read_bytes() for path in kept} == kept  # the first instance's files are untouched
+    folder = state / clients[0] / "secagg" / "round-0001"
+    assert sorted(path.name for path in (folder / "attempt-2").iterdir()) == ["keys.json", "revealed", "shared.json"]
+    advertised = [json.loads((box / "keys" / f"{clients[0]}.json").read_text()) for box in (first, second)]
+    assert advertised[0] != advertised[1]
+    assert secure_round.private_update_uri(cfg, clients[0], 1) == f"{folder}/attempt-2/update.safetensors"
