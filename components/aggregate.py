@@ -27,6 +27,7 @@ def aggregate(
     import os
 
     from fedfm import events, storage
+    from fedfm.adapters import read_meta
     from fedfm.errors import QuorumError
     from fedfm.executors import SUCCEEDED, build_executor
     from fedfm.federation import aggregate_round, quarantined, retry_below_quorum, step_config
@@ -57,6 +58,9 @@ def aggregate(
                 if not outcome.succeeded:
                     shown.update(phase=outcome.phase, reason=outcome.reason)
                     return None, f"{outcome.phase}: {outcome.reason}"
+                meta = read_meta(uri)
+                shown.update(train_loss=meta.metrics["train_loss"], samples=meta.samples,
+                             seconds=meta.metrics["seconds"])
             return uri, None
 
         retry_below_quorum(cfg, round_index, pairs, missing, quarantined(cfg, server_state.path), finetune)
