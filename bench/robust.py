@@ -11,6 +11,10 @@ attack in every round they take part in. All runs share the data, the tenants an
 and run in this process through ``fedfm.simulation.simulate`` (as ``fedfm simulate`` does):
 
 - ``clean``: FedAvg, nobody attacks;
+- ``clean/robust``: the robust preset, nobody attacks (what the defence itself costs);
+- ``honest-only``: FedAvg over the honest clients alone, the best a defence that knew the attackers
+  could do (their data leaves with them). The attackers send NaN updates, which are rejected as
+  invalid (``policy.invalid_updates: reject``); nothing else is checked;
 - for each ``--attack`` (default ``sign-flip:10``, ``scale:100``, ``nan``; any form ``fedfm simulate
   --attack`` takes, see ``fedfm.attacks``): ``ATTACK/fedavg``, FedAvg without update checks, and
   ``ATTACK/robust``, the robust preset (``policy.preset: robust``).
@@ -19,8 +23,8 @@ Prints each run's final global accuracy and its difference to the clean run in p
 and per attack whether "robust within 2 pt of clean" holds. A run that stops because a round failed
 (FedAvg refuses a NaN update, and the round fails with it) shows as "failed at round N: <message>";
 the other runs go on. ``--only SELECTOR`` (repeatable, or comma-separated) runs a subset: a run's
-name (``nan/robust``), an attack (``nan``, ``sign-flip:10``), a defence (``fedavg``, ``robust``) or
-``clean`` (keep it: the differences are to it). Everything lands in ``--output``: a directory per
+name (``nan/robust``, ``honest-only``), an attack (``nan``, ``sign-flip:10``), a defence (``fedavg``,
+``robust``) or ``clean`` (keep it: the differences are to it). Everything lands in ``--output``: a directory per
 run (``metrics.json``, ``report.png``, ``run.log``) and ``summary.json``.
 """
 
@@ -50,6 +54,7 @@ DEFENCES: dict[str, dict[str, Any]] = {
     "robust": {"policy.preset": "robust"},
 }
 CLEAN = "clean"
+HONEST_ONLY = "honest-only"
 DEFAULT_ATTACKS = ("sign-flip:10", "scale:100", "nan")
 TOLERANCE_PT = 2.0  # "robust within 2 pt of clean"
 MESSAGE_WIDTH = 110  # a failure's message in the table; summary.json keeps it whole
@@ -73,15 +78,22 @@ def plan(attacks: list[Attack], only: list[str] | None = None) -> list[Run]:
     """The runs: clean FedAvg, then every attack under every defence; ``only`` keeps the runs some
     selector names (a run's name, an attack's spec or kind, a defence, ``clean``). ValueError for a
     selector that names no run."""
-    runs = [Run(CLEAN, None, "fedavg", DEFENCES["fedavg"])]
+    runs = [Run(CLEAN, None, "fedavg", DEFENCES["fedavg"]),
+            Run(f"{CLEAN}/robust", None, "robust", DEFENCES["robust"]),
+            # the attackers' NaN updates are rejected as invalid, and nothing else is checked: FedAvg over the
+            # honest clients, with the same tenants, data and draws (no quorum: the attackers never count)
+            Run(HONEST_ONLY, Attack("nan"), HONEST_ONLY, {**DEFENCES["fedavg"], "policy.invalid_updates": "reject",
+                                                          "policy.min_clients": 1})]
     for attack in attacks:
         runs += [Run(f"{attack.spec}/{defence}", attack, defence, overrides) for defence, overrides in DEFENCES.items()]
     if not only:
         return runs
 
     def names(run: Run) -> set[str]:
+        if run.defence == HONEST_ONLY:
+            return {HONEST_ONLY}
         if run.attack is None:
-            return {CLEAN, run.name}
+            return {run.name} if run.name == CLEAN else {run.name, run.defence}
         return {run.name, run.defence, run.attack.spec, run.attack.kind}
 
     unknown = [selector for selector in only if not any(selector in names(run) for run in runs)]
@@ -183,6 +195,9 @@ def verdicts(results: dict[str, dict[str, Any]], tolerance_pt: float = TOLERANCE
             fedavg_difference = _difference_pt(fedavg, clean)
             why += ("; fedavg " + _short(fedavg["failed"], 60) if fedavg["failed"] else
                     f"; fedavg {fedavg['final_accuracy']:.4f}, {fedavg_difference:+.1f} pt")
+        honest = results.get(HONEST_ONLY)
+        if honest is not None and honest["final_accuracy"] is not None and holds is not None:
+            why += f"; {HONEST_ONLY} {honest['final_accuracy']:.4f}, {_difference_pt(honest, clean):+.1f} pt"
         found[result["attack"]] = {"holds": holds, "why": why, "difference_pt": difference}
     return found
 

@@ -29,21 +29,26 @@ def test_the_default_runs_and_their_overrides(robust):
     args = robust.parse_args([])
     assert args.clients == 10 and args.attack_share == 0.2 and not args.dry_run
     assert [attack.spec for attack in args.attacks] == ["sign-flip:10", "scale:100", "nan"]
-    assert [run.name for run in args.runs] == ["clean", *[f"{attack}/{defence}" for attack in ("sign-flip:10",
-                                                                                              "scale:100", "nan")
-                                                          for defence in ("fedavg", "checks", "robust")]]
+    attacked = [f"{attack}/{defence}" for attack in ("sign-flip:10", "scale:100", "nan")
+                for defence in ("fedavg", "checks", "robust")]
+    assert [run.name for run in args.runs] == ["clean", "clean/robust", "honest-only", *attacked]
     overrides = {run.name: run.overrides for run in args.runs}
     assert overrides["clean"] == overrides["nan/fedavg"] == {"strategy.name": "fedavg"}
-    assert overrides["scale:100/robust"] == {"policy.preset": "robust"}
+    assert overrides["scale:100/robust"] == overrides["clean/robust"] == {"policy.preset": "robust"}
     assert overrides["nan/checks"] == {"policy.preset": "checks"}
-    assert all(run.attack is None for run in args.runs[:1]) and all(run.attack for run in args.runs[1:])
+    # honest-only: FedAvg where the attackers' updates are NaN and rejected as invalid, nothing else checked
+    assert overrides["honest-only"] == {"strategy.name": "fedavg", "policy.invalid_updates": "reject",
+                                        "policy.min_clients": 1}
+    assert args.runs[2].attack == Attack("nan")
+    assert all(run.attack is None for run in args.runs[:2]) and all(run.attack for run in args.runs[2:])
 
 
 def test_only_selects_runs_by_name_attack_or_defence(robust):
     attacks = [Attack("sign-flip"), Attack("nan")]
     names = lambda only: [run.name for run in robust.plan(attacks, only)]  # noqa: E731
     assert names(["clean", "nan"]) == ["clean", "nan/fedavg", "nan/checks", "nan/robust"]
-    assert names(["robust"]) == ["sign-flip:10/robust", "nan/robust"]
+    assert names(["robust"]) == ["clean/robust", "sign-flip:10/robust", "nan/robust"]
+    assert names(["honest-only", "clean"]) == ["clean", "honest-only"]
     assert names(["sign-flip"]) == names(["sign-flip:10"]) == ["sign-flip:10/fedavg", "sign-flip:10/checks",
                                                                "sign-flip:10/robust"]
     assert names(["nan/robust"]) == ["nan/robust"]
@@ -51,7 +56,7 @@ def test_only_selects_runs_by_name_attack_or_defence(robust):
         robust.plan(attacks, ["scale"])
     args = robust.parse_args(["--only", "clean, nan", "--only", "robust", "--attack", "nan", "--attack", "gaussian:0.5",
                               "--rounds", "3", "--local-steps", "5", "--attack-share", "2", "--output", "/tmp/x"])
-    assert [run.name for run in args.runs] == ["clean", "nan/fedavg", "nan/checks", "nan/robust",
+    assert [run.name for run in args.runs] == ["clean", "clean/robust", "nan/fedavg", "nan/checks", "nan/robust",
                                                "gaussian:0.5/robust"]
     assert args.rounds == 3 and args.local_steps == 5 and args.attack_share == 2.0 and args.output == Path("/tmp/x")
 
@@ -108,6 +113,10 @@ def test_the_table_and_verdicts_on_fake_results(robust):
     assert said.splitlines()[0] == "robust within 2 pt of clean (0.8700):"
     assert "sign-flip:10  holds" in said and "scale:100     does NOT hold" in said
     assert "robust failed at round 4: too few updates; fedavg failed at round 1" in said
+    with_honest = {**FAKE, "honest-only": _result("nan", "honest-only", 0.8600)}
+    assert "robust 0.8560, -1.4 pt; fedavg 0.2500, -62.0 pt; honest-only 0.8600, -1.0 pt" in \
+        robust.format_verdicts(with_honest)
+    assert robust.verdicts(with_honest).keys() == found.keys()  # a reference is not an attack to judge
 
 
 def test_verdicts_without_a_clean_accuracy_cannot_tell(robust):

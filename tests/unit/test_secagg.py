@@ -419,8 +419,9 @@ def test_a_round_started_again_runs_a_new_protocol_instance_and_keeps_the_first(
         secure_round.relay_keys(cfg, 1, {client: f"{box}/keys/{client}.json" for client in clients}, f"{box}/keys.json")
         for client in clients:
             secure_round.share(cfg, client, 1, f"{box}/keys.json", f"{box}/shares/{client}.json")
-        secure_round.relay_shares(f"{box}/keys.json", {client: f"{box}/shares/{client}.json" for client in clients},
-                                  f"{box}/keys-shared.json", {client: f"{box}/inbox/{client}.json" for client in clients})
+        shares = {client: f"{box}/shares/{client}.json" for client in clients}
+        inboxes = {client: f"{box}/inbox/{client}.json" for client in clients}
+        secure_round.relay_shares(f"{box}/keys.json", shares, f"{box}/keys-shared.json", inboxes)
         (box / "survivors.json").write_text(json.dumps(clients))
         secure_round.reveal(cfg, clients[0], 1, f"{box}/keys-shared.json", f"{box}/inbox/{clients[0]}.json",
                             str(box / "survivors.json"), f"{box}/reveal.json")
