@@ -94,26 +94,28 @@ def load_residual(cfg: FederationConfig, client: str, round_index: int, started_
     Called before the client trains, so that it also fails fast where ``round_index``'s own residual
     already exists from another start: a state location serves one run. One from the same global
     adapter is an earlier attempt at this very round (a Job's retry, or a run resumed at this round
-    after it was cut off): it is kept beside, as ``round-NNNN.safetensors.interrupted-TIME`` (no round
-    reads it again), and this attempt writes the round's file anew.
+    after it was cut off): :func:`save_residual` keeps it beside the new one.
     """
     own = residual_uri(cfg, client, round_index)
-    if storage.exists(own):
-        data = storage.read_bytes(own)
-        if _started_from(data) != started_from:
-            raise StorageError(f"client {client}'s error-feedback residual for round {round_index} already exists at "
-                               f"{own}, from another start of the round: this round already ran with this state "
-                               "location; give a new run its own state_uri or execution.client_state_uri")
-        _keep_beside(own, data)
+    if storage.exists(own) and _started_from(storage.read_bytes(own)) != started_from:
+        raise StorageError(f"client {client}'s error-feedback residual for round {round_index} already exists at "
+                           f"{own}, from another start of the round: this round already ran with this state "
+                           "location; give a new run its own state_uri or execution.client_state_uri")
     return _newest(_residual_directory(cfg, client), round_index - 1, client, "error-feedback residual")
 
 
 def save_residual(cfg: FederationConfig, client: str, round_index: int, tensors: Tensors, started_from: str) -> str:
     """Write what ``client``'s update for ``round_index`` left unsent, recording ``started_from`` (the
-    global adapter's sha256). Never over an existing file, unless it is an earlier attempt at this round
-    that :func:`load_residual` kept beside."""
+    global adapter's sha256). Never over an existing file: an earlier attempt at this round from the
+    same global adapter is first kept beside, as ``round-NNNN.safetensors.interrupted-TIME`` (no round
+    reads it again); one from another start is refused."""
     uri = residual_uri(cfg, client, round_index)
-    again = storage.exists(uri) and _started_from(storage.read_bytes(uri)) == started_from
+    again = False
+    if storage.exists(uri):
+        data = storage.read_bytes(uri)
+        again = _started_from(data) == started_from
+        if again:
+            _keep_beside(uri, data)
     storage.write_bytes(uri, _encoded(tensors, client, round_index, started_from=started_from), overwrite=again)
     return uri
 

@@ -198,14 +198,14 @@ def test_a_second_attempt_at_a_round_keeps_the_first_residual_beside_and_writes_
     save_residual(cfg, "tenant-0", 2, {"a": torch.full((2,), 2.0)}, started_from="g2")  # cut off after this
 
     assert torch.equal(load_residual(cfg, "tenant-0", 2, started_from="g2")["a"], torch.ones(2))  # round 1's
+    save_residual(cfg, "tenant-0", 2, {"a": torch.full((2,), 3.0)}, started_from="g2")
     kept = [path for path in folder.iterdir() if path.name.startswith("round-0002.safetensors.interrupted-")]
     assert len(kept) == 1 and safetensors_load(kept[0].read_bytes())["a"].tolist() == [2.0, 2.0]
-    save_residual(cfg, "tenant-0", 2, {"a": torch.full((2,), 3.0)}, started_from="g2")
     assert torch.equal(load_residual(cfg, "tenant-0", 3, started_from="g3")["a"], torch.full((2,), 3.0))
     assert (folder / "round-0001.safetensors").read_bytes() == first  # an earlier round is never touched
     with pytest.raises(FedFMError, match="already exists"):  # an earlier round is not an attempt at this one
         save_residual(cfg, "tenant-0", 1, {"a": torch.zeros(2)}, started_from="g2")
-    load_residual(cfg, "tenant-0", 2, started_from="g2")  # a third attempt: a second copy beside
+    save_residual(cfg, "tenant-0", 2, {"a": torch.full((2,), 4.0)}, started_from="g2")  # a third: a second copy
     assert len([path for path in folder.iterdir() if ".interrupted-" in path.name]) == 2
 
 
