@@ -12,9 +12,9 @@ and run in this process through ``fedfm.simulation.simulate`` (as ``fedfm simula
 
 - ``clean``: FedAvg, nobody attacks;
 - ``clean/robust``: the robust preset, nobody attacks (what the defence itself costs);
-- ``honest-only``: FedAvg over the honest clients alone, the best a defence that knew the attackers
-  could do (their data leaves with them). The attackers send NaN updates, which are rejected as
-  invalid (``policy.invalid_updates: reject``); nothing else is checked;
+- ``honest-only``: FedAvg over the honest clients alone, as if the attackers were simply not there
+  (their data leaves with them, whatever the defence). The attackers send NaN updates, which are
+  rejected as invalid (``policy.invalid_updates: reject``); nothing else is checked;
 - for each ``--attack`` (default ``sign-flip:10``, ``scale:100``, ``nan``; any form ``fedfm simulate
   --attack`` takes, see ``fedfm.attacks``): ``ATTACK/fedavg``, FedAvg without update checks, and
   ``ATTACK/robust``, the robust preset (``policy.preset: robust``).
