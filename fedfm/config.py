@@ -28,7 +28,7 @@ Task = Literal["classification", "causal-lm"]
 DEFAULT_LOCAL_STEPS = 20
 
 # policy.preset: how many MADs above the median norm an update may be (with update_checks' floor of 10 % of
-# the median, at least 1.5 × the median: honest clients on skewed data reach 1.2 ×, model poisoning 8 ×), and
+# the median, at least 1.5 × the median: honest clients on skewed data reach 1.25 ×, model poisoning 8 ×), and
 # the robust rule it brings
 PRESET_NORM_MADS = 5.0
 PRESET_RULE = ("fedtrimmedavg", {"beta": 0.2})
