@@ -219,6 +219,7 @@ def _pipeline_round_here(cfg, work: Path) -> _Artifact:
     from fedfm.federation import initialize
 
     config, clients, run_id = cfg.as_dict(), cfg.sampled_clients(1), "test-run"
+    start = 1  # start_round: no round is restored from a checkpoint
 
     def artifact(*name: str) -> _Artifact:
         return _Artifact(work.joinpath(*name))
@@ -226,25 +227,25 @@ def _pipeline_round_here(cfg, work: Path) -> _Artifact:
     def each(name: str, step, items: list[str], **inputs) -> list[_Artifact]:
         outputs = [artifact(name, client) for client in items]
         for client, output in zip(items, outputs):
-            step(config, client, 1, run_id, **inputs, **{name: output})
+            step(config, client, 1, start, run_id, **inputs, **{name: output})
         return outputs
 
     global_adapter, server_state = artifact("global_adapter"), artifact("server_state")
     initialize(cfg, global_adapter.path)
     storage.write_bytes(server_state.path, b"")
     keys, keys_shared, inboxes = artifact("keys"), artifact("keys_shared"), artifact("inboxes")
-    steps.secagg_relay_keys(config, 1, run_id, each("public_keys", steps.secagg_advertise, clients), keys)
-    steps.secagg_relay_shares(config, 1, keys, each("shares", steps.secagg_share, clients, keys=keys), keys_shared,
-                              inboxes)
+    steps.secagg_relay_keys(config, 1, start, run_id, each("public_keys", steps.secagg_advertise, clients), keys)
+    steps.secagg_relay_shares(config, 1, start, keys, each("shares", steps.secagg_share, clients, keys=keys),
+                              keys_shared, inboxes)
     updates = each("update", steps.secagg_finetune, clients, global_adapter=global_adapter, keys_shared=keys_shared,
                    server_state=server_state)
     survivors, masked_sum, figures = artifact("survivors"), artifact("masked_sum"), artifact("figures")
-    answering = steps.secagg_sum(config, 1, run_id, global_adapter, updates, keys_shared, survivors, masked_sum,
+    answering = steps.secagg_sum(config, 1, start, run_id, global_adapter, updates, keys_shared, survivors, masked_sum,
                                  figures)
     reveals = each("reveal", steps.secagg_reveal, answering, keys_shared=keys_shared, inboxes=inboxes,
                    survivors=survivors)
     new_global = artifact("new_global_adapter")
-    steps.secagg_finish(config, 1, run_id, global_adapter, keys_shared, survivors, masked_sum, figures, reveals,
+    steps.secagg_finish(config, 1, start, run_id, global_adapter, keys_shared, survivors, masked_sum, figures, reveals,
                         server_state, new_global, artifact("new_server_state"))
     return new_global
 
