@@ -1,25 +1,27 @@
-"""Federated quality on real data (AG News): against the centralized baseline, and rule against rule.
+"""Federated quality on real data: against the centralized baseline, for the defaults and for any rule or variant.
 
-    python bench/quality.py [--data ../shared/data/ag_news_test.csv] [--rounds 10] [--clients 8] [--alpha 0.3]
-    python bench/quality.py --strategy fedavg --strategy fedadam --strategy 'fedyogi:{"eta": 0.01}' \
-        --strategy fedprox --strategy fedmedian --strategy flexlora [--engine simulate]
-    python bench/quality.py --variant 'plain:{}' --variant 'int8:{"compression.method": "int8"}' \
-        --variant 'eps=8:{"privacy.target_epsilon": 8, "privacy.clip_norm": 1}' [--engine simulate]
+    python bench/quality.py [--data ../shared/data/ag_news_test.csv] [--text-column title,description]
+        [--label-column label] [--rounds 10] [--clients 8] [--alpha 0.3] [--engine simulate] [--diagnose]
+    python bench/quality.py --data ../shared/data/clinc150_train.csv --text-column text --engine simulate
+    python bench/quality.py --strategy fedadam --strategy 'fedyogi:{"eta": 0.01}' --strategy flexlora
+    python bench/quality.py --variant 'random-head:{"head.init": "random", "head.aggregation": "samples"}'
 
-Setup (DEVELOPERS.md / issue #2): all-MiniLM-L6-v2 + LoRA, 8 tenants with Dirichlet(0.3) label skew,
-each tenant's rows split 80/20 into train/eval (the union of the eval splits is the global test set),
-10 rounds with 30 local steps of batch 16 per client and round.
+Setup (issue #15): any CSV (``--data``, ``--text-column``, ``--label-column``; AG News from
+``../shared/data/`` by default), all-MiniLM-L6-v2 + LoRA, ``--clients`` tenants with Dirichlet(``--alpha``)
+label skew, each tenant's rows split 80/20 into train/eval (the union of the eval splits is the global
+test set), ``--rounds`` rounds. Training uses the library's defaults: pass ``--local-steps``,
+``--local-epochs``, ``--batch-size``, ``--learning-rate``, ``--max-length`` or ``--lora-r`` to override them.
 
-Without ``--strategy``: FedAvg against the centralized baseline, which pools every tenant's training
-rows into one client and runs the same total number of optimizer steps (clients × local steps per
-round) over the same rounds, evaluated on the same rows; prints both accuracies and their ratio
-(target ≥ 0.98). With ``--strategy NAME[:PARAMS_JSON]`` (repeatable): each rule on the same tenants,
-data and budget, side by side, accuracy per round. ``--variant LABEL:OVERRIDES_JSON`` (repeatable)
-does the same for config overrides (dotted paths) on top of FedAvg: compression, privacy. Rank-aware
-rules (hetlora, flexlora, flora) get mixed client ranks (``--mixed-ranks``, cycled over the clients);
-the others train ``--lora-r``.
+Every invocation runs the centralized baseline once: every tenant's training rows pooled into one
+client that runs the same total number of optimizer steps (the tenants' steps added up, per round),
+evaluated on the same rows. Then FedAvg with the defaults, and each ``--strategy NAME[:PARAMS_JSON]``
+and ``--variant LABEL:OVERRIDES_JSON`` (dotted config paths over the defaults; repeatable), on the same
+tenants, data and budget. It prints accuracy per round side by side with the optimizer steps behind it,
+and each run's final accuracy over the centralized one (target ≥ 0.98). Rank-aware rules (hetlora,
+flexlora, flora) get mixed client ranks (``--mixed-ranks``, cycled over the clients).
 ``--engine pipeline`` (default) runs through the local KFP pipeline as ``fedfm run`` does;
-``--engine simulate`` runs in process as ``fedfm simulate`` does (same results, less overhead).
+``--engine simulate`` runs in process as ``fedfm simulate`` does (same results, less overhead), and with
+``--diagnose`` prints where the default run's classification head went (``bench/head_diagnosis.py``).
 """
 
 from __future__ import annotations
@@ -33,146 +35,172 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ag_news_test.csv"
+AG_NEWS_TEXT = "title,description"
+
+# the training options; None leaves the library's default
+TRAINING_OPTIONS = {"local_steps": ("training.local_steps", int), "local_epochs": ("training.local_epochs", float),
+                    "batch_size": ("training.batch_size", int), "learning_rate": ("training.learning_rate", float),
+                    "max_length": ("model.max_length", int), "lora_r": ("lora.r", int)}
 
 
-def add_setup_arguments(parser: argparse.ArgumentParser, *, clients: int = 8) -> None:
-    """The options of the AG News setup (data, federation size, training budget) that :func:`ag_news_config`
-    reads; other benches (``robust.py``) share them."""
+def add_setup_arguments(parser: argparse.ArgumentParser, *, clients: int = 8, training: dict | None = None) -> None:
+    """The options of the benchmark federation (data, federation size, training budget) that
+    :func:`bench_config` reads; other benches (``robust.py``) share them and may fix their own ``training``
+    defaults (otherwise the library's apply)."""
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--text-column", default=None,
+                        help=f"text column(s), comma-separated (default: {AG_NEWS_TEXT} for AG News, else text)")
+    parser.add_argument("--label-column", default="label")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=clients)
     parser.add_argument("--alpha", type=float, default=0.3)
-    parser.add_argument("--local-steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lora-r", type=int, default=8)
+    for option, (_, kind) in TRAINING_OPTIONS.items():
+        parser.add_argument(f"--{option.replace('_', '-')}", type=kind, default=(training or {}).get(option),
+                            help="default: the library's" if option not in (training or {}) else None)
     parser.add_argument("--seed", type=int, default=0)
 
 
 def data_missing(args, bench: str) -> bool:
-    """Say so on stderr when the AG News file is not where ``--data`` points."""
+    """Say so on stderr when the data file is not where ``--data`` points."""
     if args.data.exists():
         return False
-    print(f"{bench}: the AG News data is not at {args.data} (it lives in ../shared/data/ beside the "
-          "repository and is never committed); pass --data PATH", file=sys.stderr)
+    print(f"{bench}: no data at {args.data} (the benchmark datasets live in ../shared/data/ beside the "
+          "repository and are never committed); pass --data PATH", file=sys.stderr)
     return True
 
 
-def ag_news_config(args):
-    """The benchmark federation on AG News (labels resolved from the data), from :func:`add_setup_arguments`'
-    options."""
+def bench_config(args):
+    """The benchmark federation on ``args.data`` (labels resolved from the data), from
+    :func:`add_setup_arguments`' options: the library's defaults but for the training options given."""
     from fedfm.config import FederationConfig
     from fedfm.data import resolve_labels
 
-    return resolve_labels(FederationConfig.parse({
-        "name": "ag-news",
-        "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "max_length": args.max_length},
+    text = args.text_column or (AG_NEWS_TEXT if args.data.resolve() == DEFAULT_DATA.resolve() else "text")
+    name = re.sub(r"[^a-z0-9-]+", "-", args.data.stem.lower()).strip("-")[:40] or "bench"
+    cfg = FederationConfig.parse({
+        "name": name,
+        "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2"},
         "task": "classification",
-        "data": {"source": str(args.data), "text_column": ["title", "description"], "label_column": "label",
+        "data": {"source": str(args.data), "text_column": text, "label_column": args.label_column,
                  "partition": f"dirichlet:{args.alpha}", "eval_fraction": 0.2},
         "clients": args.clients,
         "rounds": args.rounds,
-        "training": {"local_steps": args.local_steps, "batch_size": args.batch_size,
-                     "learning_rate": args.learning_rate},
-        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r},
         "seed": args.seed,
-    }))
-
-
-def describe_setup(cfg, data: Path) -> None:
-    """Print the data file, the labels and each tenant's rows."""
-    from fedfm.data import describe_clients
-
-    print(f"AG News: {data}; labels {cfg.data.labels}")
-    for client, info in describe_clients(cfg).items():
-        print(f"  {client}: train {info['train']:4d} eval {info['eval']:4d}  labels {info['labels']}")
+    })
+    overrides = {path: getattr(args, option) for option, (path, _) in TRAINING_OPTIONS.items()
+                 if getattr(args, option) is not None}
+    if args.lora_r is not None:
+        overrides["lora.alpha"] = 2 * args.lora_r
+    return resolve_labels(cfg.with_overrides(overrides))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setup_arguments(parser)
     parser.add_argument("--strategy", action="append", default=[], metavar="NAME[:PARAMS_JSON]",
-                        help="compare these rules side by side (repeatable) instead of FedAvg vs centralized")
+                        help="also run these rules (repeatable), each against the centralized baseline")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES_JSON",
-                        help="compare these config variants (dotted-path overrides) side by side (repeatable)")
+                        help="also run these config variants (dotted-path overrides, repeatable)")
     parser.add_argument("--mixed-ranks", default="4,8,16", help="LoRA ranks cycled over the clients for "
                                                                 "rank-aware rules")
+    parser.add_argument("--only", action="append", default=[], metavar="LABEL",
+                        help="run only these (centralized, defaults, a strategy or variant label; repeatable); results "
+                             "merge into OUTPUT/summary.json, so invocations can run side by side on one OUTPUT")
     parser.add_argument("--engine", choices=["pipeline", "simulate"], default="pipeline")
+    parser.add_argument("--diagnose", action="store_true", help="with --engine simulate: where the default run's "
+                                                                "head went, round by round")
     parser.add_argument("--output", type=Path,
                         default=ROOT / "runs" / f"bench-quality-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args()
 
     if data_missing(args, "bench/quality.py"):
         return 2
+    if args.diagnose and args.engine != "simulate":
+        parser.error("--diagnose reads the clients' updates, which only --engine simulate keeps")
 
     from fedfm.pipelines.local_runner import run_local
 
-    cfg = ag_news_config(args)
+    cfg = bench_config(args)
     describe_setup(cfg, args.data)
-
     if args.engine == "simulate":
         from fedfm.simulation import simulate as run_local  # noqa: F811 (same signature, in process)
-    if args.strategy or args.variant:
-        return compare(cfg, args, run_local)
+    return compare(cfg, args, run_local)
 
-    results = {}
-    for mode, run_cfg in (("federated", cfg), ("centralized", cfg.with_overrides({"centralized": True}))):
-        print(f"\n== {mode}: {len(run_cfg.training_clients)} training client(s), "
-              f"{run_cfg.local_steps_for(run_cfg.training_clients[0])} steps each per round, {cfg.rounds} rounds")
-        started = time.time()
-        run = run_local(run_cfg, args.output / mode, on_event=_round_printer(sys.stdout))
-        accuracy = [record["eval"]["global"]["accuracy"] for record in run.history]
-        results[mode] = {"accuracy": accuracy, "final_accuracy": accuracy[-1], "seconds": time.time() - started}
 
-    federated, centralized = results["federated"]["final_accuracy"], results["centralized"]["final_accuracy"]
-    ratio = federated / centralized
-    print("\nround  federated  centralized")
-    for index, (fed, cen) in enumerate(zip(results["federated"]["accuracy"], results["centralized"]["accuracy"])):
-        print(f"{index:5d}  {fed:9.4f}  {cen:11.4f}")
-    print(f"\nfederated accuracy   {federated:.4f}  ({results['federated']['seconds']:.0f} s)")
-    print(f"centralized accuracy {centralized:.4f}  ({results['centralized']['seconds']:.0f} s)")
-    print(f"ratio                {ratio:.4f}  (target >= 0.98: {'met' if ratio >= 0.98 else 'NOT met'})")
-    best = max(results["federated"]["accuracy"]) / max(results["centralized"]["accuracy"])
-    print(f"ratio of the best rounds {best:.4f}  (federated {max(results['federated']['accuracy']):.4f}, "
-          f"centralized {max(results['centralized']['accuracy']):.4f})")
-    summary = {"config": cfg.as_dict(), "results": results, "ratio": ratio, "best_round_ratio": best}
-    (args.output / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"details: {args.output}/summary.json, {args.output}/*/metrics.json, report.png")
-    return 0
+def describe_setup(cfg, data: Path) -> None:
+    """Print the data file, the labels and each tenant's rows."""
+    from fedfm.data import describe_clients
+
+    labels = cfg.data.labels
+    print(f"data: {data}; {len(labels)} labels: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}")
+    print(f"training: {cfg.training.local_steps or cfg.training.local_epochs} "
+          f"{'steps' if cfg.training.local_steps else 'epochs'} per round, batch {cfg.training.batch_size}, "
+          f"learning rate {cfg.training.learning_rate}, LoRA r {cfg.lora.r}; head: init {cfg.head.init}, "
+          f"aggregation {cfg.head.aggregation}; strategy {cfg.strategy.name}")
+    for client, info in describe_clients(cfg).items():
+        held = sum(1 for count in info["labels"].values() if count) if isinstance(info["labels"], dict) else "?"
+        print(f"  {client}: train {info['train']:5d} eval {info['eval']:5d}  classes held {held}")
 
 
 def compare(cfg, args, run) -> int:
-    """Each ``--strategy`` and ``--variant`` on the same federation; a table of accuracy per round, and the
-    finals."""
-    results = {}
-    for index, (label, overrides) in enumerate(_contenders(cfg, args)):
+    """The centralized baseline, the defaults, each ``--strategy`` and ``--variant``: accuracy per round
+    with the optimizer steps behind it (per client and in all), and each final over the centralized one."""
+    summary_path = args.output / "summary.json"
+    results = json.loads(summary_path.read_text())["results"] if summary_path.exists() else {}
+    for index, (label, overrides) in enumerate([("centralized", {"centralized": True}), ("defaults", {}),
+                                                *_contenders(cfg, args)]):
+        if args.only and label not in args.only:
+            continue
         name = re.sub(r"[^a-z0-9.=-]+", "-", label.split(" ")[0].lower())
         run_cfg = cfg.with_overrides(overrides)
-        print(f"\n== {label}")
+        print(f"\n== {label}: {len(run_cfg.training_clients)} training client(s), {cfg.rounds} rounds")
         started = time.time()
         history = run(run_cfg, args.output / f"{index}-{name}", on_event=_round_printer(sys.stdout)).history
         accuracy = [record["eval"]["global"]["accuracy"] for record in history]
+        steps = [[figures.get("steps", 0) for figures in record.get("clients", {}).values()] for record in history]
         results[label] = {"accuracy": accuracy, "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy),
-                          "seconds": time.time() - started, "bytes_up": [r["bytes_up"] for r in history[1:]]}
+                          "steps_per_client": [max(s, default=0) for s in steps],
+                          "steps_in_all": [sum(s) for s in steps], "seconds": time.time() - started,
+                          "bytes_up": [r["bytes_up"] for r in history[1:]], "dir": str(args.output / f"{index}-{name}")}
         if "privacy" in history[-1]:
             results[label]["epsilon"] = history[-1]["privacy"]["epsilon"]
+        if summary_path.exists():  # what another invocation on this OUTPUT finished meanwhile
+            results = {**json.loads(summary_path.read_text())["results"], **results}
+        args.output.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps({"config": cfg.as_dict(), "results": results}, indent=1))
+    if "centralized" not in results:
+        print(f"no centralized run in {summary_path} yet: run with --only centralized to compare")
+        return 0
+    central = results["centralized"]
     labels = list(results)
     rows = max(len(result["accuracy"]) for result in results.values())  # a privacy budget may allow fewer rounds
-    print("\nround  " + "  ".join(f"{label.split(' ')[0][:14]:>14}" for label in labels))
+    print("\naccuracy per round (steps: each client's optimizer steps that round / all clients' steps)")
+    print("round  " + "  ".join(f"{label.split(' ')[0][:14]:>14}" for label in labels))
     for index in range(rows):
-        print(f"{index:5d}  " + "  ".join(f"{results[label]['accuracy'][index]:14.4f}"
-                                          if index < len(results[label]["accuracy"]) else f"{'-':>14}"
-                                          for label in labels))
+        cells = []
+        for label in labels:
+            result = results[label]
+            cells.append(f"{result['accuracy'][index]:14.4f}" if index < len(result["accuracy"]) else f"{'-':>14}")
+        print(f"{index:5d}  " + "  ".join(cells))
+        if index:
+            print("steps  " + "  ".join(
+                f"{results[label]['steps_per_client'][index]:>6}/{results[label]['steps_in_all'][index]:<7}"
+                if index < len(results[label]["accuracy"]) else f"{'':>14}" for label in labels))
     print()
     for label, result in results.items():
+        result["ratio"] = result["final_accuracy"] / central["final_accuracy"]
         spent = f"  ε {result['epsilon']:.3f}" if "epsilon" in result else ""
-        print(f"{label:40s} final {result['final_accuracy']:.4f}  best {result['best_accuracy']:.4f}  "
+        verdict = "" if label == "centralized" else f"  ratio {result['ratio']:.4f} " + (
+            "(>= 0.98: met)" if result["ratio"] >= 0.98 else "(>= 0.98: NOT met)")
+        print(f"{label:40s} final {result['final_accuracy']:.4f}  best {result['best_accuracy']:.4f}{verdict}  "
               f"bytes up/round {sum(result['bytes_up']) / max(len(result['bytes_up']), 1):,.0f}{spent}  "
               f"({result['seconds']:.0f} s)")
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "summary.json").write_text(json.dumps({"config": cfg.as_dict(), "results": results}, indent=1))
     print(f"details: {args.output}/summary.json, {args.output}/*/metrics.json, report.png")
+    if getattr(args, "diagnose", False) and "defaults" in results:
+        from head_diagnosis import diagnose
+
+        print("\nthe default run's head, round by round (bench/head_diagnosis.py):")
+        diagnose(Path(results["defaults"]["dir"]))
     return 0
 
 

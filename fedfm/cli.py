@@ -59,6 +59,10 @@ _CONFIG_FLAGS: dict[str, tuple[str, Any, str]] = {
     "batch_size": ("training.batch_size", Optional[int], "Examples per optimizer step."),
     "learning_rate": ("training.learning_rate", Optional[float], "AdamW learning rate."),
     "lora_r": ("lora.r", Optional[int], "LoRA rank."),
+    "head_init": ("head.init", Optional[str], "Classification head in round 1: prototypes (each client's class "
+                                              "means, the default) or random."),
+    "head_aggregation": ("head.aggregation", Optional[str], "Classification head rows: per-class (averaged over "
+                                                            "the clients holding the class, the default) or samples."),
     "strategy": ("strategy.name", Optional[str], "Aggregation rule: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, "
                                                   "fedprox, fedmedian, fedtrimmedavg, krum, multikrum, hetlora, "
                                                   "flexlora, flora, ffalora, fedsalora."),

@@ -25,7 +25,10 @@ _PARTITION = re.compile(r"^(iid|dirichlet:(?P<alpha>[0-9.eE+-]+)|column:(?P<colu
 
 Task = Literal["classification", "causal-lm"]
 
-DEFAULT_LOCAL_STEPS = 20
+# A client's work per round when none is set: one pass over its own training rows (McMahan et al.'s E = 1),
+# so every tenant's data counts at its size; a fixed step count was too little for large, skewed tenants
+# (bench/README.md: the measurements of issue #15).
+DEFAULT_LOCAL_EPOCHS = 1.0
 
 # policy.preset: how many MADs above the median norm an update may be (with update_checks' floor of 10 % of
 # the median, at least 1.5 × the median: honest clients on skewed data reach 1.25 ×, model poisoning 8 ×), and
@@ -176,6 +179,19 @@ class LoRAConfig(_Section):
         return self.alpha / self.r
 
 
+class HeadConfig(_Section):
+    """The classification head under label skew (see :mod:`fedfm.head`; ignored by causal-lm)."""
+
+    init: Literal["prototypes", "random"] = Field(
+        "prototypes", description="prototypes: in round 1 each client sets the rows of the classes it holds to the "
+                                  "nearest-class-mean classifier of its data (FedNCM), not under differential privacy "
+                                  "(clipping would erase it); random: the model's own initialization")
+    aggregation: Literal["per-class", "samples"] = Field(
+        "per-class", description="per-class: a class's row is averaged over the clients that hold the class, weighted "
+                                 "by their examples of it (rules that work from the mean, without differential "
+                                 "privacy or secure aggregation); samples: by each client's samples, like every tensor")
+
+
 class TrainingConfig(_Section):
     """One client's local fine-tune per round, run through DeepSpeed.
 
@@ -183,8 +199,10 @@ class TrainingConfig(_Section):
     and ``gradient_accumulation_steps`` micro-steps, so results do not depend on the process count.
     """
 
-    local_steps: int | None = Field(None, ge=1, description=f"default {DEFAULT_LOCAL_STEPS} unless local_epochs is set")
-    local_epochs: float | None = Field(None, gt=0)
+    local_steps: int | None = Field(None, ge=1, description="optimizer steps per round (instead of local_epochs)")
+    local_epochs: float | None = Field(None, gt=0, description=f"passes over the client's training rows per round "
+                                                              f"(default {DEFAULT_LOCAL_EPOCHS:g} unless local_steps "
+                                                              "is set)")
     batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -199,7 +217,7 @@ class TrainingConfig(_Section):
     @model_validator(mode="after")
     def _one_budget(self) -> TrainingConfig:
         if self.local_steps is None and self.local_epochs is None:
-            self.local_steps = DEFAULT_LOCAL_STEPS
+            self.local_epochs = DEFAULT_LOCAL_EPOCHS
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set only one of training.local_steps and training.local_epochs")
         if self.proximal_mu and self.zero_stage == 3:
@@ -390,6 +408,7 @@ class FederationConfig(_Section):
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)

@@ -20,6 +20,7 @@ from fedfm.adapters import (Adapter, AdapterMeta, Tensors, header_of, load_adapt
                             validate_update)
 from fedfm.config import FederationConfig
 from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, StorageError
+from fedfm.head import check_counts, class_row_tensors, per_class_aggregation, per_class_rows
 from fedfm.privacy import PrivacyState, noisy_mean
 from fedfm.strategies import Aggregate, ServerState, build_strategy, check_federation, expected_update_shapes
 from fedfm.strategies.norm_bound import bound_norms
@@ -87,6 +88,8 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     clipped: dict[str, float] = {}
     if cfg.strategy.clip_norm is not None:
         stream = bound_norms(stream, cfg.strategy.clip_norm, clipped)
+    if per_class_aggregation(cfg):  # the head's rows averaged over the clients holding each class (fedfm.head)
+        stream = _per_class_head(cfg, current, [(c, uri) for c, uri in updates if c not in missing], stream)
     privacy_figures = None
     if cfg.privacy.enabled:  # DP-FedAvg: the rule sees only the clipped, noised mean
         shapes = _sent_shapes(cfg, round_index, current.tensors)
@@ -183,6 +186,21 @@ def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates:
     kept = [(client, uri) for client, uri in updates if client in clients]
     require_quorum(cfg, round_index, len(kept), missing)
     return reloaded(kept, metas, factors), record
+
+
+def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[str, str]],
+                    stream: Iterable[Adapter]) -> Iterable[Adapter]:
+    """``stream`` with each update's head rows rescaled to the per-class mean (:func:`fedfm.head.per_class_rows`),
+    from the class counts in the headers of the updates the rule will average (``kept``). An adapter
+    without a head (no tensor with one row per label) is left as it is."""
+    num_labels = len(cfg.data.labels or ())
+    if not class_row_tensors(current.tensors, num_labels):
+        return stream
+    counts, samples = {}, {}
+    for client, uri in kept:
+        meta = read_meta(uri)
+        counts[client], samples[client] = check_counts(meta, num_labels, client=client), meta.samples
+    return per_class_rows(stream, counts, samples, num_labels)
 
 
 def _sent_shapes(cfg: FederationConfig, round_index: int, global_tensors: Tensors) -> dict[str, tuple[int, ...]]:

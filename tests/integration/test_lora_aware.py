@@ -94,7 +94,9 @@ def test_fedsalora_personalized_models_beat_the_shared_one_on_each_tenants_skewe
     final, losses, updates = _rounds(cfg, tmp_path / "fedsa", rounds=2)
     personalized = _rounds.last_evaluation["clients"]
     for client in cfg.client_names:
-        assert personalized[client]["loss"] < shared[client]["loss"] - 0.2, (client, personalized, shared)
+        # the shared model starts from the tenants' class means (head.init prototypes) and is good already;
+        # each tenant's own B still cuts its loss tenfold
+        assert personalized[client]["loss"] < shared[client]["loss"] / 10, (client, personalized, shared)
         assert not any(lora.is_lora_b(name) for name in updates[client].tensors)  # B stays home
         kept = sorted((tmp_path / "client-state" / client).iterdir())
         assert [path.name for path in kept] == ["round-0001.safetensors", "round-0002.safetensors"]

@@ -190,3 +190,46 @@ def test_a_poison_data_hook_needs_one_process(tiny_config, tmp_path):
         train_client(cfg, "tenant-0", 1, str(tmp_path / "global.safetensors"), str(tmp_path / "u.safetensors"),
                      poison_data=lambda frame: frame)
     assert not (tmp_path / "u.safetensors").exists()
+
+
+def test_round_one_starts_the_head_from_the_class_means_of_the_pooler_features(tmp_path):
+    """BERT's head reads the pooler output; in round 1 a client's update moves the rows of the classes it holds
+    to the nearest-mean classifier of its own examples there, relative to the empty text's features (one step
+    at a negligible learning rate after it),
+    sends its class counts, and leaves the rows of classes it lacks where they were."""
+    from fedfm.data import load_client_data
+    from fedfm.head import COUNTS_KEY, class_row_tensors
+    from fedfm.modeling import build_model
+    from fedfm.tasks import collate, encode
+
+    from fedfm.config import FederationConfig
+    from fedfm.data import resolve_labels
+
+    cfg = resolve_labels(FederationConfig.parse({  # all-MiniLM-L6-v2: a pretrained model's features
+        "data": {"partition": "dirichlet:0.1", "max_samples": 300}, "clients": 3, "model": {"max_length": 48},
+        "training": {"local_steps": 1, "batch_size": 8, "learning_rate": 1e-12}}))
+    result, update, start = _train(cfg, tmp_path)
+    labels = len(cfg.data.labels)
+    weight, bias = sorted(class_row_tensors(start.tensors, labels), key=lambda name: start.tensors[name].dim())[::-1]
+
+    loaded = build_model(cfg)
+    loaded.model.eval()
+    examples = encode(load_client_data(cfg, "tenant-0").train, loaded.tokenizer, cfg)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    empty = loaded.tokenizer([""], return_tensors="pt")  # the reference input: the empty text
+    with torch.no_grad():
+        bert = loaded.model.base_model.model.bert
+        origin = bert(input_ids=empty["input_ids"], attention_mask=empty["attention_mask"]).pooler_output.double()
+        features = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output.double()
+    counts = torch.bincount(batch["labels"], minlength=labels)
+    held = counts > 0
+    assert update.meta.metrics[COUNTS_KEY] == counts.tolist() and 0 < int(held.sum()) < labels
+    means = torch.stack([features[batch["labels"] == c].mean(0) for c in range(labels) if held[c]])
+    within = float((features - torch.zeros_like(features).index_copy_(
+        0, torch.arange(len(features)), means[torch.cumsum(held, 0)[batch["labels"]] - 1])).pow(2).mean())
+    tau = 1 / (within * math.sqrt(features.shape[1]))
+    rows = start.tensors[weight] + update.tensors[weight]
+    assert torch.allclose(rows[held].double(), tau * (means - origin), rtol=1e-4, atol=1e-4)
+    assert torch.allclose((start.tensors[bias] + update.tensors[bias])[held].double(),
+                          0.5 * tau * (origin.pow(2).sum() - means.pow(2).sum(1)), rtol=1e-4, atol=1e-3)
+    assert torch.allclose(update.tensors[weight][~held], torch.zeros(1), atol=1e-6)  # lacked rows: one tiny step

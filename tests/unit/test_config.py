@@ -17,7 +17,7 @@ def test_default_is_the_embedded_federation():
     assert cfg.data.source == "builtin:topics"
     assert cfg.client_names == ["tenant-0", "tenant-1", "tenant-2", "tenant-3"]
     assert cfg.rounds == 3
-    assert cfg.training.local_steps == 20 and cfg.training.local_epochs is None
+    assert cfg.training.local_steps is None and cfg.training.local_epochs == 1.0
 
 
 def test_the_json_form_round_trips_and_holds_no_nulls():
