@@ -64,7 +64,7 @@ def diagnose(run_dir: Path, *, tenants: bool = False, stream=sys.stdout) -> list
         some = holders > 0
         kept = global_change[some] / (holder_change[some] / holders[some])
         row = {"round": round_index, "kept": float(kept.median()),
-               **{key: statistics.fmean(t[key] for t in per_tenant) for key in ("held", "lacked", "lora", "head")}}
+               **{key: _mean(t[key] for t in per_tenant) for key in ("held", "lacked", "lora", "head")}}
         rows.append(row)
         print(f"{round_index:5d} {row['held']:8.4f} {row['lacked']:8.4f} {row['kept']:6.3f} {row['lora']:8.4f} "
               f"{row['head']:8.4f}", file=stream)
@@ -74,6 +74,12 @@ def diagnose(run_dir: Path, *, tenants: bool = False, stream=sys.stdout) -> list
                       f"{t['client']}", file=stream)
         round_index += 1
     return rows
+
+
+def _mean(values) -> float:
+    """The mean of the values that are numbers (a tenant holding every class lacks none: NaN)."""
+    numbers = [value for value in values if value == value]
+    return statistics.fmean(numbers) if numbers else float("nan")
 
 
 def main() -> int:

@@ -94,8 +94,9 @@ def bench_config(args):
     return resolve_labels(cfg.with_overrides(overrides))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setup_arguments(parser)
     parser.add_argument("--strategy", action="append", default=[], metavar="NAME[:PARAMS_JSON]",
                         help="also run these rules (repeatable), each against the centralized baseline")
@@ -111,12 +112,16 @@ def main() -> int:
                                                                 "head went, round by round")
     parser.add_argument("--output", type=Path,
                         default=ROOT / "runs" / f"bench-quality-{time.strftime('%Y%m%d-%H%M%S')}")
-    args = parser.parse_args()
-
-    if data_missing(args, "bench/quality.py"):
-        return 2
+    args = parser.parse_args(argv)
     if args.diagnose and args.engine != "simulate":
         parser.error("--diagnose reads the clients' updates, which only --engine simulate keeps")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if data_missing(args, "bench/quality.py"):
+        return 2
 
     from fedfm.pipelines.local_runner import run_local
 
