@@ -15,10 +15,11 @@ Models", NeurIPS 2023, https://arxiv.org/abs/2306.10397):
 
 - ``head.init: prototypes``: in round 1 each client sets the rows of the classes it holds to the
   nearest-class-mean classifier of its data, in the head's own input features (the base model's, since
-  every LoRA B is still zero): for a class mean μ_c, row ``τ·μ_c`` and bias ``−τ·‖μ_c‖²/2`` (the
-  Euclidean nearest mean as logits), with ``τ = 1 / (σ²·√d)``, σ² the within-class variance per
-  feature and d the feature width: the softmax temperature of a shared isotropic Gaussian, softened by
-  √d (1/σ² alone is far too confident over a few hundred correlated features).
+  every LoRA B is still zero): for a class mean μ_c, the logits ``τ·(μ_c·h − ‖μ_c‖²/2)`` (the Euclidean
+  nearest mean), with ``τ = 1 / (σ²·√d)``, σ² the within-class variance per feature and d the feature
+  width: the softmax temperature of a shared isotropic Gaussian, softened by √d (1/σ² alone is far too
+  confident over a few hundred correlated features). Rows and biases are taken relative to the
+  features of one input every client shares, the empty text (:func:`init_from_prototypes`).
 - ``head.aggregation: per-class``: the server averages a class's row over the clients that hold the
   class, each weighted by its examples of that class (``Σₖ nₖ_c·Δₖ_c / Σₖ nₖ_c``), instead of by every
   client's samples. In round 1 this makes the prototypes exactly the sample-weighted class means of the

@@ -169,6 +169,7 @@ def test_server_state_carries_across_rounds_in_the_pipeline(tiny_config, tmp_pat
     every round's global adapter is the rule applied to the round's updates with the carried state."""
     from fedfm.adapters import load_adapter
     from fedfm.federation import load_server_state
+    from fedfm.head import COUNTS_KEY, per_class_rows
     from fedfm.pipelines.local_runner import run_local
     from fedfm.strategies import build_strategy
 
@@ -186,6 +187,10 @@ def test_server_state_carries_across_rounds_in_the_pipeline(tiny_config, tmp_pat
     strategy, state = build_strategy(cfg.strategy), {}
     for round_index in (1, 2, 3):
         mine = sorted((u for u in updates if u.meta.round == round_index), key=lambda u: u.meta.client)
+        # the head's rows are averaged per class (fedfm.head): the rule sees the updates rescaled so
+        counts = {u.meta.client: u.meta.metrics[COUNTS_KEY] for u in mine}
+        samples = {u.meta.client: u.meta.samples for u in mine}
+        mine = per_class_rows(mine, counts, samples, len(cfg.data.labels))
         expected = strategy.aggregate(globals_[round_index - 1].tensors, iter(mine), state)
         for name, value in expected.tensors.items():
             torch.testing.assert_close(globals_[round_index].tensors[name], value)
