@@ -36,7 +36,8 @@ def test_the_masked_sum_gives_fedavgs_adapter_and_the_server_sees_no_plain_updat
     from fedfm.simulation import simulate
 
     cfg = tiny_config(rounds=2, clients=3)
-    plain = simulate(cfg, tmp_path / "plain")
+    # the server never sees one update, so the head is averaged by samples (head.aggregation's fallback)
+    plain = simulate(cfg.with_overrides({"head.aggregation": "samples"}), tmp_path / "plain")
     secure = simulate(cfg.with_overrides({"secure_aggregation.enabled": True}), tmp_path / "secure")
     for name, value in _final(plain).items():
         torch.testing.assert_close(_final(secure)[name], value, rtol=0, atol=1e-5)  # fixed point, 2^-24
@@ -63,7 +64,8 @@ def test_a_client_that_drops_after_sharing_is_recovered_and_the_sum_is_the_survi
 
     _dropping(monkeypatch, "tenant-2", 1)
     cfg = tiny_config(rounds=1, clients=4, **{"policy.min_clients": 3})
-    plain = simulate(cfg, tmp_path / "plain")
+    # the server never sees one update, so the head is averaged by samples (head.aggregation's fallback)
+    plain = simulate(cfg.with_overrides({"head.aggregation": "samples"}), tmp_path / "plain")
     secure = simulate(cfg.with_overrides({"secure_aggregation.enabled": True, "secure_aggregation.threshold": 3}),
                       tmp_path / "secure")
     record = secure.history[1]
