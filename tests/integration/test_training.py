@@ -177,7 +177,8 @@ def test_a_poison_data_hook_replaces_the_training_frame(tiny_config, tmp_path, m
     pd.testing.assert_frame_equal(seen[0], honest)
     assert result.samples == update.meta.samples == 20
     k = len(cfg.data.labels)
-    assert k == 4 and len(encoded) == 1
+    # the training frame, then the empty text that round 1's head prototypes are taken relative to
+    assert k == 4 and len(encoded) == 2 and encoded[1]["text"].tolist() == [""]
     assert encoded[0]["label"].tolist() == [k - 1 - label for label in honest["label"].head(20)]
     assert encoded[0]["text"].tolist() == honest["text"].head(20).tolist()
     assert all(torch.isfinite(delta).all() for delta in update.tensors.values()) and result.update_norm > 0

@@ -61,10 +61,13 @@ def test_bad_configs_name_the_field(data, message):
 
 
 def test_centralized_runs_one_pooled_client_with_every_tenants_steps():
-    cfg = FederationConfig(clients=4, centralized=True)
+    cfg = FederationConfig(clients=4, centralized=True, training={"local_steps": 20})
     assert cfg.training_clients == [CENTRALIZED_CLIENT]
-    assert cfg.local_steps_for(CENTRALIZED_CLIENT) == 4 * cfg.training.local_steps
-    assert cfg.local_steps_for("tenant-0") == cfg.training.local_steps
+    assert cfg.local_steps_for(CENTRALIZED_CLIENT) == 4 * 20
+    assert cfg.local_steps_for("tenant-0") == 20
+    # by default a round is one epoch: the pooled client's epoch is every tenant's epoch together
+    epochs = FederationConfig(clients=4, centralized=True)
+    assert epochs.local_steps_for(CENTRALIZED_CLIENT) is None and epochs.training.local_epochs == 1.0
     with pytest.raises(ConfigError, match="cannot be pooled here: a"):
         FederationConfig.parse({"clients": [{"name": "a", "train": "x.csv"}], "centralized": True})
 
