@@ -123,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     if data_missing(args, "bench/quality.py"):
         return 2
 
-    from fedfm.pipelines.local_runner import run_local
-
     cfg = bench_config(args)
     describe_setup(cfg, args.data)
-    if args.engine == "simulate":
-        from fedfm.simulation import simulate as run_local  # noqa: F811 (same signature, in process)
-    return compare(cfg, args, run_local)
+    if args.engine == "simulate":  # in process, without KFP (same signature as run_local)
+        from fedfm.simulation import simulate as run
+    else:
+        from fedfm.pipelines.local_runner import run_local as run
+    return compare(cfg, args, run)
 
 
 def describe_setup(cfg, data: Path) -> None:

@@ -27,7 +27,7 @@ def evaluate(
     from fedfm import checkpoint, events, storage
     from fedfm.evaluation import summarize
     from fedfm.executors import build_executor
-    from fedfm.federation import append_history, round_record, step_config
+    from fedfm.federation import append_history, logged_metrics, round_record, step_config
 
     restored = storage.read_bytes(history_in.path)
     if any(record["round"] == round_index for record in json.loads(restored)):
@@ -48,9 +48,5 @@ def evaluate(
     if root is not None:
         saved = checkpoint.save(root, cfg, round_index, global_adapter.path, server_state.path, history.path)
         executor.round_checkpointed(cfg, round_index, saved.directory)
-    metrics.log_metric("round", round_index)
-    for name, value in result["global"].items():
+    for name, value in logged_metrics(round_index, result).items():
         metrics.log_metric(name, value)
-    for client, client_metrics in result["clients"].items():
-        for name, value in client_metrics.items():
-            metrics.log_metric(f"{client}.{name}", value)

@@ -14,7 +14,7 @@ import torch
 
 from fedfm.adapters import load_adapter
 from fedfm.config import FederationConfig
-from fedfm.tasks import LossSums, batch_sums, collate, encode
+from fedfm.tasks import LossSums, batch_sums, batches, encode
 
 _EVAL_BATCH = 32
 
@@ -30,7 +30,7 @@ def evaluate_clients(cfg: FederationConfig, adapter_uri: str, clients: list[str]
     adapter = load_adapter(adapter_uri, who="the federation")
     loaded = build_model(cfg, rank=rank_of(adapter.tensors) or None)  # FLoRA's global rank grows each round
     load_adapter_tensors(loaded.model, adapter.tensors, where=f"adapter {adapter_uri}")
-    model = loaded.model.eval()
+    model = loaded.model.to(_device()).eval()
     sums = {}
     for client in clients:
         # a client that keeps part of its adapter (FedSA-LoRA's B) is scored with it: the model it uses
@@ -52,14 +52,20 @@ def summarize(task: str, sums: dict[str, LossSums]) -> dict[str, Any]:
     return {"global": total.metrics(task), "clients": {client: s.metrics(task) for client, s in sums.items()}}
 
 
+def _device() -> torch.device:
+    """Where evaluation runs: the GPU when the process sees one, as training does (through DeepSpeed)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @torch.no_grad()
 def _evaluate_frame(model, tokenizer, frame, cfg: FederationConfig) -> LossSums:
+    device = next(model.parameters()).device
     examples = encode(frame, tokenizer, cfg)
     # Similar lengths together: less padding, same sums.
     examples.sort(key=lambda example: len(example["input_ids"]))
     sums = LossSums()
-    for start in range(0, len(examples), _EVAL_BATCH):
-        batch = collate(examples[start : start + _EVAL_BATCH], tokenizer.pad_token_id)
+    for batch in batches(examples, tokenizer.pad_token_id, _EVAL_BATCH):
+        batch = {name: value.to(device) for name, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums.add(batch_sums(logits, batch["labels"], cfg.task))
     return sums

@@ -7,6 +7,7 @@ its inputs by URI and writes new outputs, never touching an input.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
@@ -198,7 +199,7 @@ def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[st
         return stream
     counts, samples = {}, {}
     for client, uri in kept:
-        meta = read_meta(uri)
+        meta = read_meta(uri)  # validated with its update (_valid_update): the check passes again
         counts[client], samples[client] = check_counts(meta, num_labels, client=client), meta.samples
     return per_class_rows(stream, counts, samples, num_labels)
 
@@ -327,7 +328,21 @@ def _valid_update(cfg: FederationConfig, round_index: int, current: Adapter, cli
                                      client=client)
     validate_update(update, current, client=client, round_index=round_index,
                     expected_shapes=expected_update_shapes(cfg, client, round_index, current.tensors))
+    labels = len(cfg.data.labels or ())
+    if per_class_aggregation(cfg) and class_row_tensors(current.tensors, labels):
+        check_counts(update.meta, labels, client=client)  # part of the update: bad counts are rejected like it
     return update
+
+
+def logged_metrics(round_index: int, evaluation: dict[str, Any]) -> dict[str, float]:
+    """A round's evaluation (:func:`fedfm.evaluation.summarize`) as the flat names and numbers a KFP Metrics
+    artifact shows: ``round``, the global figures, then ``client.figure``. Only finite numbers: a figure
+    nobody could measure (NaN, when no tenant answered the evaluation) cannot be serialized by KFP and
+    would fail the round's step; the history's ``eval_missing`` says who did not answer."""
+    flat: dict[str, Any] = {"round": round_index, **evaluation["global"]}
+    for client, figures in evaluation["clients"].items():
+        flat.update({f"{client}.{name}": value for name, value in figures.items()})
+    return {name: value for name, value in flat.items() if math.isfinite(value)}
 
 
 def round_record(adapter_uri: str, evaluation: dict[str, Any], eval_seconds: float) -> dict[str, Any]:

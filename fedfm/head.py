@@ -78,6 +78,14 @@ def per_class_aggregation(cfg) -> bool:
             and strategy.from_mean and not cfg.privacy.enabled and not cfg.secure_aggregation.enabled)
 
 
+def prototypes_this_round(cfg, round_index: int) -> bool:
+    """Whether a client's fine-tune this round starts by setting the head from class prototypes: round 1 of a
+    classification task with ``head.init`` prototypes, not under differential privacy, whose clipping to
+    ``privacy.clip_norm`` would erase the rows."""
+    return (cfg.task == "classification" and cfg.head.init == "prototypes" and round_index == 1
+            and not cfg.privacy.enabled)
+
+
 def check_counts(meta: AdapterMeta, num_labels: int, *, client: str) -> list[int]:
     """The class counts ``client``'s update carries, checked: one non-negative integer per class,
     summing to the samples it reports (so the counts can weigh it no more than its samples do)."""

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -81,6 +82,12 @@ class LossSums:
             return {"loss": loss, "accuracy": accuracy, "samples": self.examples}
         return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "samples": self.examples,
                 "tokens": self.count}
+
+
+def batches(examples: list[Example], pad_token_id: int, size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``examples`` in order, ``size`` at a time, each collated (:func:`collate`) into a batch."""
+    for start in range(0, len(examples), size):
+        yield collate(examples[start : start + size], pad_token_id)
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor, task: str) -> LossSums:

@@ -38,7 +38,7 @@ from fedfm.adapters import AdapterMeta, Tensors, l2_norm, load_adapter, save_ada
 from fedfm.compression import compress, decompress, tensor_bytes, unsent, uses_error_feedback, with_error_feedback
 from fedfm.config import CompressionConfig, FederationConfig
 from fedfm.errors import FedFMError, TrainingError
-from fedfm.head import COUNTS_KEY, class_counts, init_from_prototypes, per_class_aggregation
+from fedfm.head import COUNTS_KEY, class_counts, init_from_prototypes, per_class_aggregation, prototypes_this_round
 from fedfm.lora import is_lora_a, is_lora_b, rank_of, truncate
 from fedfm.personal import load_personal, load_residual, save_personal, save_residual
 from fedfm.strategies import configure_client
@@ -102,7 +102,7 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
     """
     from fedfm.data import load_client_data
     from fedfm.modeling import adapter_tensors, build_model, load_adapter_tensors, peft_config_dict, restart_lora
-    from fedfm.tasks import collate, encode
+    from fedfm.tasks import batches, collate, encode
 
     started = time.time()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -149,13 +149,13 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
         raise TrainingError(f"client {client} has no training examples")
     steps = _optimizer_steps(cfg, client, len(examples))
     order = _batch_order(cfg, client, round_index, len(examples), steps)
-    if prototype_head(cfg, round_index):  # every rank computes the same rows from the same examples
+    if prototypes_this_round(cfg, round_index):  # every rank computes the same rows from the same examples
         pad = loaded.tokenizer.pad_token_id
         empty = encode(pd.DataFrame({"text": [""], "label": [0]}), loaded.tokenizer, cfg)
         if not empty[0]["input_ids"]:  # a tokenizer that adds no special tokens: one pad token stands in
             empty[0].update(input_ids=[pad], attention_mask=[1])
         empty = collate(empty, pad)
-        init_from_prototypes(loaded.model, _in_batches(examples, pad), len(cfg.data.labels), reference=empty)
+        init_from_prototypes(loaded.model, batches(examples, pad, 64), len(cfg.data.labels), reference=empty)
 
     torch.manual_seed(_client_seed(cfg, client, round_index))  # dropout
     engine = deepspeed_engine(cfg, loaded.model, client)
@@ -216,21 +216,6 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
         if left_out is not None:  # only once the update is written: a failed write leaves no residual
             save_residual(cfg, client, round_index, left_out, started_from=global_state.meta.sha256)
     return result
-
-
-def prototype_head(cfg: FederationConfig, round_index: int) -> bool:
-    """Whether this round's fine-tune starts by setting the head from class prototypes (:mod:`fedfm.head`):
-    round 1 of a classification task with ``head.init`` prototypes, not under differential privacy, whose
-    clipping to ``privacy.clip_norm`` would erase the rows."""
-    return (cfg.task == "classification" and cfg.head.init == "prototypes" and round_index == 1
-            and not cfg.privacy.enabled)
-
-
-def _in_batches(examples: list, pad_token_id: int, size: int = 64):
-    from fedfm.tasks import collate
-
-    for start in range(0, len(examples), size):
-        yield collate(examples[start : start + size], pad_token_id)
 
 
 def _compressed(config: CompressionConfig, delta: Tensors, residual: Tensors | None,

@@ -113,6 +113,20 @@ def test_bad_class_counts_fail_the_round_naming_the_client_and_nothing_is_writte
     assert not (tmp_path / "next.safetensors").exists()
 
 
+def test_under_invalid_updates_reject_bad_class_counts_reject_that_update_and_the_round_goes_on(tmp_path):
+    global_uri, pairs = write_round(tmp_path, {"a": (A, COUNTS_A), "b": (B, COUNTS_B)})
+    meta = AdapterMeta(kind="update", base_model=FINGERPRINT, peft_config={}, round=1, samples=4, client="a",
+                       metrics={COUNTS_KEY: [4, 0, 0, 0]})  # a claims a fourth class
+    save_adapter(tmp_path / "a.safetensors", A, meta, overwrite=True)
+    cfg = labelled(**{"policy.invalid_updates": "reject", "policy.min_clients": 1})
+    written = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
+    assert "rejected (policy.invalid_updates): client a's update must carry class_counts" in written.metrics["missing"]["a"]
+    assert written.metrics["counted"] == ["b"]
+    result = load_adapter(tmp_path / "next.safetensors").tensors
+    # b alone: its row for y; x (b holds none) keeps the global's
+    assert torch.allclose(result[WEIGHT], torch.tensor([[0.0, 0.0], [30.0, 40.0], [0.0, 0.0]]), atol=1e-5)
+
+
 def test_the_per_class_mean_applies_only_where_the_server_sees_each_update_of_a_rule_on_the_mean():
     assert per_class_aggregation(labelled())
     assert per_class_aggregation(labelled(**{"strategy.name": "fedadam"}))
