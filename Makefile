@@ -16,22 +16,20 @@ venv: $(STAMP)
 run: venv
 	$(VENV)/bin/fedfm run $(ARGS)
 
-## test: the whole suite
+## test: the whole suite, on TEST_WORKERS processes (pytest-xdist; the cluster tests share one worker and one
+## control plane), with the slowest tests listed at the end
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(ARGS)
 
 ## compile: the pipeline YAML for the Kubeflow UI
 compile: venv
 	$(VENV)/bin/fedfm compile --output pipeline.yaml $(ARGS)
 
-## images: the component and operator images, with docker or podman (IMAGE_TAG, REGISTRY to override)
-REGISTRY  ?= ghcr.io/fedfm
-IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-ENGINE    ?= $(shell command -v docker || command -v podman)
-images:
-	@test -n "$(ENGINE)" || { echo "make images needs docker or podman; none is installed here" >&2; exit 1; }
-	$(ENGINE) build -f Containerfile -t $(REGISTRY)/fedfm:$(IMAGE_TAG) .
-	$(ENGINE) build -f Containerfile.operator -t $(REGISTRY)/fedfm-operator:$(IMAGE_TAG) .
+## images: the component and operator images, with docker or podman (ENGINE, REGISTRY, IMAGE_TAG to override);
+## offline (no registry reachable) from a Debian base made from Debian's archive and a wheelhouse filled here
+images: venv
+	scripts/build-images.sh
 
 bench-quality: venv
 	$(PY) bench/quality.py $(ARGS)

@@ -10,6 +10,9 @@ from fedfm.operators.api import (API_VERSION, EVALUATE, LABEL_CLIENT, LABEL_CLIE
 
 DATA_MOUNT = "/data"
 CONFIG_ENV = "FEDFM_CONFIG"
+# The only writable path of the container (an emptyDir): the root filesystem is read-only, so HOME points
+# here and the caches under it (Hugging Face's HF_HOME in the image, DeepSpeed's and Triton's) stay writable.
+SCRATCH = "/tmp"
 
 
 def world_size(federated_client: dict) -> int:
@@ -60,18 +63,24 @@ def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
         "image": client_spec["image"],
         "command": command(client_round, federated_client),
         "env": [{"name": CONFIG_ENV, "value": json.dumps(spec["config"], sort_keys=True)},
-                {"name": "PYTHONUNBUFFERED", "value": "1"}],
+                {"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": SCRATCH}],
         "resources": _resources(client_spec.get("resources") or {}),
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        # the tenant's code runs with nothing it does not need: no root, no capabilities, no writes outside
+        # the scratch, the runtime's default system-call filter
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": True, "runAsNonRoot": True},
+        "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}],
     }
-    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container],
+                           "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                           "volumes": [{"name": "scratch", "emptyDir": {}}]}
     data = client_spec["data"]
     if "secretRef" in data:
         container["envFrom"] = [{"secretRef": {"name": data["secretRef"]["name"]}}]
     if "pvc" in data:
-        container["volumeMounts"] = [{"name": "data", "mountPath": DATA_MOUNT, "readOnly": True}]
-        pod["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": data["pvc"]["claimName"],
-                                                                     "readOnly": True}}]
+        container["volumeMounts"].append({"name": "data", "mountPath": DATA_MOUNT, "readOnly": True})
+        pod["volumes"].append({"name": "data", "persistentVolumeClaim": {"claimName": data["pvc"]["claimName"],
+                                                                         "readOnly": True}})
     if client_spec.get("serviceAccountName"):
         pod["serviceAccountName"] = client_spec["serviceAccountName"]
     resources = client_spec.get("resources") or {}

@@ -16,6 +16,27 @@ os.environ.update(
     DS_ACCELERATOR="cpu",
 )
 
+CLUSTER_TESTS = "tests/cluster/"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist with ``--dist loadgroup`` (``make test``): every test of tests/cluster in one worker, so
+    the session starts one control plane, not one per worker; every other test goes to whichever worker is free.
+
+    A scheduler rather than an ``xdist_group`` mark: with pytest 9.2, xdist 3.8 no longer sees marks added at
+    collection (pytest-dev/pytest-xdist#1386)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ClusterTestsTogether(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "cluster" if nodeid.startswith(CLUSTER_TESTS) else super()._split_scope(nodeid)
+
+    return ClusterTestsTogether(config, log)
+
+
 _SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
@@ -80,7 +101,7 @@ def tiny_causal_lm(tmp_path_factory) -> str:
     return str(directory)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config(tiny_classifier, tiny_causal_lm):
     """``tiny_config(task, **overrides)``: a small, fast federation on a tiny model and built-in data."""
     from fedfm.config import FederationConfig

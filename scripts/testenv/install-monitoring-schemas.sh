@@ -3,6 +3,8 @@
 # validators from the npm registry (@kubernetes-models/prometheus-operator, pinned), for the test that
 # checks the chart's monitoring objects. Prints the folder; a no-op when it is there already.
 set -euo pipefail
+# Test workers (pytest-xdist) may ask at once: one installer at a time, and each sees the other's result.
+mkdir -p "$HOME/.cache"; exec 9>"$HOME/.cache/fedfm-installers.lock"; flock 9
 DIR=${DIR:-$HOME/.cache/fedfm-npm}
 PACKAGE=@kubernetes-models/prometheus-operator@6.0.0
 if [ ! -f "$DIR/node_modules/@kubernetes-models/prometheus-operator/package.json" ]; then

@@ -3,6 +3,8 @@
 # operator, check the chart's alert rules and push a local run's metrics. Only Debian's package archive
 # is used. A no-op when all three are there.
 set -euo pipefail
+# Test workers (pytest-xdist) may ask at once: one installer at a time, and each sees the other's result.
+mkdir -p "$HOME/.cache"; exec 9>"$HOME/.cache/fedfm-installers.lock"; flock 9
 if command -v prometheus >/dev/null && command -v promtool >/dev/null \
    && command -v prometheus-pushgateway >/dev/null; then
   echo "already installed: $(command -v prometheus)"; exit 0

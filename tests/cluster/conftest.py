@@ -17,6 +17,7 @@ import uuid
 import pytest
 
 from kube import BIN_DIR, CRD_DIR, HARNESS_CRD, ControlPlane, ensure_binaries, load_manifests
+from node import Node, prepare
 
 
 def pytest_configure(config):
@@ -57,6 +58,23 @@ def control_plane(request, tmp_path_factory):
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def node(request):
+    """A real one-node cluster (tests/cluster/node.py) with FedFM's images in its containerd: Pods run in
+    containers. Started once per session; the first session on a machine builds binaries and images."""
+    if os.environ.get("FEDFM_SKIP_CLUSTER") == "1":
+        pytest.skip("FEDFM_SKIP_CLUSTER=1")
+    if os.geteuid() != 0:
+        pytest.skip("a test node (containerd, kubelet, iptables) needs root")
+    ensure_binaries(BIN_DIR, _say(request))
+    images = prepare(_say(request))
+    started = Node.start({"fedfm": images["fedfm"]})  # the operator's image joins when the chart runs from it
+    try:
+        yield started
+    finally:
+        started.stop()
 
 
 @pytest.fixture

@@ -64,19 +64,38 @@ def _assert_same_adapter(ours: Path, theirs: Path) -> None:
         assert (mine[name] - value).abs().max().item() <= 1e-6, name
 
 
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_config, tmp_path_factory):
+    """``uninterrupted(secure)``: the federation these tests interrupt (config file) and its uninterrupted run's
+    output. ``fedfm simulate`` runs it for both commands: it gives the pipeline's adapter and metrics (as
+    test_simulate and test_secure_aggregation check), in a fraction of a pipeline run's time."""
+    runs: dict[bool, tuple[Path, Path]] = {}
+
+    def run(secure: bool) -> tuple[Path, Path]:
+        if secure not in runs:
+            directory = tmp_path_factory.mktemp("uninterrupted-secure" if secure else "uninterrupted")
+            # FedAdam: its moments are server state the resumed rounds must continue from
+            cfg = tiny_config(rounds=ROUNDS, clients=3, **{"strategy.name": "fedadam", "strategy.params": {"eta": 0.01},
+                                                           "secure_aggregation.enabled": secure})
+            config = directory / "federation.yaml"
+            config.write_text(yaml.safe_dump(cfg.as_dict()))
+            _fedfm("simulate", "-c", str(config), "-o", str(directory / "output"))
+            runs[secure] = config, directory / "output"
+        return runs[secure]
+
+    return run
+
+
 @pytest.mark.parametrize("command, secure", [("simulate", False), ("run", False), ("simulate", True), ("run", True)],
                          ids=["simulate", "run", "simulate-secure-aggregation", "run-secure-aggregation"])
-def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(tiny_config, tmp_path, command, secure):
+def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(uninterrupted, tmp_path, command, secure):
     """Under secure aggregation the resumed round runs the protocol afresh (new keys, new masks), and its
     masked sum still unmasks to the same mean update."""
-    rounds = 3 if command == "simulate" else 2
-    # FedAdam: its moments are server state the resumed rounds must continue from
-    cfg = tiny_config(rounds=rounds, clients=3 if command == "simulate" or secure else 2,
-                      **{"strategy.name": "fedadam", "strategy.params": {"eta": 0.01},
-                         "secure_aggregation.enabled": secure})
-    config = tmp_path / "federation.yaml"
-    config.write_text(yaml.safe_dump(cfg.as_dict()))
-    _fedfm(command, "-c", str(config), "-o", str(tmp_path / "uninterrupted"))
+    rounds = ROUNDS
+    config, reference_run = uninterrupted(secure)
 
     run = tmp_path / "interrupted"
     _killed_mid_round(command, config, run, round_index=rounds)  # the last round: every earlier one is done
@@ -87,7 +106,7 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(tiny_config
 
     _fedfm(command, "--resume", str(run))
 
-    _assert_same_adapter(run / "adapter", tmp_path / "uninterrupted" / "adapter")
+    _assert_same_adapter(run / "adapter", reference_run / "adapter")
     after = _snapshot(checkpoints)
     assert {name: value for name, value in after.items() if name in finished} == finished  # untouched
     resumed, _ = events.read(run / "events.jsonl", events_before)
@@ -99,7 +118,7 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(tiny_config
     assert evaluated == {rounds}, "a checkpointed round was evaluated again"
     assert not any(event["step"] == "checkpoint" and event.get("round") != rounds for event in resumed)
     history = json.loads((run / "metrics.json").read_text())["rounds"]
-    reference = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["rounds"]
+    reference = json.loads((reference_run / "metrics.json").read_text())["rounds"]
     assert [record["round"] for record in history] == list(range(rounds + 1))
     assert all(("secure_aggregation" in record) == secure for record in history[1:])
     assert history[-1]["eval"]["global"]["loss"] == pytest.approx(reference[-1]["eval"]["global"]["loss"],

@@ -98,14 +98,27 @@ def test_a_training_round_becomes_a_job_in_the_tenant_namespace():
     assert job["spec"]["template"]["metadata"]["labels"]["fedfm.dev/client-round"] == "fed-r1-train-a"
 
 
+def test_every_tenant_job_runs_non_root_on_a_read_only_root_with_only_a_scratch_writable():
+    for purpose in (TRAIN, EVALUATE):
+        pod = job_manifest(_round(purpose), _client())["spec"]["template"]["spec"]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        assert pod["volumes"] == [{"name": "scratch", "emptyDir": {}}]
+        container = pod["containers"][0]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                                "readOnlyRootFilesystem": True, "runAsNonRoot": True}
+        assert container["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}]
+        # caches under HOME (DeepSpeed's, Triton's; the image puts Hugging Face's under /tmp) land in the scratch
+        assert {"name": "HOME", "value": "/tmp"} in container["env"]
+
+
 def test_pvc_data_is_mounted_read_only_and_evaluation_runs_client_evaluate():
     job = job_manifest(_round(EVALUATE), _client(data={"pvc": {"claimName": "tenant-data", "path": "/sets/a.csv"}},
                                                  resources={"processes": 3}))
     pod = job["spec"]["template"]["spec"]
-    assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "tenant-data",
-                                                                         "readOnly": True}}]
+    assert pod["volumes"][1:] == [{"name": "data", "persistentVolumeClaim": {"claimName": "tenant-data",
+                                                                             "readOnly": True}}]
     container = pod["containers"][0]
-    assert container["volumeMounts"] == [{"name": "data", "mountPath": "/data", "readOnly": True}]
+    assert container["volumeMounts"][1:] == [{"name": "data", "mountPath": "/data", "readOnly": True}]
     assert container["command"][:2] == ["fedfm", "client-evaluate"]
     assert container["command"][-1] == "/data/sets/a.csv" and "--world-size" not in container["command"]
     assert "activeDeadlineSeconds" not in job["spec"] and "serviceAccountName" not in pod

@@ -1,0 +1,118 @@
+"""A real one-node cluster for the tests whose Pods must really run: containerd + runc, etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler and a kubelet (scripts/testenv/node, v1.20.2 from Debian's sources),
+with FedFM's images built offline (scripts/build-images.sh) and loaded into the node's containerd.
+
+``Node`` is a :class:`kube.ControlPlane` (same clients and helpers) whose Pods run in containers: ServiceAccount
+token mounts, Secrets, PersistentVolumes, security contexts and the Job controller's deadlines are the real
+ones. One node per machine at a time (the kubelet's ports are fixed); ``node`` in conftest.py starts it once
+per session. Needs root, overlayfs and Debian's archive; the first start on a machine builds the binaries and
+images (minutes), later ones reuse ~/.cache/kube-from-debian and ~/.cache/fedfm-images.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from kube import REPO, ControlPlane, _tail, free_ports, service_account_token
+
+NODE_SCRIPTS = REPO / "scripts" / "testenv" / "node"
+BUILD_IMAGES = REPO / "scripts" / "build-images.sh"
+
+
+def _run(command: list[str], env: dict[str, str], timeout: float, what: str) -> str:
+    proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}")
+    return proc.stdout
+
+
+def prepare(say: Callable[[str], None]) -> dict[str, Path]:
+    """Build what a node needs (packages, kubelet & co, the base and pause images) and FedFM's two images,
+    each once per machine; return ``{"fedfm": tarball, "fedfm-operator": tarball}``, docker-archives of the
+    images (their names are inside)."""
+    started = time.monotonic()
+    _run([str(NODE_SCRIPTS / "build-node-binaries.sh")], dict(os.environ), 3600, "build-node-binaries.sh")
+    output = _run([str(BUILD_IMAGES)], dict(os.environ, OFFLINE="1", ENGINE="podman"), 3600,
+                  "scripts/build-images.sh")
+    images = {}
+    for line in output.splitlines():
+        name, _, tarball = line.partition(" ")
+        if tarball.endswith(".tar"):
+            images[name.rsplit("/", 1)[-1].split(":")[0]] = Path(tarball)
+    if set(images) != {"fedfm", "fedfm-operator"}:
+        raise RuntimeError(f"scripts/build-images.sh printed no image tarballs:\n{output[-2000:]}")
+    took = time.monotonic() - started
+    if took > 30:  # the one-time builds of a new machine, printed apart from the suite's time
+        say(f"node test harness: node binaries and images ready in {took:.0f} s (one-time build on this machine)")
+    return images
+
+
+@dataclasses.dataclass
+class Node(ControlPlane):
+    """A running one-node cluster (start-node.sh); ``run_dir`` is its ``$WORK``."""
+
+    images: dict[str, str] = dataclasses.field(default_factory=dict)   # fedfm, fedfm-operator -> image name
+
+    @classmethod
+    def start(cls, images: dict[str, Path] | None = None) -> "Node":  # type: ignore[override]
+        # a short path: containerd's and the kubelet's unix sockets live under it (< 108 characters)
+        work = Path(tempfile.mkdtemp(prefix="fn", dir="/tmp"))
+        api, etcd, peer, kcm, scheduler = free_ports(5)
+        node = cls(run_dir=work, kubeconfig=str(work / "kubeconfig"), server=f"https://127.0.0.1:{api}",
+                   ca_file=str(work / "pki" / "ca.crt"),
+                   ports={"apiserver": api, "etcd": etcd, "etcd_peer": peer, "kcm": kcm, "scheduler": scheduler})
+        atexit.register(node.stop)
+        try:
+            _run([str(NODE_SCRIPTS / "make-base-images.sh")], node._env(), 600, "make-base-images.sh")
+            _run([str(NODE_SCRIPTS / "start-node.sh")], node._env(), 300, "start-node.sh")
+            for name, tarball in (images or {}).items():
+                _run([str(NODE_SCRIPTS / "load-image.sh"), str(tarball)], node._env(), 600, f"loading {tarball}")
+                node.images[name] = _image_name(tarball)
+            service_account_token(node.admin, "default", "default", timeout=60.0)
+        except BaseException as exc:
+            logs = "\n".join(f"--- {name}.log\n{_tail(work / 'log' / f'{name}.log', 15)}"
+                             for name in ("containerd", "kube-apiserver", "kubelet"))
+            node.stop()
+            raise RuntimeError(f"the test node did not start: {exc}\n{logs}") from exc
+        return node
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ, WORK=str(self.run_dir), API_PORT=str(self.ports["apiserver"]),
+                    ETCD_PORT=str(self.ports["etcd"]), ETCD_PEER_PORT=str(self.ports["etcd_peer"]),
+                    KCM_PORT=str(self.ports["kcm"]), SCHED_PORT=str(self.ports["scheduler"]))
+
+    def stop(self) -> None:
+        """Stop the node and remove what it left on the host (stop-node.sh), then its ``$WORK``. Idempotent."""
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        if self.run_dir.exists():
+            subprocess.run([str(NODE_SCRIPTS / "stop-node.sh")], env=self._env(), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        atexit.unregister(self.stop)
+
+    def log_tail(self, component: str = "kubelet", lines: int = 40) -> str:
+        return _tail(self.run_dir / "log" / f"{component}.log", lines)
+
+    def pod_logs(self, namespace: str, name: str) -> str:
+        """What the Pod's container printed, through the kubelet (``kubectl logs``)."""
+        from kubernetes import client
+
+        return client.CoreV1Api(self.admin).read_namespaced_pod_log(name, namespace)
+
+
+def _image_name(tarball: Path) -> str:
+    """localhost/NAME:HASH from a build-images.sh tarball named NAME-HASH.docker.tar."""
+    stem = tarball.name.removesuffix(".docker.tar")
+    name, _, digest = stem.rpartition("-")
+    return f"localhost/{name}:{digest}"
