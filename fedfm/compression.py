@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import psutil
 import torch
 
 from fedfm.config import CompressionConfig
@@ -342,6 +343,16 @@ def _decode_topk(stored: Tensors, description: Description, entries: list[_Entry
 
 
 def _zeros(entry: _Entry, where: str) -> torch.Tensor:
+    # Checked before allocating: where the kernel overcommits memory (vm.overcommit_memory=1, which every
+    # kubelet sets on its node), a header claiming a huge tensor gets its allocation and the zero-filling
+    # then takes the machine's memory until the OOM killer ends the process; the aggregator, for one
+    # tenant's few bytes.
+    needed = entry.numel * 4
+    if needed > psutil.virtual_memory().available:
+        raise AdapterError(f"{where}: tensor {entry.name} of shape {entry.shape} does not fit in memory "
+                           f"({entry.numel} values, {needed / 2**30:.1f} GiB; "
+                           f"{psutil.virtual_memory().available / 2**30:.1f} GiB available); its encoding is "
+                           "damaged, or the update far larger than this federation's adapter")
     try:
         return torch.zeros(entry.numel, dtype=torch.float32)
     except (RuntimeError, MemoryError):  # torch reports a failed allocation as RuntimeError

@@ -39,6 +39,9 @@ CTR=(ctr -a "$SOCK" -n k8s.io)
 DNAT_RULE=(PREROUTING -d "$SERVICE_IP/32" -p tcp --dport 443 -m comment --comment "kube-node $WORK"
            -j DNAT --to-destination "$NODE_IP:$API_PORT")
 
+# the host's kernel tunables the kubelet changes at its start (start-node.sh saves them, stop-node.sh restores)
+KUBELET_SYSCTLS="vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes"
+
 render() { # render TEMPLATE OUT: substitute ${VARS} from the list above
   envsubst '${WORK} ${NODE_IP} ${NODE_NAME} ${KUBELET_PORT} ${KUBELET_HEALTHZ_PORT} ${KUBELET_MAX_OPEN_FILES}
             ${POD_CIDR} ${CNI_BRIDGE} ${PAUSE_IMAGE}' <"$1" >"$2"
