@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds FedFM's two images, the component image (Containerfile) and the operator image
 # (Containerfile.operator), with docker or podman (ENGINE), and prints one line per image: NAME TARBALL.
+#   scripts/build-images.sh [fedfm] [fedfm-operator]     (default: both)
 #
 # ONLINE (default where the base image can be pulled): FROM python:3.11-slim-bookworm, packages from the
 #   package index, tagged $REGISTRY/fedfm:$IMAGE_TAG and $REGISTRY/fedfm-operator:$IMAGE_TAG; no tarball (-).
@@ -25,6 +26,12 @@ ONLINE_BASE=python:3.11-slim-bookworm
 export IMAGE_CACHE=${IMAGE_CACHE:-$HOME/.cache/fedfm-images}
 mkdir -p "$IMAGE_CACHE" .wheelhouse
 say() { echo "build-images: $*" >&2; }
+WANTED=" ${*:-fedfm fedfm-operator} "
+SPECS=()
+for spec in "Containerfile fedfm" "Containerfile.operator fedfm-operator"; do
+  [[ $WANTED == *" ${spec#* } "* ]] && SPECS+=("$spec")
+done
+[ ${#SPECS[@]} -gt 0 ] || { echo "build-images.sh: no such image in '$*' (fedfm, fedfm-operator)" >&2; exit 2; }
 
 if [ "$(basename "$ENGINE")" = podman ] && [ -z "${CONTAINERS_CONF:-}" ]; then
   export WORK=$IMAGE_CACHE/podman
@@ -38,7 +45,7 @@ if [ "${OFFLINE:-auto}" = auto ]; then
 fi
 
 if [ "$OFFLINE" = 0 ]; then
-  for spec in "Containerfile fedfm" "Containerfile.operator fedfm-operator"; do
+  for spec in "${SPECS[@]}"; do
     set -- $spec
     "$ENGINE" build -f "$1" -t "$REGISTRY/$2:$IMAGE_TAG" . >&2
     echo "$REGISTRY/$2:$IMAGE_TAG -"
@@ -87,7 +94,7 @@ cp "$wheels"/*.whl "$wheels/requirements.txt" .wheelhouse/
 base_id=$("$ENGINE" image inspect --format '{{.RootFS.Layers}}' "$BASE_IMAGE")  # stable across imports
 sources=$(git ls-files -z pyproject.toml constraints.txt README.md scripts fedfm components pipelines operators \
           | xargs -0 sha256sum | sha256sum | cut -c1-16)
-for spec in "Containerfile fedfm" "Containerfile.operator fedfm-operator"; do
+for spec in "${SPECS[@]}"; do
   set -- $spec
   hash=$( (cat "$1"; echo "$base_id $key $sources") | sha256sum | cut -c1-16)
   image=localhost/$2:$hash tar=$IMAGE_CACHE/$2-$hash.docker.tar

@@ -69,8 +69,8 @@ def node(request):
     if os.geteuid() != 0:
         pytest.skip("a test node (containerd, kubelet, iptables) needs root")
     ensure_binaries(BIN_DIR, _say(request))
-    images = prepare(_say(request))
-    started = Node.start({"fedfm": images["fedfm"]})  # the operator's image joins when the chart runs from it
+    # the component image; the operator's joins when the chart runs from it on the node
+    started = Node.start(prepare(_say(request), ("fedfm",)))
     try:
         yield started
     finally:

@@ -35,20 +35,20 @@ def _run(command: list[str], env: dict[str, str], timeout: float, what: str) -> 
     return proc.stdout
 
 
-def prepare(say: Callable[[str], None]) -> dict[str, Path]:
-    """Build what a node needs (packages, kubelet & co, the base and pause images) and FedFM's two images,
-    each once per machine; return ``{"fedfm": tarball, "fedfm-operator": tarball}``, docker-archives of the
-    images (their names are inside)."""
+def prepare(say: Callable[[str], None], names: tuple[str, ...] = ("fedfm",)) -> dict[str, Path]:
+    """Build what a node needs (packages, kubelet & co, the base and pause images) and FedFM's images
+    ``names`` (fedfm, fedfm-operator), each once per machine and code; return ``{name: tarball}``,
+    docker-archives of the images (their names are inside)."""
     started = time.monotonic()
     _run([str(NODE_SCRIPTS / "build-node-binaries.sh")], dict(os.environ), 3600, "build-node-binaries.sh")
-    output = _run([str(BUILD_IMAGES)], dict(os.environ, OFFLINE="1", ENGINE="podman"), 3600,
+    output = _run([str(BUILD_IMAGES), *names], dict(os.environ, OFFLINE="1", ENGINE="podman"), 3600,
                   "scripts/build-images.sh")
     images = {}
     for line in output.splitlines():
         name, _, tarball = line.partition(" ")
         if tarball.endswith(".tar"):
             images[name.rsplit("/", 1)[-1].split(":")[0]] = Path(tarball)
-    if set(images) != {"fedfm", "fedfm-operator"}:
+    if set(images) != set(names):
         raise RuntimeError(f"scripts/build-images.sh printed no image tarballs:\n{output[-2000:]}")
     took = time.monotonic() - started
     if took > 30:  # the one-time builds of a new machine, printed apart from the suite's time
