@@ -300,10 +300,14 @@ def test_secure_aggregation_runs_its_steps_as_jobs_in_the_tenants_namespaces(clu
             assert handle.metadata()["format"] == "fedfm-masked-update/1"
 
 
+DEADLINE = 40
+
+
 def test_deadline_and_quorum(cluster, tiny_classifier, tmp_path):
     """Tenant c's Jobs never run: its rounds end TimedOut; with a quorum of 2 the round aggregates on a
     and b; with a quorum of 3 it fails, and the Federation says why."""
-    at_quorum = make_federation(cluster, tiny_classifier, "fed-quorum", min_clients=2, round_deadline_seconds=20)
+    # a and b must finish inside it while another test worker loads the same 2 cores (20 s was too short)
+    at_quorum = make_federation(cluster, tiny_classifier, "fed-quorum", min_clients=2, round_deadline_seconds=DEADLINE)
     cluster.behaviour[at_quorum.namespaces["c"]] = "ignore"
     at_quorum.cfg = at_quorum.cfg.with_overrides({"rounds": 1})
     at_quorum.config_file.write_text(json.dumps(at_quorum.cfg.as_dict()))
@@ -311,14 +315,14 @@ def test_deadline_and_quorum(cluster, tiny_classifier, tmp_path):
     assert code == 0, output + cluster.operator.log()
     record = json.loads((tmp_path / "quorum" / "metrics.json").read_text())["rounds"][1]
     assert sorted(record["clients"]) == ["a", "b"]
-    assert record["missing"]["c"].startswith("TimedOut: no result within the 20 s deadline")
+    assert record["missing"]["c"].startswith(f"TimedOut: no result within the {DEADLINE} s deadline")
     trained = [r for r in cluster.rounds(at_quorum.namespaces["c"]) if r["spec"]["purpose"] == "Train"]
     assert [r["status"]["phase"] for r in trained] == ["TimedOut"]
     # stopped: by the job controller (the Job carries the deadline) or deleted by the operator
     stopped = cluster.jobs(at_quorum.namespaces["c"])
     assert all(job.metadata.deletion_timestamp or not job.status.active for job in stopped)
 
-    below = make_federation(cluster, tiny_classifier, "fed-below", min_clients=3, round_deadline_seconds=20)
+    below = make_federation(cluster, tiny_classifier, "fed-below", min_clients=3, round_deadline_seconds=DEADLINE)
     cluster.behaviour[below.namespaces["c"]] = "ignore"
     below.cfg = below.cfg.with_overrides({"rounds": 1})
     below.config_file.write_text(json.dumps(below.cfg.as_dict()))
