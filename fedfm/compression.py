@@ -347,11 +347,11 @@ def _zeros(entry: _Entry, where: str) -> torch.Tensor:
     # kubelet sets on its node), a header claiming a huge tensor gets its allocation and the zero-filling
     # then takes the machine's memory until the OOM killer ends the process; the aggregator, for one
     # tenant's few bytes.
-    needed = entry.numel * 4
-    if needed > psutil.virtual_memory().available:
+    needed, available = entry.numel * 4, psutil.virtual_memory().available
+    if needed > available:
         raise AdapterError(f"{where}: tensor {entry.name} of shape {entry.shape} does not fit in memory "
                            f"({entry.numel} values, {needed / 2**30:.1f} GiB; "
-                           f"{psutil.virtual_memory().available / 2**30:.1f} GiB available); its encoding is "
+                           f"{available / 2**30:.1f} GiB available); its encoding is "
                            "damaged, or the update far larger than this federation's adapter")
     try:
         return torch.zeros(entry.numel, dtype=torch.float32)
