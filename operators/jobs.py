@@ -21,6 +21,21 @@ def world_size(federated_client: dict) -> int:
     return int(resources.get("gpus") or 0) or int(resources.get("processes") or 0) or 1
 
 
+def cpu_cores(quantity: int | float | str) -> float:
+    """A Kubernetes CPU quantity (2, "1.5", "500m") in cores."""
+    text = str(quantity).strip()
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def threads_per_process(federated_client: dict) -> int | None:
+    """CPU threads for each of the Job's training processes when the tenant asked for a number of CPUs:
+    torch otherwise starts one per core of the node, however few of them the Pod's limit lets it use."""
+    cpu = (federated_client["spec"].get("resources") or {}).get("cpu")
+    if cpu is None:
+        return None
+    return max(1, int(cpu_cores(cpu)) // world_size(federated_client))
+
+
 def data_location(federated_client: dict) -> str:
     """What the Job's command reads: the PVC path where it is mounted, or the data URI."""
     data = federated_client["spec"]["data"]
@@ -71,6 +86,9 @@ def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
                             "readOnlyRootFilesystem": True, "runAsNonRoot": True},
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}],
     }
+    threads = threads_per_process(federated_client)
+    if threads is not None:
+        container["env"].append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container],
                            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                            "volumes": [{"name": "scratch", "emptyDir": {}}]}

@@ -103,6 +103,12 @@ for spec in "${SPECS[@]}"; do
     "$ENGINE" build -q --network none --pull=never --build-arg BASE_IMAGE="$BASE_IMAGE" -f "$1" -t "$image" . \
       >"$IMAGE_CACHE/build-$2.log" 2>&1 || { tail -40 "$IMAGE_CACHE/build-$2.log" >&2; exit 1; }
     "$ENGINE" save -q --format docker-archive -o "$tar.part" "$image" && mv "$tar.part" "$tar"
+    # one image and tarball per name: the older ones (other code) would only fill the disk
+    for old in "$IMAGE_CACHE/$2"-*.docker.tar; do
+      if [[ $old != "$tar" && $(basename "$old") =~ ^$2-[0-9a-f]{16}\.docker\.tar$ ]]; then rm -f "$old"; fi
+    done
+    "$ENGINE" images --format '{{.Repository}}:{{.Tag}}' | grep -x "localhost/$2:[0-9a-f]\{16\}" \
+      | grep -vx "$image" | xargs -r "$ENGINE" rmi >/dev/null 2>&1 || true
   fi
   echo "$image $tar"
 done

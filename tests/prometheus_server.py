@@ -23,14 +23,19 @@ def ensure_prometheus() -> None:
 
 
 class Prometheus:
-    def __init__(self, run_dir: Path, targets: list[str]):
+    """Scrapes job ``fedfm-operator`` every second: the ``targets`` given, or those a file lists
+    (``targets_file``: Prometheus's file-based discovery; Debian's build has no Kubernetes discovery)."""
+
+    def __init__(self, run_dir: Path, targets: list[str] | None = None, targets_file: Path | None = None):
         ensure_prometheus()
         self.run_dir, self.port = run_dir, free_ports(1)[0]
         run_dir.mkdir(parents=True, exist_ok=True)
         config = run_dir / "prometheus.yml"
+        discovery = ({"file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}]} if targets_file
+                     else {"static_configs": [{"targets": targets}]})
+        job = {"job_name": "fedfm-operator", **discovery}
         config.write_text(json.dumps({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "fedfm-operator", "static_configs": [{"targets": targets}]}]}))
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}))
         subprocess.run(["promtool", "check", "config", str(config)], check=True, capture_output=True)
         self.log = open(run_dir / "prometheus.log", "w")
         self.process = subprocess.Popen(

@@ -20,10 +20,8 @@ for b in "$BIN_DIR/kube-apiserver" "$BIN_DIR/kube-controller-manager" "$ETCD"; d
 done
 mkdir -p "$RUN"/etcd-data "$RUN"/certs
 [ -f "$RUN/certs/sa.key" ] || openssl genrsa -out "$RUN/certs/sa.key" 2048 2>/dev/null
-cat > "$RUN/tokens.csv" <<TOK
-admin-token,admin,admin-uid,"system:masters"
-alice-token,alice,alice-uid,"devs"
-TOK
+. "$HERE/admin-access.sh"
+write_admin_access "$RUN/tokens.csv" "$RUN/kubeconfig" "https://127.0.0.1:$PORT" "$RUN/certs/apiserver.crt"
 echo "$PORT $ETCD_PORT $ETCD_PEER_PORT $KCM_PORT" > "$RUN/ports"
 "$ETCD" --name test --data-dir "$RUN/etcd-data" \
   --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -38,20 +36,6 @@ echo $! > "$RUN/etcd.pid"
   --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
   --disable-admission-plugins ServiceAccount >"$RUN/apiserver.log" 2>&1 &
 echo $! > "$RUN/apiserver.pid"
-cat > "$RUN/kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster: {server: "https://127.0.0.1:$PORT", certificate-authority: "$RUN/certs/apiserver.crt"}
-users:
-- {name: admin, user: {token: admin-token}}
-- {name: alice, user: {token: alice-token}}
-contexts:
-- {name: admin, context: {cluster: local, user: admin}}
-- {name: alice, context: {cluster: local, user: alice}}
-current-context: admin
-KC
 for i in $(seq 1 600); do
   if curl -sk -H "Authorization: Bearer admin-token" "https://127.0.0.1:$PORT/readyz" 2>/dev/null | grep -qx ok; then
     break

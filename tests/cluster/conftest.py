@@ -1,17 +1,19 @@
-"""The real control plane for tests in tests/cluster: etcd + kube-apiserver + kube-controller-manager (v1.20).
+"""The real cluster for tests in tests/cluster, one per session: a node (kube-apiserver, controller-manager,
+scheduler, kubelet, containerd; v1.20) whose Pods run in FedFM's images.
 
-``control_plane`` (session): builds the binaries with scripts/testenv/build-kube.sh when they are missing
-(a fresh machine: minutes, once), starts etcd + apiserver on free ports in a temp run dir, applies every
+``control_plane`` (session): builds the binaries (scripts/testenv/build-kube.sh, scripts/testenv/node) and
+the component image when they are missing (a fresh machine: minutes, once), starts the node, applies every
 CRD in charts/fedfm/crds/*.yaml (plus the harness's own HarnessWidget CRD) and waits until they are
-Established, then starts kube-controller-manager (Job controller, garbage collector, token controller...)
-and waits until it works. Yields a ``kube.ControlPlane``; stops everything by PID afterwards.
-Helpers: ``from kube import apply, wait_for, FakeKubelet, ...`` (this folder is on sys.path).
+Established. Yields a ``node.Node`` (a ``kube.ControlPlane``); stops everything afterwards. Without root it
+is a control plane with no kubelet, and ``node`` skips the tests that need Pods to run.
+Helpers: ``from kube import apply, wait_for, ...`` (this folder is on sys.path).
 FEDFM_SKIP_CLUSTER=1 skips these tests instead.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -47,13 +49,27 @@ def chart_crds() -> list[dict]:
     return docs
 
 
+def _can_run_a_node() -> bool:
+    return os.geteuid() == 0 and os.environ.get("FEDFM_SKIP_NODE") != "1"
+
+
 @pytest.fixture(scope="session")
 def control_plane(request, tmp_path_factory):
+    """The session's one cluster: a real node (tests/cluster/node.py: Pods run in containers) where this
+    process may run one (root), else etcd + kube-apiserver + kube-controller-manager alone, where the tests
+    that need Pods to run skip. FEDFM_SKIP_NODE=1 asks for the latter; FEDFM_SKIP_CLUSTER=1 skips both."""
     if os.environ.get("FEDFM_SKIP_CLUSTER") == "1":
         pytest.skip("FEDFM_SKIP_CLUSTER=1")
-    ensure_binaries(BIN_DIR, _say(request))
-    run_dir = tmp_path_factory.mktemp("kube-run")
-    plane = ControlPlane.start(run_dir, crds=[*chart_crds(), HARNESS_CRD])
+    say = _say(request)
+    ensure_binaries(BIN_DIR, say)
+    crds = [*chart_crds(), HARNESS_CRD]
+    if _can_run_a_node():
+        started = time.monotonic()
+        # the component image (tenants' Jobs) and the operator's (the chart runs it)
+        plane = Node.start(prepare(say, ("fedfm", "fedfm-operator")), crds=crds)
+        say(f"test node ready in {time.monotonic() - started:.0f} s")
+    else:
+        plane = ControlPlane.start(tmp_path_factory.mktemp("kube-run"), crds=crds)
     try:
         yield plane
     finally:
@@ -61,20 +77,12 @@ def control_plane(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def node(request):
-    """A real one-node cluster (tests/cluster/node.py) with FedFM's images in its containerd: Pods run in
-    containers. Started once per session; the first session on a machine builds binaries and images."""
-    if os.environ.get("FEDFM_SKIP_CLUSTER") == "1":
-        pytest.skip("FEDFM_SKIP_CLUSTER=1")
-    if os.geteuid() != 0:
-        pytest.skip("a test node (containerd, kubelet, iptables) needs root")
-    ensure_binaries(BIN_DIR, _say(request))
-    # the component image; the operator's joins when the chart runs from it on the node
-    started = Node.start(prepare(_say(request), ("fedfm",)))
-    try:
-        yield started
-    finally:
-        started.stop()
+def node(control_plane):
+    """The session's cluster where its Pods really run (skips where it cannot be a node: not root)."""
+    if not isinstance(control_plane, Node):
+        pytest.skip("a test node (containerd, kubelet, iptables) needs root" if os.geteuid() != 0
+                    else "FEDFM_SKIP_NODE=1")
+    return control_plane
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kube import REPO, ControlPlane, _tail, free_ports, service_account_token
+from kubernetes import client
+
+from kube import REPO, ControlPlane, _tail, apply, free_ports, service_account_token, wait_crds_established, wait_for
 
 NODE_SCRIPTS = REPO / "scripts" / "testenv" / "node"
 BUILD_IMAGES = REPO / "scripts" / "build-images.sh"
@@ -63,7 +65,9 @@ class Node(ControlPlane):
     images: dict[str, str] = dataclasses.field(default_factory=dict)   # fedfm, fedfm-operator -> image name
 
     @classmethod
-    def start(cls, images: dict[str, Path] | None = None) -> "Node":  # type: ignore[override]
+    def start(cls, images: dict[str, Path] | None = None, crds: list[dict] = ()) -> "Node":  # type: ignore[override]
+        """Start the node, load ``images`` (``{name: tarball}`` from :func:`prepare`) into its containerd and
+        apply ``crds`` (the garbage collector finds them at its next discovery, within 30 s)."""
         # a short path: containerd's and the kubelet's unix sockets live under it (< 108 characters)
         work = Path(tempfile.mkdtemp(prefix="fn", dir="/tmp"))
         api, etcd, peer, kcm, scheduler = free_ports(5)
@@ -75,8 +79,13 @@ class Node(ControlPlane):
             _run([str(NODE_SCRIPTS / "make-base-images.sh")], node._env(), 600, "make-base-images.sh")
             _run([str(NODE_SCRIPTS / "start-node.sh")], node._env(), 300, "start-node.sh")
             for name, tarball in (images or {}).items():
-                _run([str(NODE_SCRIPTS / "load-image.sh"), str(tarball)], node._env(), 600, f"loading {tarball}")
                 node.images[name] = _image_name(tarball)
+                _run([str(NODE_SCRIPTS / "load-image.sh"), str(tarball), node.images[name]], node._env(), 600,
+                     f"loading {tarball}")
+            for crd in crds:
+                apply(node.admin, crd)
+            node.crds = [crd["metadata"]["name"] for crd in crds]
+            wait_crds_established(node.admin, node.crds)
             service_account_token(node.admin, "default", "default", timeout=60.0)
         except BaseException as exc:
             logs = "\n".join(f"--- {name}.log\n{_tail(work / 'log' / f'{name}.log', 15)}"
@@ -101,13 +110,39 @@ class Node(ControlPlane):
             shutil.rmtree(self.run_dir, ignore_errors=True)
         atexit.unregister(self.stop)
 
+    name = "testnode"  # start-node.sh's NODE_NAME
+
+    @property
+    def ip(self) -> str:
+        """The host's address, where Pods reach the host's servers (and the apiserver)."""
+        for line in (self.run_dir / "node.env").read_text().splitlines():
+            if line.startswith("NODE_IP="):
+                return line.partition("=")[2].strip("'\"")
+        raise RuntimeError(f"no NODE_IP in {self.run_dir / 'node.env'}")
+
+    def local_volume(self, namespace: str, directory: Path, claim: str = "data") -> None:
+        """``directory`` on this machine as a local PersistentVolume of the node, bound to the claim ``claim``
+        in ``namespace`` (read-only many); returns once the claim is Bound."""
+        name = f"{claim}-{namespace}"
+        self.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+                    "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                             "storageClassName": "tenant-local", "local": {"path": str(directory)},
+                             "claimRef": {"namespace": namespace, "name": claim},
+                             "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                                 {"key": "kubernetes.io/hostname", "operator": "In", "values": [self.name]}]}]}}}})
+        self.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": claim, "namespace": namespace},
+                    "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "tenant-local", "volumeName": name,
+                             "resources": {"requests": {"storage": "1Gi"}}}})
+        core = client.CoreV1Api(self.admin)
+        wait_for(lambda: core.read_namespaced_persistent_volume_claim(claim, namespace).status.phase == "Bound",
+                 timeout=60, message=f"the claim {namespace}/{claim} never bound")
+
     def log_tail(self, component: str = "kubelet", lines: int = 40) -> str:
         return _tail(self.run_dir / "log" / f"{component}.log", lines)
 
     def pod_logs(self, namespace: str, name: str) -> str:
         """What the Pod's container printed, through the kubelet (``kubectl logs``)."""
-        from kubernetes import client
-
         return client.CoreV1Api(self.admin).read_namespaced_pod_log(name, namespace)
 
 

@@ -76,23 +76,6 @@ def _tenant(node, name: str, secret_value: str) -> str:
     return namespace
 
 
-def _data_claim(node, namespace: str, directory) -> None:
-    """A local PersistentVolume on the node holding ``directory``, bound to the claim ``data``."""
-    name = f"data-{namespace}"
-    node.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
-                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
-                         "storageClassName": "tenant-local", "local": {"path": str(directory)},
-                         "claimRef": {"namespace": namespace, "name": "data"},
-                         "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                             {"key": "kubernetes.io/hostname", "operator": "In", "values": ["testnode"]}]}]}}}})
-    node.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data", "namespace": namespace},
-                "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "tenant-local", "volumeName": name,
-                         "resources": {"requests": {"storage": "1Gi"}}}})
-    core = client.CoreV1Api(node.admin)
-    wait_for(lambda: core.read_namespaced_persistent_volume_claim("data", namespace).status.phase == "Bound",
-             timeout=60, message="the data claim never bound")
-
-
 def _job(node, namespace: str, command: list[str], deadline: int, env: dict[str, str] | None = None) -> dict:
     """The operator's Job for a training round of client ``a`` in ``namespace``, with ``command`` in place of
     ``fedfm client-train`` (everything else as the operator writes it)."""
@@ -137,7 +120,7 @@ def test_a_tenant_job_runs_hardened_in_the_component_image_and_fine_tunes_there(
         "model": {"max_length": 32}, "training": {"local_steps": 2}}))
     for path in data.iterdir():
         path.chmod(0o644)
-    _data_claim(node, tenant, data)
+    node.local_volume(tenant, data)
 
     job = _job(node, tenant, ["python", "-c", PROBE], deadline=600, env={"OTHER_NS": other})
     name = job["metadata"]["name"]
@@ -166,7 +149,7 @@ def test_a_tenant_job_runs_hardened_in_the_component_image_and_fine_tunes_there(
 def test_the_job_controller_stops_a_running_tenant_job_at_its_deadline(node, tmp_path):
     tenant = _tenant(node, "tenant-slow", "slow-key")
     tmp_path.chmod(0o755)
-    _data_claim(node, tenant, tmp_path)
+    node.local_volume(tenant, tmp_path)
     name = _job(node, tenant, ["sleep", "600"], deadline=8)["metadata"]["name"]
     core = client.CoreV1Api(node.admin)
 

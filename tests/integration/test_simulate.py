@@ -217,6 +217,32 @@ def test_reused_base_models_build_what_a_fresh_load_builds(tiny_config, monkeypa
     assert len(loads) == 3  # outside the block every build loads again
 
 
+def test_a_reused_model_trains_bit_for_bit_the_update_a_fresh_load_trains(tiny_config, tmp_path):
+    """A Job loads the base model from its checkpoint; `fedfm simulate` trains on copies of one load. CPU
+    kernels round float32 sums differently on differently aligned weights (a fresh load's sit at any offset
+    of the checkpoint's memory map), and Adam magnifies that: the two must train the same bits."""
+    from safetensors.torch import load_file
+
+    from fedfm.federation import initialize
+    from fedfm.modeling import build_model, reuse_base_models
+    from fedfm.training import train_client
+
+    # a real checkpoint's layers: the tiny model's kernels are too small to round by alignment
+    cfg = tiny_config(**{"model.name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "model.max_length": 32,
+                         "training.local_steps": 3})
+    start = str(tmp_path / "global.safetensors")
+    initialize(cfg, start)
+    client = cfg.training_clients[0]
+    train_client(cfg, client, 1, start, str(tmp_path / "fresh.safetensors"))
+    with reuse_base_models():
+        build_model(cfg)  # the load the block keeps; the fine-tune gets a copy
+        train_client(cfg, client, 1, start, str(tmp_path / "reused.safetensors"))
+    fresh, reused = load_file(tmp_path / "fresh.safetensors"), load_file(tmp_path / "reused.safetensors")
+    assert sorted(fresh) == sorted(reused)
+    for name, value in fresh.items():
+        assert torch.equal(value, reused[name]), f"{name}: {(value - reused[name]).abs().max().item():.3g} apart"
+
+
 def test_cli_simulate(tiny_classifier, tmp_path):
     from typer.testing import CliRunner
 

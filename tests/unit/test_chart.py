@@ -91,6 +91,17 @@ def test_default_values_render_the_operator_and_its_exact_rbac():
     assert json.loads(dashboard["data"]["fedfm.json"])["uid"] == "fedfm-overview"
 
 
+def test_the_operator_gets_the_storage_credentials_it_reads_updates_with():
+    container = find(render({"operator": {"envFrom": [{"secretRef": {"name": "fedfm-storage"}}],
+                                          "env": [{"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"}]}}),
+                     "Deployment", "fedfm-operator", NAMESPACE)[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "fedfm-storage"}}]
+    assert {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"} in container["env"]
+    assert {"name": "HOME", "value": "/tmp"} in container["env"]  # the chart's own stay
+    default = find(render(), "Deployment", "fedfm-operator", NAMESPACE)[0]["spec"]["template"]["spec"]["containers"][0]
+    assert "envFrom" not in default
+
+
 def test_two_tenants_with_a_gpu_tenant_and_monitoring_on():
     objects = render(TWO_TENANTS)
     assert [o["metadata"]["name"] for o in find(objects, "Namespace")] == ["tenant-a"]  # only where asked
@@ -134,6 +145,7 @@ def test_two_tenants_with_a_gpu_tenant_and_monitoring_on():
     ({"tenants": [{"name": "a", "namespace": "t", "federation": {"name": "f"}, "data": {"uri": "s3://x"},
                    "resources": {"gpus": -1}}]}, "/tenants/0/resources/gpus"),
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+    ({"operator": {"envFrom": [{"secret": {"name": "s"}}]}}, "/operator/envFrom/0"),
 ])
 def test_the_schema_rejects_bad_values(values, where):
     with pytest.raises(helm.HelmValuesError) as refused:

@@ -93,9 +93,18 @@ def test_a_training_round_becomes_a_job_in_the_tenant_namespace():
     assert container["envFrom"] == [{"secretRef": {"name": "creds"}}]
     env = {item["name"]: item["value"] for item in container["env"]}
     assert json.loads(env["FEDFM_CONFIG"]) == {"name": "fed"}
+    assert env["OMP_NUM_THREADS"] == "2"  # 4 CPUs for 2 DeepSpeed processes, not a thread per core of the node
     assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"},
                                       "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}}
     assert job["spec"]["template"]["metadata"]["labels"]["fedfm.dev/client-round"] == "fed-r1-train-a"
+
+
+@pytest.mark.parametrize("cpu, processes, threads", [(None, None, None), ("500m", None, "1"), ("3.5", None, "3"),
+                                                     (8, 3, "2"), ("100m", 4, "1")])
+def test_a_job_with_a_cpu_limit_runs_that_many_threads(cpu, processes, threads):
+    resources = {key: value for key, value in (("cpu", cpu), ("processes", processes)) if value is not None}
+    container = job_manifest(_round(), _client(resources=resources))["spec"]["template"]["spec"]["containers"][0]
+    assert {item["name"]: item["value"] for item in container["env"]}.get("OMP_NUM_THREADS") == threads
 
 
 def test_every_tenant_job_runs_non_root_on_a_read_only_root_with_only_a_scratch_writable():

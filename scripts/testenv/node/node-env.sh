@@ -10,6 +10,9 @@ NODE_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 : "${KUBE_CACHE:=$HOME/.cache/kube-from-debian}"  # Go build (source, GOCACHE); shared with build-kube.sh
 : "${BIN_DIR:=$KUBE_CACHE/bin}"                # kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl
 : "${IMAGE_CACHE:=$HOME/.cache/fedfm-images}"   # image tarballs, named by content hash
+# containerd's images and snapshots, kept from one node to the next: an image loaded once is not loaded
+# (unpacked: gigabytes) again, nor deleted with $WORK. One node per machine uses it at a time.
+: "${CONTAINERD_ROOT:=$IMAGE_CACHE/containerd}"
 : "${NODE_NAME:=testnode}"
 : "${NODE_IP:=$(hostname -I | awk '{print $1}')}"
 : "${API_PORT:=16643}" "${ETCD_PORT:=12479}" "${ETCD_PEER_PORT:=12480}"
@@ -26,7 +29,7 @@ if [ -z "${KUBELET_MAX_OPEN_FILES:-}" ]; then  # the kubelet raises its nofile l
     KUBELET_MAX_OPEN_FILES=1000000
   fi
 fi
-export WORK KUBE_CACHE BIN_DIR IMAGE_CACHE NODE_NAME NODE_IP API_PORT ETCD_PORT ETCD_PEER_PORT KCM_PORT \
+export WORK KUBE_CACHE BIN_DIR IMAGE_CACHE CONTAINERD_ROOT NODE_NAME NODE_IP API_PORT ETCD_PORT ETCD_PEER_PORT KCM_PORT \
   SCHED_PORT KUBELET_PORT KUBELET_HEALTHZ_PORT APISERVER_BIND POD_CIDR SERVICE_CIDR SERVICE_IP CNI_BRIDGE \
   PAUSE_IMAGE BASE_IMAGE BASE_SUITE BASE_INCLUDE DEBIAN_MIRROR KUBELET_MAX_OPEN_FILES
 export KUBECONFIG=$WORK/kubeconfig PATH=$BIN_DIR:$PATH
@@ -43,7 +46,7 @@ DNAT_RULE=(PREROUTING -d "$SERVICE_IP/32" -p tcp --dport 443 -m comment --commen
 KUBELET_SYSCTLS="vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes"
 
 render() { # render TEMPLATE OUT: substitute ${VARS} from the list above
-  envsubst '${WORK} ${NODE_IP} ${NODE_NAME} ${KUBELET_PORT} ${KUBELET_HEALTHZ_PORT} ${KUBELET_MAX_OPEN_FILES}
+  envsubst '${WORK} ${CONTAINERD_ROOT} ${NODE_IP} ${NODE_NAME} ${KUBELET_PORT} ${KUBELET_HEALTHZ_PORT} ${KUBELET_MAX_OPEN_FILES}
             ${POD_CIDR} ${CNI_BRIDGE} ${PAUSE_IMAGE}' <"$1" >"$2"
 }
 podman_conf() { # podman's config and store under $WORK/podman
