@@ -38,6 +38,15 @@ PROBE = textwrap.dedent('''
     status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\\t" in line)
     facts.update(cap_eff=status["CapEff"].strip(), seccomp=status["Seccomp"].strip(),
                  no_new_privs=status["NoNewPrivs"].strip())
+    def first(*paths):  # cgroup v2, else v1
+        for path in paths:
+            try:
+                return open(path).read().strip()
+            except OSError:
+                pass
+    facts["memory_limit"] = first("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    facts["cpu_quota"] = first("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+    facts["threads"] = os.environ.get("OMP_NUM_THREADS")
     facts["store_key"] = os.environ.get("STORE_KEY")
     facts["env_values"] = sorted(os.environ.values())
     facts["mounts"] = [line.split()[4] for line in open("/proc/self/mountinfo")]
@@ -138,6 +147,8 @@ def test_a_tenant_job_runs_hardened_in_the_component_image_and_fine_tunes_there(
     assert facts["write_data"] == "EROFS"  # the tenant's data is mounted read-only
     assert facts["cap_eff"] == "0000000000000000"  # every capability dropped
     assert facts["seccomp"] == "2" and facts["no_new_privs"] == "1"  # RuntimeDefault filter, no escalation
+    assert facts["memory_limit"] == str(3 * 2**30)  # the tenant's resources, enforced by the kernel
+    assert facts["cpu_quota"].split()[0] == "100000" and facts["threads"] == "1"  # 1 CPU: one thread
     assert facts["store_key"] == "a-key-1234"  # its own Secret, through envFrom
     assert "b-key-5678" not in facts["env_values"]
     assert not any("secret" in mount and "serviceaccount" not in mount for mount in facts["mounts"])

@@ -261,10 +261,11 @@ def federation_config(name: str, settings: dict | None = None, **policy) -> Fede
 
 
 def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None, stranded: tuple[str, ...] = (),
-                    hostile: tuple[str, ...] = (), **policy) -> Federation:
+                    hostile: tuple[str, ...] = (), in_store: tuple[str, ...] = (), **policy) -> Federation:
     """A Federation in the platform namespace and three enrolled tenants a, b, c, each with its data on a
     claim, the store's keys in its Secret and a ServiceAccount (``settings``: dotted config overrides;
-    ``stranded``: tenants whose Pods have no node to run on; ``hostile``: tenants whose Pods send NaN updates)."""
+    ``stranded``: tenants whose Pods have no node to run on; ``hostile``: tenants whose Pods send NaN updates;
+    ``in_store``: tenants whose Jobs fetch their rows from the object store instead, with their Secret's keys)."""
     plane, workdir = cluster.plane, cluster.workdir / name
     workdir.mkdir(mode=0o755)
     cfg = federation_config(name, settings, **policy)
@@ -296,14 +297,20 @@ def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None
     plane.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "Federation",
                  "metadata": {"name": name, "namespace": PLATFORM},
                  "spec": {"config": cfg.as_dict(), "clientSelector": {"matchLabels": ENROLLED}}})
+    sources = {}
+    for tenant in clients:
+        sources[tenant] = {"pvc": {"claimName": "data", "path": "/train.csv"}}
+        if tenant in in_store:
+            key = f"{name}/tenant-data/{tenant}/train.csv"
+            cluster.store.s3.upload_file(str(data[tenant]), BUCKET, key)
+            sources[tenant] = {"uri": f"s3://{BUCKET}/{key}"}
     for tenant in clients:
         # memory only: a CPU limit would throttle each Pod to a share of the machine's 2 cores
         resources = {"memory": "3Gi", **({"nodeSelector": NOWHERE} if tenant in stranded else {})}
         plane.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "FederatedClient",
                      "metadata": {"name": tenant, "namespace": namespaces[tenant], "labels": ENROLLED},
                      "spec": {"federationRef": {"name": name, "namespace": PLATFORM},
-                              "data": {"pvc": {"claimName": "data", "path": "/train.csv"},
-                                       "secretRef": {"name": "store"}},
+                              "data": {**sources[tenant], "secretRef": {"name": "store"}},
                               "image": plane.images["fedfm"], "serviceAccountName": TENANT_SA,
                               "resources": resources}})
     config_file = workdir / "federation.json"
@@ -327,7 +334,7 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
 
 
 def test_two_rounds_on_three_tenants(cluster, tmp_path):
-    federation = make_federation(cluster, "fed-e2e")
+    federation = make_federation(cluster, "fed-e2e", in_store=("c",))  # a and b read a claim, c the store
     code, output = finish(fedfm_run(cluster, federation, tmp_path / "run"))
     assert code == 0, output + cluster.operator.log()
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
