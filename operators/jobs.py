@@ -31,11 +31,13 @@ def threads_per_process(federated_client: dict) -> int | None:
     """CPU threads for each of the Job's training processes when the tenant asked for a number of CPUs:
     torch otherwise starts one per core of the node, however few of them the Pod's limit lets it use."""
     cpu = (federated_client["spec"].get("resources") or {}).get("cpu")
-    try:
-        cores = cpu_cores(cpu) if cpu is not None else None
-    except ValueError:  # not a quantity: the apiserver refuses the Job, and the round fails saying why
+    if cpu is None:
         return None
-    return None if cores is None else max(1, int(cores) // world_size(federated_client))
+    try:
+        cores = int(cpu_cores(cpu))
+    except (ValueError, OverflowError):  # not a quantity ("lots", "inf"): the apiserver refuses the Job
+        return None
+    return max(1, cores // world_size(federated_client))
 
 
 def data_location(federated_client: dict) -> str:

@@ -2,7 +2,7 @@
 scheduler, kubelet, containerd; v1.20) whose Pods run in FedFM's images.
 
 ``control_plane`` (session): builds the binaries (scripts/testenv/build-kube.sh, scripts/testenv/node) and
-the component image when they are missing (a fresh machine: minutes, once), starts the node, applies every
+FedFM's two images when they are missing (a fresh machine: minutes, once), starts the node, applies every
 CRD in charts/fedfm/crds/*.yaml (plus the harness's own HarnessWidget CRD) and waits until they are
 Established. Yields a ``node.Node`` (a ``kube.ControlPlane``); stops everything afterwards. Without root it
 is a control plane with no kubelet, and ``node`` skips the tests that need Pods to run.

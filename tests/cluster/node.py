@@ -110,15 +110,21 @@ class Node(ControlPlane):
             shutil.rmtree(self.run_dir, ignore_errors=True)
         atexit.unregister(self.stop)
 
-    name = "testnode"  # start-node.sh's NODE_NAME
+    def _setting(self, key: str) -> str:
+        """A value start-node.sh used, as it recorded it in ``$WORK/node.env``."""
+        for line in (self.run_dir / "node.env").read_text().splitlines():
+            if line.startswith(f"{key}="):
+                return line.partition("=")[2].strip("'\"")
+        raise RuntimeError(f"no {key} in {self.run_dir / 'node.env'}")
+
+    @property
+    def name(self) -> str:
+        return self._setting("NODE_NAME")
 
     @property
     def ip(self) -> str:
         """The host's address, where Pods reach the host's servers (and the apiserver)."""
-        for line in (self.run_dir / "node.env").read_text().splitlines():
-            if line.startswith("NODE_IP="):
-                return line.partition("=")[2].strip("'\"")
-        raise RuntimeError(f"no NODE_IP in {self.run_dir / 'node.env'}")
+        return self._setting("NODE_IP")
 
     def local_volume(self, namespace: str, directory: Path, claim: str = "data") -> None:
         """``directory`` on this machine as a local PersistentVolume of the node, bound to the claim ``claim``

@@ -100,7 +100,8 @@ def test_a_training_round_becomes_a_job_in_the_tenant_namespace():
 
 
 @pytest.mark.parametrize("cpu, processes, threads", [(None, None, None), ("500m", None, "1"), ("3.5", None, "3"),
-                                                     (8, 3, "2"), ("100m", 4, "1"), ("lots", None, None)])
+                                                     (8, 3, "2"), ("100m", 4, "1"), ("lots", None, None),
+                                                     ("inf", None, None)])
 def test_a_job_with_a_cpu_limit_runs_that_many_threads(cpu, processes, threads):
     resources = {key: value for key, value in (("cpu", cpu), ("processes", processes)) if value is not None}
     container = job_manifest(_round(), _client(resources=resources))["spec"]["template"]["spec"]["containers"][0]
