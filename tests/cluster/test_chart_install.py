@@ -193,10 +193,16 @@ class OpenAPISchemas:
         return []
 
 
-def test_every_rendered_object_is_valid_for_the_apiservers_openapi_schemas(control_plane):
-    response = control_plane.admin.call_api("/openapi/v2", "GET", _preload_content=False,
-                                             auth_settings=["BearerToken"])
+def _published_schemas(plane, crds: list[dict]) -> OpenAPISchemas | None:
+    """The apiserver's OpenAPI document, once it carries every CRD's kind, else None."""
+    response = plane.admin.call_api("/openapi/v2", "GET", _preload_content=False, auth_settings=["BearerToken"])
     schemas = OpenAPISchemas(json.loads(response[0].data))
+    kinds = {(crd["spec"]["group"], version["name"], crd["spec"]["names"]["kind"])
+             for crd in crds for version in crd["spec"]["versions"] if version.get("served")}
+    return schemas if kinds <= schemas.by_kind.keys() else None
+
+
+def test_every_rendered_object_is_valid_for_the_apiservers_openapi_schemas(control_plane):
     values = dict(VALUES, metrics={"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}})
     chart = helm.Chart.load(CHART)
     try:
@@ -204,6 +210,9 @@ def test_every_rendered_object_is_valid_for_the_apiservers_openapi_schemas(contr
         crds = [yaml.safe_load(crd["data"]) for crd in chart.crds]
     finally:
         chart.close()
+    # The apiserver publishes a CRD's schema a few seconds after the CRD is Established, not with it.
+    schemas = wait_for(lambda: _published_schemas(control_plane, crds), 60,
+                       message="the apiserver's OpenAPI document never carried the chart's CRDs")
     objects = [doc for name, text in files.items() if name.endswith(".yaml") for doc in yaml.safe_load_all(text)
                if doc]
     # prometheus-operator's kinds need its CRDs, which this control plane does not have
