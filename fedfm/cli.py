@@ -41,6 +41,11 @@ class TaskName(str, enum.Enum):
     causal_lm = "causal-lm"
 
 
+class StepRunner(str, enum.Enum):  # fedfm.pipelines.local_runner.STEP_RUNNERS
+    subprocess = "subprocess"
+    docker = "docker"
+
+
 # option name -> (config path, type, help). Every command that builds a config takes all of them.
 _CONFIG_FLAGS: dict[str, tuple[str, Any, str]] = {
     "model": ("model.name_or_path", Optional[str], "Hugging Face model id or local directory."),
@@ -146,9 +151,19 @@ def run(
     output: Optional[Path] = _RUN_OUTPUT,
     pushgateway: Optional[str] = _PUSHGATEWAY,
     resume: Optional[Path] = _RESUME,
+    runner: StepRunner = typer.Option(StepRunner.subprocess, "--runner",
+                                      help="How each step runs: a Python subprocess here, or a container of "
+                                           "--image through a Docker engine API (Docker, or podman's)."),
+    image: Optional[str] = typer.Option(None, "--image", help="With --runner docker: the component image "
+                                                              "(default: the released one)."),
 ) -> None:
     """Run a federated fine-tune locally through the KFP pipeline (kfp.local)."""
-    _run_locally(cfg, output, pushgateway, simulated=False, resume=resume)
+    if resume is not None and (runner is not StepRunner.subprocess or image is not None):
+        raise typer.BadParameter("a resumed run runs its steps as it started; drop --runner and --image",
+                                 param_hint="--resume")
+    if image is not None and runner is not StepRunner.docker:
+        raise typer.BadParameter("--image is the image of --runner docker", param_hint="--image")
+    _run_locally(cfg, output, pushgateway, simulated=False, resume=resume, steps=runner.value, image=image)
 
 
 @app.command()
@@ -176,7 +191,8 @@ def simulate(
 
 
 def _run_locally(cfg: Optional[FederationConfig], output: Optional[Path], pushgateway: Optional[str], *,
-                 simulated: bool, resume: Optional[Path] = None, attack: Optional[tuple] = None) -> None:
+                 simulated: bool, resume: Optional[Path] = None, attack: Optional[tuple] = None,
+                 steps: str = "subprocess", image: Optional[str] = None) -> None:
     """`fedfm run` (the pipeline under kfp.local) or `fedfm simulate` (in process), with live progress
     and a summary; with ``resume``, of the interrupted run in that directory."""
     from fedfm.data import describe_clients
@@ -223,7 +239,7 @@ def _run_locally(cfg: Optional[FederationConfig], output: Optional[Path], pushga
             attacks = {} if attack is None else {"attack": attack[0], "attackers": attack[1]}
             result = simulate_federation(cfg, output, on_event=on_event, resume=resume is not None, **attacks)
         else:
-            result = run_local(cfg, output, on_event=on_event, resume=resume is not None)
+            result = run_local(cfg, output, on_event=on_event, resume=resume is not None, steps=steps, image=image)
         live.update(progress.render())
     metric = quality_metric(cfg.task)
     console.print(_summary_table(cfg, result.history))

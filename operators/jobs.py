@@ -65,6 +65,12 @@ def command(client_round: dict, federated_client: dict) -> list[str]:
             "--output", spec["outputURI"], "--data", data_location(federated_client)]
 
 
+# A Pod stopped at its deadline (or deleted) gets this long before it is killed, not Kubernetes' 30 s: the
+# client's outputs are single objects, written whole or not at all, so it has nothing to flush, and its
+# process (PID 1, no SIGTERM handler) would only sit out the grace holding the node's CPUs and memory.
+TERMINATION_GRACE_SECONDS = 5
+
+
 def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
     """The Job that does ``client_round``'s work with ``federated_client``'s image, data, resources and
     service account; owned by the ClientRound, so deleting the round deletes the Job."""
@@ -95,7 +101,8 @@ def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
         container["env"].append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container],
                            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                           "volumes": [{"name": "scratch", "emptyDir": {}}]}
+                           "volumes": [{"name": "scratch", "emptyDir": {}}],
+                           "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS}
     data = client_spec["data"]
     if "secretRef" in data:
         container["envFrom"] = [{"secretRef": {"name": data["secretRef"]["name"]}}]

@@ -1,7 +1,8 @@
 """Run the ``federated_finetune`` pipeline on this machine with ``kfp.local`` — what ``fedfm run`` does.
 
 The very pipeline that ``fedfm compile`` writes for the Kubeflow UI runs here step by step, each step
-a subprocess of this Python (``SubprocessRunner(use_venv=False)``). KFP's own log goes to
+a subprocess of this Python (``SubprocessRunner(use_venv=False)``), or with ``--runner docker`` a container
+of the component image (``DockerRunner``, see ``docker_steps``). KFP's own log goes to
 ``OUTPUT/run.log``; the terminal shows progress from the steps' events and a summary at the end.
 """
 
@@ -29,6 +30,8 @@ from fedfm.errors import FedFMError
 # kfp.local runs at most this many ParallelFor iterations at once, whatever `parallelism` says.
 KFP_LOCAL_MAX_CONCURRENCY = 2
 RUNNER = "kfp.local"
+# How kfp.local runs each step: a subprocess of this Python, or a container of the component image.
+STEP_RUNNERS = ("subprocess", "docker")
 # What a run directory records when the run starts: the runner and the config, for --resume.
 RUN_RECORD = "run.json"
 # A round's file or folder name (round-3, round-0003.safetensors)
@@ -55,9 +58,13 @@ class LocalRun:
 
 
 def run_local(cfg: FederationConfig | None, output: Path,
-              on_event: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = False) -> LocalRun:
+              on_event: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = False,
+              steps: str = "subprocess", image: str | None = None) -> LocalRun:
     """Run the pipeline for ``cfg`` under kfp.local; write ``metrics.json``, ``report.png`` and the
     final PEFT adapter under ``output``.
+
+    ``steps``: how each step runs, ``subprocess`` (a Python process here) or ``docker`` (a container of
+    ``image``, default the released component image; :mod:`fedfm.pipelines.docker_steps`).
 
     ``on_event`` sees each step's progress event as it happens, on a background thread, while
     ``sys.stdout`` and ``sys.stderr`` go to ``run.log``: a callback that shows something writes to a
@@ -69,6 +76,7 @@ def run_local(cfg: FederationConfig | None, output: Path,
     """
     from kfp import local
 
+    from fedfm.components import DEFAULT_IMAGE
     from fedfm.pipelines.federated_finetune import build_pipeline
     from fedfm.report import plot_report, write_metrics
 
@@ -77,15 +85,25 @@ def run_local(cfg: FederationConfig | None, output: Path,
     if resume:
         resumed = resume_run(output, RUNNER)
         cfg, resumed_from = resumed.cfg, None if resumed.checkpoint is None else resumed.checkpoint.round
+        steps, image = resumed.record.get("steps", "subprocess"), resumed.record.get("image")  # as it started
     else:
-        cfg = start_run(cfg, output, RUNNER)
+        if steps not in STEP_RUNNERS:
+            raise FedFMError(f"no step runner {steps!r}: choose one of {', '.join(STEP_RUNNERS)}")
+        image = (image or DEFAULT_IMAGE) if steps == "docker" else None
+        cfg = start_run(cfg, output, RUNNER, {"steps": steps, **({"image": image} if image else {})})
     events_path, log_path = output / "events.jsonl", output / "run.log"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output / "kfp"),
-               raise_on_error=True)
-    pipeline = build_pipeline(cfg)
+    environment = _step_values(cfg, events_path)
+    if steps == "docker":
+        from fedfm.pipelines.docker_steps import docker_runner
+
+        runner = docker_runner(cfg, output, image, environment)
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=runner, pipeline_root=str(output.absolute() / "kfp"), raise_on_error=True)
+    pipeline = build_pipeline(cfg, image or DEFAULT_IMAGE)
 
     started = time.time()
-    with open(log_path, "a") as log, _kfp_output_to(log), _step_environment(cfg, events_path), \
+    with open(log_path, "a") as log, _kfp_output_to(log), environ(environment), _loop_concurrency(cfg), \
             _follow(events_path, on_event, from_end=resume):
         try:
             task = pipeline(config=cfg.as_dict(), start_round=1 if resumed_from is None else resumed_from + 1)
@@ -97,7 +115,8 @@ def run_local(cfg: FederationConfig | None, output: Path,
     shutil.copytree(task.outputs["adapter"].path, output / "adapter")
     run = LocalRun(output=output, history=history, seconds=seconds)
     write_metrics(run.metrics_path, cfg.as_dict(), history,
-                  {"seconds": seconds, "runner": RUNNER, "centralized": cfg.centralized,
+                  {"seconds": seconds, "runner": RUNNER, "steps": steps, **({"image": image} if image else {}),
+                   "centralized": cfg.centralized,
                    "clients": cfg.training_clients, "resumed_from": resumed_from})
     mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
     plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
@@ -195,17 +214,41 @@ def _set_aside(output: Path, last_round: int) -> None:
                 moved.append(path)
 
 
-@contextlib.contextmanager
-def _step_environment(cfg: FederationConfig, events_path: Path):
-    """Environment the step subprocesses inherit: where to report progress, and how many CPU threads
-    each may use so that concurrent clients share the cores instead of oversubscribing them."""
+def _step_values(cfg: FederationConfig, events_path: Path) -> dict[str, str]:
+    """Environment of the steps (subprocesses inherit it, containers are given it): where to report
+    progress, and how many CPU threads each may use so that concurrent clients share the cores instead of
+    oversubscribing them."""
     concurrent = max(1, min(cfg.parallelism, KFP_LOCAL_MAX_CONCURRENCY, len(cfg.training_clients)))
     threads = max(1, (os.cpu_count() or 1) // (concurrent * cfg.training.world_size))
-    values = {events.ENV: str(events_path), "TOKENIZERS_PARALLELISM": "false"}
-    if "OMP_NUM_THREADS" not in os.environ:
-        values["OMP_NUM_THREADS"] = str(threads)
-    with environ(values):
+    return {events.ENV: str(events_path.absolute()), "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+
+
+@contextlib.contextmanager
+def _loop_concurrency(cfg: FederationConfig):
+    """Let a round's loops run ``cfg.parallelism`` clients at once in kubernetes mode, as a KFP backend does.
+
+    kfp.local runs at most KFP_LOCAL_MAX_CONCURRENCY iterations of a ParallelFor at once, whatever its
+    ``parallelism``, to spare this machine's cores. In kubernetes mode a client step only creates the tenant's
+    ClientRound and waits for its Job, which runs on the tenant's own resources: the cap would only make the
+    third tenant of a round wait for the first two. (A kfp without that class keeps its own limit.)"""
+    from kfp.local.orchestrator import enhanced_dag_orchestrator as orchestrator
+
+    capped = getattr(orchestrator, "ParallelExecutor", None)
+    if cfg.execution.mode != "kubernetes" or cfg.parallelism <= KFP_LOCAL_MAX_CONCURRENCY or capped is None:
         yield
+        return
+
+    class Uncapped(capped):
+        def __init__(self, max_workers: int | None = None):
+            super().__init__(max_workers)
+            self.conservative_max = self.max_workers = cfg.parallelism
+
+    orchestrator.ParallelExecutor = Uncapped
+    try:
+        yield
+    finally:
+        orchestrator.ParallelExecutor = capped
 
 
 @contextlib.contextmanager

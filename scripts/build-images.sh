@@ -63,8 +63,11 @@ if ! "$ENGINE" image exists "$BASE_IMAGE" 2>/dev/null; then
   WORK=${WORK:-$IMAGE_CACHE/podman} BASE_IMAGE=$BASE_IMAGE scripts/testenv/node/make-base-images.sh >&2
 fi
 
-# The wheelhouse: every package the image installs, resolved from pyproject.toml with constraints.txt.
-key=$( (cat pyproject.toml constraints.txt scripts/install-stack.sh; "$PY" -VV) | sha256sum | cut -c1-16)
+# The wheelhouse: every package the image installs, resolved from pyproject.toml with constraints.txt. Its key
+# covers what decides that set (not the rest of pyproject.toml: a new test tool does not rebuild the stack).
+key=$( ("$PY" -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print(json.dumps([
+  p["build-system"], p["project"]["dependencies"], p["project"]["optional-dependencies"]["object-stores"]]))'
+  cat constraints.txt scripts/install-stack.sh; "$PY" -VV) | sha256sum | cut -c1-16)
 wheels=$IMAGE_CACHE/wheelhouse-$key
 if [ ! -f "$wheels/.complete" ]; then
   say "filling the wheelhouse $wheels (first time: a few minutes)"
@@ -86,6 +89,8 @@ PY
   DS_BUILD_SHM_COMM=1 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$wheels" \
     -r "$wheels/requirements.txt" >&2
   touch "$wheels/.complete"
+  # one wheelhouse: the older ones (another stack) would only fill the disk
+  for old in "$IMAGE_CACHE"/wheelhouse-*; do [ "$old" = "$wheels" ] || rm -rf "$old"; done
 fi
 find .wheelhouse -mindepth 1 ! -name .keep -delete
 # (the build context's copy; emptied again below, so that an ordinary build uses the index)

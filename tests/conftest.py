@@ -37,6 +37,25 @@ def pytest_xdist_make_scheduler(config, log):
     return ClusterTestsTogether(config, log)
 
 
+@pytest.fixture(scope="session")
+def component_image(request) -> str:
+    """The component image, built here (tests/images.py), by name (skips where containers cannot run)."""
+    from images import build_images, can_run_containers, image_name, printer
+
+    if not can_run_containers():
+        pytest.skip("building and running images needs root" if os.geteuid() != 0 else "FEDFM_SKIP_NODE=1")
+    return image_name(build_images(printer(request), ("fedfm",))["fedfm"])
+
+
+@pytest.fixture(scope="session")
+def docker_host(component_image, tmp_path_factory) -> str:
+    """A Docker engine API (podman's) that has the component image, as a DOCKER_HOST value."""
+    from images import docker_api
+
+    with docker_api(tmp_path_factory.mktemp("podman-api") / "podman-api.log") as host:
+        yield host
+
+
 _SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 

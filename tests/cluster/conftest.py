@@ -18,25 +18,14 @@ import uuid
 
 import pytest
 
+from images import build_images, can_run_containers, printer
 from kube import BIN_DIR, CRD_DIR, HARNESS_CRD, ControlPlane, ensure_binaries, load_manifests
-from node import Node, prepare
+from node import Node
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cluster: needs the real control plane (kube-apiserver + kube-controller-manager + etcd)")
-
-
-def _say(request):
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-
-    def say(text: str) -> None:
-        if capman is None:
-            print(text, flush=True)
-            return
-        with capman.global_and_fixture_disabled():
-            print(f"\n{text}", flush=True)
-    return say
 
 
 def chart_crds() -> list[dict]:
@@ -49,10 +38,6 @@ def chart_crds() -> list[dict]:
     return docs
 
 
-def _can_run_a_node() -> bool:
-    return os.geteuid() == 0 and os.environ.get("FEDFM_SKIP_NODE") != "1"
-
-
 @pytest.fixture(scope="session")
 def control_plane(request, tmp_path_factory):
     """The session's one cluster: a real node (tests/cluster/node.py: Pods run in containers) where this
@@ -60,13 +45,13 @@ def control_plane(request, tmp_path_factory):
     that need Pods to run skip. FEDFM_SKIP_NODE=1 asks for the latter; FEDFM_SKIP_CLUSTER=1 skips both."""
     if os.environ.get("FEDFM_SKIP_CLUSTER") == "1":
         pytest.skip("FEDFM_SKIP_CLUSTER=1")
-    say = _say(request)
+    say = printer(request)
     ensure_binaries(BIN_DIR, say)
     crds = [*chart_crds(), HARNESS_CRD]
-    if _can_run_a_node():
+    if can_run_containers():
         started = time.monotonic()
         # the component image (tenants' Jobs) and the operator's (the chart runs it)
-        plane = Node.start(prepare(say, ("fedfm", "fedfm-operator")), crds=crds)
+        plane = Node.start(build_images(say, ("fedfm", "fedfm-operator")), crds=crds)
         say(f"test node ready in {time.monotonic() - started:.0f} s")
     else:
         plane = ControlPlane.start(tmp_path_factory.mktemp("kube-run"), crds=crds)

@@ -23,40 +23,8 @@ from typing import Callable
 
 from kubernetes import client
 
-from kube import REPO, ControlPlane, _tail, apply, free_ports, service_account_token, wait_crds_established, wait_for
-
-NODE_SCRIPTS = REPO / "scripts" / "testenv" / "node"
-BUILD_IMAGES = REPO / "scripts" / "build-images.sh"
-
-
-def _run(command: list[str], env: dict[str, str], timeout: float, what: str) -> str:
-    proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}")
-    return proc.stdout
-
-
-def prepare(say: Callable[[str], None], names: tuple[str, ...] = ("fedfm",)) -> dict[str, Path]:
-    """Build what a node needs (packages, kubelet & co, the base and pause images) and FedFM's images
-    ``names`` (fedfm, fedfm-operator), each once per machine and code; return ``{name: tarball}``,
-    docker-archives of the images (their names are inside)."""
-    started = time.monotonic()
-    _run([str(NODE_SCRIPTS / "build-node-binaries.sh")], dict(os.environ), 3600, "build-node-binaries.sh")
-    output = _run([str(BUILD_IMAGES), *names], dict(os.environ, OFFLINE="1", ENGINE="podman"), 3600,
-                  "scripts/build-images.sh")
-    images = {}
-    for line in output.splitlines():
-        name, _, tarball = line.partition(" ")
-        if tarball.endswith(".tar"):
-            images[name.rsplit("/", 1)[-1].split(":")[0]] = Path(tarball)
-    if set(images) != set(names):
-        raise RuntimeError(f"scripts/build-images.sh printed no image tarballs:\n{output[-2000:]}")
-    took = time.monotonic() - started
-    if took > 30:  # the one-time builds of a new machine, printed apart from the suite's time
-        say(f"node test harness: node binaries and images ready in {took:.0f} s (one-time build on this machine)")
-    return images
-
+from images import NODE_SCRIPTS, image_name, run_script
+from kube import ControlPlane, _tail, apply, free_ports, service_account_token, wait_crds_established, wait_for
 
 @dataclasses.dataclass
 class Node(ControlPlane):
@@ -66,7 +34,7 @@ class Node(ControlPlane):
 
     @classmethod
     def start(cls, images: dict[str, Path] | None = None, crds: list[dict] = ()) -> "Node":  # type: ignore[override]
-        """Start the node, load ``images`` (``{name: tarball}`` from :func:`prepare`) into its containerd and
+        """Start the node, load ``images`` (``{name: tarball}`` from ``images.build_images``) into its containerd and
         apply ``crds`` (the garbage collector finds them at its next discovery, within 30 s)."""
         # a short path: containerd's and the kubelet's unix sockets live under it (< 108 characters)
         work = Path(tempfile.mkdtemp(prefix="fn", dir="/tmp"))
@@ -76,11 +44,11 @@ class Node(ControlPlane):
                    ports={"apiserver": api, "etcd": etcd, "etcd_peer": peer, "kcm": kcm, "scheduler": scheduler})
         atexit.register(node.stop)
         try:
-            _run([str(NODE_SCRIPTS / "make-base-images.sh")], node._env(), 600, "make-base-images.sh")
-            _run([str(NODE_SCRIPTS / "start-node.sh")], node._env(), 300, "start-node.sh")
+            run_script([str(NODE_SCRIPTS / "make-base-images.sh")], node._env(), 600, "make-base-images.sh")
+            run_script([str(NODE_SCRIPTS / "start-node.sh")], node._env(), 300, "start-node.sh")
             for name, tarball in (images or {}).items():
-                node.images[name] = _image_name(tarball)
-                _run([str(NODE_SCRIPTS / "load-image.sh"), str(tarball), node.images[name]], node._env(), 600,
+                node.images[name] = image_name(tarball)
+                run_script([str(NODE_SCRIPTS / "load-image.sh"), str(tarball), node.images[name]], node._env(), 600,
                      f"loading {tarball}")
             for crd in crds:
                 apply(node.admin, crd)
@@ -141,8 +109,17 @@ class Node(ControlPlane):
                     "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "tenant-local", "volumeName": name,
                              "resources": {"requests": {"storage": "1Gi"}}}})
         core = client.CoreV1Api(self.admin)
-        wait_for(lambda: core.read_namespaced_persistent_volume_claim(claim, namespace).status.phase == "Bound",
-                 timeout=60, message=f"the claim {namespace}/{claim} never bound")
+
+        def bound() -> bool:
+            # The PV controller binds a claim when it sees it, if it has seen the volume by then; if not, only at
+            # its next resync of every claim (15 s). A change to the claim makes it look again at once.
+            if core.read_namespaced_persistent_volume_claim(claim, namespace).status.phase == "Bound":
+                return True
+            core.patch_namespaced_persistent_volume_claim(claim, namespace, {"metadata": {"annotations": {
+                "fedfm.dev/test-binding-check": str(time.monotonic_ns())}}})
+            return False
+
+        wait_for(bound, timeout=60, interval=0.5, message=f"the claim {namespace}/{claim} never bound")
 
     def log_tail(self, component: str = "kubelet", lines: int = 40) -> str:
         return _tail(self.run_dir / "log" / f"{component}.log", lines)
@@ -151,9 +128,3 @@ class Node(ControlPlane):
         """What the Pod's container printed, through the kubelet (``kubectl logs``)."""
         return client.CoreV1Api(self.admin).read_namespaced_pod_log(name, namespace)
 
-
-def _image_name(tarball: Path) -> str:
-    """localhost/NAME:HASH from a build-images.sh tarball named NAME-HASH.docker.tar."""
-    stem = tarball.name.removesuffix(".docker.tar")
-    name, _, digest = stem.rpartition("-")
-    return f"localhost/{name}:{digest}"

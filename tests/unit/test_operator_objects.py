@@ -113,6 +113,8 @@ def test_every_tenant_job_runs_non_root_on_a_read_only_root_with_only_a_scratch_
         pod = job_manifest(_round(purpose), _client())["spec"]["template"]["spec"]
         assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
         assert pod["volumes"] == [{"name": "scratch", "emptyDir": {}}]
+        # stopped at its deadline, its Pod is killed within seconds, not after Kubernetes' default 30
+        assert pod["terminationGracePeriodSeconds"] == 5
         container = pod["containers"][0]
         assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                                                 "readOnlyRootFilesystem": True, "runAsNonRoot": True}
