@@ -97,7 +97,7 @@ find .wheelhouse -mindepth 1 ! -name .keep -delete
 cp "$wheels"/*.whl "$wheels/requirements.txt" .wheelhouse/
 
 base_id=$("$ENGINE" image inspect --format '{{.RootFS.Layers}}' "$BASE_IMAGE")  # stable across imports
-sources=$(git ls-files -z pyproject.toml constraints.txt README.md scripts fedfm components pipelines operators \
+sources=$(git ls-files -z pyproject.toml constraints.txt scripts fedfm components pipelines operators \
           | xargs -0 sha256sum | sha256sum | cut -c1-16)
 for spec in "${SPECS[@]}"; do
   set -- $spec
