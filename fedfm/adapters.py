@@ -38,6 +38,11 @@ Kind = Literal["global", "update"]
 Tensors = dict[str, torch.Tensor]
 
 
+# More training samples than any client has (a trillion examples): a report above it is a lie or a bug, and
+# as a weight it would overflow the float sums of the weighted rules.
+MAX_SAMPLES = 10**12
+
+
 @dataclass
 class AdapterMeta:
     kind: Kind
@@ -243,8 +248,11 @@ def validate_update(update: Adapter, reference: Adapter, *, client: str, round_i
             f"federation's {reference.meta.base_model[:16]}…",
             client=client,
         )
-    if meta.samples <= 0:
-        raise AdapterValidationError(f"client {client} reports {meta.samples} training samples", client=client)
+    if not 0 < meta.samples <= MAX_SAMPLES:
+        digits = str(meta.samples)
+        shown = digits if len(digits) <= 13 else f"{digits[:12]}… ({len(digits)} digits)"
+        raise AdapterValidationError(f"client {client} reports {shown} training samples (a count from 1 to "
+                                     f"{MAX_SAMPLES:.0e})", client=client)
     got = update.tensors
     expected = expected_shapes or {name: tuple(value.shape) for name, value in reference.tensors.items()}
     for name in sorted(expected):

@@ -34,6 +34,8 @@ DEFAULT_LOCAL_EPOCHS = 1.0
 # the median, at least 1.5 × the median: honest clients on skewed data reach 1.25 ×, model poisoning 8 ×), and
 # the robust rule it brings
 PRESET_NORM_MADS = 5.0
+# Under a preset, one client's update counts for at most this many times the round's median sample count.
+PRESET_SAMPLES_RATIO = 2.0
 PRESET_RULE = ("fedtrimmedavg", {"beta": 0.2})
 ROBUST_RULES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
@@ -346,6 +348,15 @@ class PolicyConfig(_Section):
                             "any rule, with a majority quorum unless min_clients is set; robust: checks plus a "
                             "robust rule (fedtrimmedavg with beta 0.2 in place of fedavg)")
     update_checks: UpdateChecksConfig = Field(default_factory=UpdateChecksConfig)
+    # What a client reports as its training samples weighs its update in the weighted rules, and no one can
+    # check it: these bound what a report can buy.
+    max_client_samples: int | None = Field(None, ge=1, description="the most training samples one update counts "
+                                                                  "for: a larger report is weighed as this many "
+                                                                  "(None: no cap)")
+    max_samples_ratio: float | None = Field(None, ge=1.0, description="one update counts for at most this many times "
+                                                                      "the round's median sample count, so that no "
+                                                                      "client's report outweighs the others (None: "
+                                                                      "off; the presets set 2)")
 
     @model_validator(mode="after")
     def _expand_preset(self) -> PolicyConfig:
@@ -357,6 +368,8 @@ class PolicyConfig(_Section):
                 self.update_checks.norm_mads = PRESET_NORM_MADS
             if self.update_checks.clip_to_median is None:
                 self.update_checks.clip_to_median = True
+            if self.max_samples_ratio is None:
+                self.max_samples_ratio = PRESET_SAMPLES_RATIO
         return self
 
 

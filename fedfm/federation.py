@@ -25,7 +25,8 @@ from fedfm.head import check_counts, class_row_tensors, per_class_aggregation, p
 from fedfm.privacy import PrivacyState, noisy_mean
 from fedfm.strategies import Aggregate, ServerState, build_strategy, check_federation, expected_update_shapes
 from fedfm.strategies.norm_bound import bound_norms
-from fedfm.update_checks import Quarantine, judge, measure_norms, reloaded, skipped_record
+from fedfm.update_checks import (Quarantine, counted_samples, judge, measure_norms, reloaded, skipped_record,
+                                 weighed)
 
 SERVER_STATE_FORMAT = "fedfm-server-state/1"
 
@@ -168,9 +169,13 @@ def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates:
     """
     updates = quarantine.leave_out(updates, missing)
     require_quorum(cfg, round_index, len(updates), missing)
-    checks, rejecting = cfg.policy.update_checks, cfg.policy.invalid_updates == "reject"
-    if checks.norm_mads is None and not rejecting:
-        return _validated(cfg, round_index, current, updates, clients), None
+    policy = cfg.policy
+    checks, rejecting = policy.update_checks, policy.invalid_updates == "reject"
+    if checks.norm_mads is None and not rejecting and policy.max_samples_ratio is None:
+        stream = _validated(cfg, round_index, current, updates, clients)
+        if policy.max_client_samples is None:
+            return stream, None
+        return weighed(stream, lambda samples: min(samples, policy.max_client_samples), clients), None
     norms, metas = measure_norms(_validated(cfg, round_index, current, updates, clients,
                                             rejected=missing if rejecting else None))
     record, factors = None, {}
@@ -186,7 +191,9 @@ def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates:
         record, factors = outcome.record(), outcome.factors
     kept = [(client, uri) for client, uri in updates if client in clients]
     require_quorum(cfg, round_index, len(kept), missing)
-    return reloaded(kept, metas, factors), record
+    counted = counted_samples({client: metas[client].samples for client, _ in kept}, policy.max_client_samples,
+                              policy.max_samples_ratio)
+    return weighed(reloaded(kept, metas, factors), counted, clients), record
 
 
 def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[str, str]],
@@ -201,6 +208,12 @@ def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[st
     for client, uri in kept:
         meta = read_meta(uri)  # validated with its update (_valid_update): the check passes again
         counts[client], samples[client] = check_counts(meta, num_labels, client=client), meta.samples
+    # the samples each update counts for in the rule (as _checked bounds them), its class counts in proportion
+    counted = counted_samples(samples, cfg.policy.max_client_samples, cfg.policy.max_samples_ratio)
+    for client, reported in samples.items():
+        if counted[client] != reported:
+            counts[client] = [count * counted[client] / reported for count in counts[client]]
+    samples = counted
     return per_class_rows(stream, counts, samples, num_labels)
 
 
@@ -306,7 +319,13 @@ def _validated(cfg: FederationConfig, round_index: int, current: Adapter, update
         if client in clients:
             raise AdapterValidationError(f"client {client} sent two updates for round {round_index}", client=client)
         try:
-            update = _valid_update(cfg, round_index, current, client, uri)
+            try:
+                update = _valid_update(cfg, round_index, current, client, uri)
+            except FedFMError:
+                raise
+            except Exception as exc:  # whatever a crafted file makes a reader raise: that update's fault, named
+                raise AdapterValidationError(f"client {client}'s update {uri} cannot be read: "
+                                             f"{type(exc).__name__}: {exc}", client=client) from None
         except FedFMError as exc:  # unreadable, damaged or not matching the global adapter
             if rejected is None:
                 raise

@@ -31,12 +31,16 @@ The check costs one extra pass over the updates: the first loads each one (one a
 measure its norm, the aggregation's pass loads it again. The update must not change in between:
 its header (which carries the sha256 of its tensors) is compared, so a file swapped after its norm
 was measured fails the round instead of slipping in unchecked.
+
+The weighted rules weigh each update by the training samples its client reports, which no one can check:
+``policy.max_client_samples`` and ``policy.max_samples_ratio`` (× the round's median report; 2 under a
+preset) bound what a report buys (:func:`counted_samples`).
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,5 +233,32 @@ def reloaded(updates: Iterable[tuple[str, str]], metas: Mapping[str, AdapterMeta
         if scale is not None:
             for value in update.tensors.values():
                 value.mul_(scale)
+        yield update
+        del update  # not held while the next one loads
+
+
+def counted_samples(reported: Mapping[str, int], max_client_samples: int | None,
+                    max_samples_ratio: float | None) -> dict[str, int]:
+    """What each client's update counts for in a weighted rule: the training samples it reports, at most
+    ``max_client_samples`` and at most ``max_samples_ratio`` times the median report of the round. A client
+    cannot buy the round with a large number: under a preset (ratio 2) a report of a million among reports of
+    a hundred counts for two hundred."""
+    bound = max_client_samples
+    if max_samples_ratio is not None and reported:
+        ratio_bound = max(1, int(max_samples_ratio * statistics.median(reported.values())))
+        bound = ratio_bound if bound is None else min(bound, ratio_bound)
+    return {client: samples if bound is None else min(samples, bound) for client, samples in reported.items()}
+
+
+def weighed(updates: Iterable[Adapter], counted: Mapping[str, int] | Callable[[int], int],
+            clients: dict[str, dict[str, Any]]) -> Iterator[Adapter]:
+    """``updates`` with each one's samples as ``counted`` says (client → samples, or a function of the reported
+    samples); a client whose report counts for less gets ``samples_counted`` in its figures (``clients``)."""
+    for update in updates:
+        client = update.meta.client or ""
+        samples = counted(update.meta.samples) if callable(counted) else counted[client]
+        if samples != update.meta.samples:
+            clients[client]["samples_counted"] = samples
+            update.meta.samples = samples
         yield update
         del update  # not held while the next one loads

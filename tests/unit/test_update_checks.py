@@ -356,3 +356,84 @@ def test_failures_in_a_row_quarantine_a_client_and_a_success_resets_the_count():
     state = quarantine.as_state()
     again, rest = update_checks.Quarantine.split({**state, "momentum": 1})
     assert again.since["c"][0] == 3 and again.failures == {"c": 2} and rest == {"momentum": 1}
+
+
+# ----------------------------------------------------------------------------- what a sample count buys
+
+def _sample_count_round(tmp_path, attacker_samples: int):
+    """Round 1 of four clients: three honest ones (100 samples each, updates close to one direction) and an
+    attacker whose update, of an honest norm, points the other way, and who reports ``attacker_samples``."""
+    global_path = tmp_path / "global.safetensors"
+    start = direction(0)
+    save_adapter(global_path, start, AdapterMeta(kind="global", base_model=FINGERPRINT, peft_config={"r": 2},
+                                                 round=0))
+    common = direction(1)
+    honest = {f"tenant-{index}": {name: value + 0.1 * direction(10 + index)[name] for name, value in common.items()}
+              for index in range(3)}
+    attack = {name: -value for name, value in common.items()}
+    pairs = [(client, write_update(tmp_path / f"{client}.safetensors", client, values, 100))
+             for client, values in honest.items()]
+    pairs.append(("tenant-3", write_update(tmp_path / "tenant-3.safetensors", "tenant-3", attack, attacker_samples)))
+    return str(global_path), start, common, pairs
+
+
+def _cosine(step: dict[str, torch.Tensor], towards: dict[str, torch.Tensor]) -> float:
+    flat = torch.cat([step[name].flatten() for name in NAMES])
+    other = torch.cat([towards[name].flatten() for name in NAMES])
+    return float(flat @ other / (flat.norm() * other.norm()))
+
+
+def test_a_client_cannot_buy_the_round_with_the_sample_count_it_reports(tmp_path):
+    global_uri, start, common, pairs = _sample_count_round(tmp_path, attacker_samples=10**6)
+    cfg = FederationConfig(clients=4)
+
+    def step(cfg, name) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
+        meta = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / name))
+        result = load_adapter(tmp_path / name).tensors
+        return {key: result[key] - start[key] for key in NAMES}, meta
+
+    # unbounded (the attack): a million reported samples make the global step the attacker's
+    taken, _ = step(cfg, "unbounded.safetensors")
+    assert _cosine(taken, common) < -0.99
+    # under the checks preset the report counts for 2 × the median report (100): 200 of 500, and the step
+    # follows the honest three
+    guarded, meta = step(cfg.with_overrides({"policy.preset": "checks"}), "checks.safetensors")
+    assert meta.metrics["clients"]["tenant-3"]["samples"] == 10**6
+    assert meta.metrics["clients"]["tenant-3"]["samples_counted"] == 200
+    assert "samples_counted" not in meta.metrics["clients"]["tenant-0"]
+    assert meta.samples == 500 and _cosine(guarded, common) > 0.1
+    # a fixed cap, without a preset
+    capped, meta = step(cfg.with_overrides({"policy.max_client_samples": 100}), "capped.safetensors")
+    assert meta.metrics["clients"]["tenant-3"]["samples_counted"] == 100 and _cosine(capped, common) > 0.3
+
+
+def test_an_impossible_sample_count_is_an_invalid_update_not_a_crash_of_the_round(tmp_path):
+    """10**40 samples once overflowed the weighted sum (OverflowError, the round gone); now it is that client's
+    invalid update: rejected under a preset, a named validation error otherwise."""
+    global_uri, start, common, pairs = _sample_count_round(tmp_path, attacker_samples=10**40)
+    cfg = FederationConfig(clients=4)
+    with pytest.raises(AdapterValidationError, match=r"client tenant-3 reports 100000000000… \(41 digits\) training "
+                                                     r"samples \(a count from 1 to 1e\+12\)"):
+        aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "failed.safetensors"))
+    assert not (tmp_path / "failed.safetensors").exists()
+    meta = aggregate_round(cfg.with_overrides({"policy.preset": "checks"}), 1, global_uri, pairs,
+                           str(tmp_path / "next.safetensors"))
+    assert sorted(meta.metrics["counted"]) == ["tenant-0", "tenant-1", "tenant-2"]
+    assert "training samples (a count from 1 to 1e+12)" in meta.metrics["missing"]["tenant-3"]
+
+
+def test_an_update_whose_reading_raises_anything_is_that_clients_invalid_update(tmp_path, monkeypatch):
+    global_uri, start, common, pairs = _sample_count_round(tmp_path, attacker_samples=100)
+    honest_valid = federation._valid_update
+
+    def crafted(cfg, round_index, current, client, uri):
+        if client == "tenant-3":
+            raise OverflowError("int too large to convert to float")  # what a crafted file could make a reader do
+        return honest_valid(cfg, round_index, current, client, uri)
+
+    monkeypatch.setattr(federation, "_valid_update", crafted)
+    cfg = FederationConfig(clients=4).with_overrides({"policy.invalid_updates": "reject", "policy.min_clients": 3})
+    meta = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
+    assert meta.metrics["missing"]["tenant-3"].startswith("rejected (policy.invalid_updates): client tenant-3's "
+                                                          "update")
+    assert "OverflowError: int too large" in meta.metrics["missing"]["tenant-3"]
