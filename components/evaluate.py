@@ -25,7 +25,7 @@ def evaluate(
     import time
 
     from fedfm import checkpoint, events, storage
-    from fedfm.evaluation import summarize
+    from fedfm.evaluation import bounded, summarize
     from fedfm.executors import build_executor
     from fedfm.federation import append_history, logged_metrics, round_record, step_config
 
@@ -38,7 +38,7 @@ def evaluate(
         started = time.time()
         executor = build_executor(cfg, run_id)
         sums, unanswered = executor.evaluate(cfg, round_index, global_adapter.path, cfg.client_names)
-        result = summarize(cfg.task, sums)
+        result = summarize(cfg.task, bounded(sums, cfg.policy))
         executor.round_evaluated(cfg, round_index, result["global"])
         record = round_record(global_adapter.path, result, time.time() - started)
         record["eval_missing"] = unanswered

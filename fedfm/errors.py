@@ -60,6 +60,10 @@ class SecureAggregationError(FedFMError):
     """
 
 
+class EvaluationError(FedFMError):
+    """A client's evaluation answer that is not well formed or not possible (its counts disagree)."""
+
+
 class PipelineError(FedFMError):
     """A compiled pipeline is not one FedFM can run."""
 

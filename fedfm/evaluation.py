@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fedfm.adapters import load_adapter
-from fedfm.config import FederationConfig
+from fedfm.config import FederationConfig, PolicyConfig
 from fedfm.tasks import LossSums, batch_sums, batches, encode
 
 _EVAL_BATCH = 32
@@ -42,6 +42,19 @@ def evaluate_clients(cfg: FederationConfig, adapter_uri: str, clients: list[str]
         if personal:
             load_adapter_tensors(model, adapter.tensors, where=f"adapter {adapter_uri}")
     return sums
+
+
+def bounded(sums: dict[str, LossSums], policy: PolicyConfig) -> dict[str, LossSums]:
+    """The clients' answers as they count in the global figures: each client's counts at most what the
+    training samples' bounds allow (``policy.max_client_samples``, ``policy.max_samples_ratio`` × the round's
+    median number of examples), scaled down with the same means. A tenant's evaluation set is its own, so
+    its size cannot be checked; this bounds what a forged count moves the global accuracy by."""
+    from fedfm.update_checks import counted_samples
+
+    counted = counted_samples({client: s.examples for client, s in sums.items()}, policy.max_client_samples,
+                              policy.max_samples_ratio)
+    return {client: s if counted[client] >= s.examples else s.scaled(counted[client] / s.examples)
+            for client, s in sums.items()}
 
 
 def summarize(task: str, sums: dict[str, LossSums]) -> dict[str, Any]:

@@ -297,13 +297,13 @@ def _finetune(cfg: FederationConfig, client: str, round_index: int, global_uri: 
 def _evaluate(cfg: FederationConfig, adapter_uri: str, history_in: str | None, history_out: str) -> str:
     """Score the global adapter on every tenant's evaluation split and extend the history."""
     from fedfm.adapters import read_meta
-    from fedfm.evaluation import evaluate_clients, summarize
+    from fedfm.evaluation import bounded, evaluate_clients, summarize
     from fedfm.federation import append_history, round_record
 
     round_index = read_meta(adapter_uri).round
     with events.step("evaluate", round=round_index) as figures:
         started = time.time()
-        result = summarize(cfg.task, evaluate_clients(cfg, adapter_uri, cfg.client_names))
+        result = summarize(cfg.task, bounded(evaluate_clients(cfg, adapter_uri, cfg.client_names), cfg.policy))
         record = round_record(adapter_uri, result, time.time() - started)
         record["eval_missing"] = {}  # every tenant's data is here
         append_history(history_in, record, history_out)

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -74,6 +76,43 @@ class LossSums:
         self.count += other.count
         self.correct += other.correct
         self.examples += other.examples
+
+    @classmethod
+    def parse(cls, data: Any, *, client: str, task: str) -> LossSums:
+        """A client's answer (the JSON object its evaluation sent), checked: exactly these four fields, counts
+        that are integers from 0 to MAX_SAMPLES, a finite non-negative loss sum, and counts that agree
+        (classification: as many scored as examples, at most that many correct; causal-lm: none correct,
+        since it scores tokens). Raises EvaluationError naming the client and what is wrong."""
+        from fedfm.adapters import MAX_SAMPLES
+        from fedfm.errors import EvaluationError
+
+        fields = ("loss_sum", "count", "correct", "examples")
+        if not isinstance(data, dict) or sorted(data) != sorted(fields):
+            got = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
+            raise EvaluationError(f"client {client}'s evaluation must be an object with exactly {', '.join(fields)}; "
+                                  f"it has {got}")
+        for key in fields[1:]:
+            value = data[key]
+            if type(value) is not int or not 0 <= value <= MAX_SAMPLES:
+                raise EvaluationError(f"client {client}'s evaluation {key} is {str(value)[:40]}, not a count from 0 "
+                                      f"to {MAX_SAMPLES:.0e}")
+        loss = data["loss_sum"]
+        if type(loss) not in (int, float) or not math.isfinite(loss) or loss < 0:
+            raise EvaluationError(f"client {client}'s evaluation loss_sum is {str(loss)[:40]}, not a finite sum "
+                                  "of losses")
+        sums = cls(**data)
+        if task == "classification" and not sums.correct <= sums.count == sums.examples:
+            raise EvaluationError(f"client {client}'s evaluation counts disagree: {sums.correct} correct of "
+                                  f"{sums.count} scored, {sums.examples} examples")
+        if task != "classification" and sums.correct:
+            raise EvaluationError(f"client {client}'s evaluation of a causal LM counts {sums.correct} correct "
+                                  "predictions; it scores none")
+        return sums
+
+    def scaled(self, factor: float) -> LossSums:
+        """These sums as if from ``factor`` times as many examples (the same means)."""
+        return LossSums(self.loss_sum * factor, self.count * factor, self.correct * factor,
+                        round(self.examples * factor))
 
     def metrics(self, task: str) -> dict[str, float | int]:
         loss = self.loss_sum / self.count if self.count else float("nan")

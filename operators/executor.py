@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from fedfm import storage
 from fedfm.adapters import AdapterMeta
 from fedfm.config import ClientConfig, ExecutionConfig, FederationConfig, PolicyConfig
-from fedfm.errors import ConfigError
+from fedfm.errors import ConfigError, FedFMError
 from fedfm.executors import ClientOutcome, Executor
 from fedfm.operators import kube
 from fedfm.operators.api import (API_VERSION, CLIENT_ROUNDS, EVALUATE, FEDERATIONS, FINAL_PHASES, GROUP,
@@ -59,7 +59,11 @@ class KubernetesExecutor(Executor):
         sums, missing = {}, {}
         for client, status in self._wait(waiting).items():
             if status.get("phase") == SUCCEEDED:
-                sums[client] = LossSums(**json.loads(storage.read_bytes(outputs[client])))
+                try:  # the tenant's answer: anything it sends is checked, and a bad one dropped with why
+                    sums[client] = LossSums.parse(json.loads(storage.read_bytes(outputs[client])), client=client,
+                                                  task=cfg.task)
+                except (ValueError, RecursionError, FedFMError) as exc:
+                    missing[client] = f"Failed: {exc}"
             else:
                 missing[client] = f"{status.get('phase')}: {status.get('message', '')}"
         return sums, missing
