@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +39,8 @@ Kind = Literal["global", "update"]
 Tensors = dict[str, torch.Tensor]
 
 
+# Room for an update's header (its metrics, class counts, encoding table) in update_byte_limit.
+UPDATE_HEADER_BYTES = 8 << 20
 # More training samples than any client has (a trillion examples): a report above it is a lie or a bug, and
 # as a weight it would overflow the float sums of the weighted rules.
 MAX_SAMPLES = 10**12
@@ -181,10 +184,27 @@ def read_meta(uri: str | os.PathLike) -> AdapterMeta:
     return load_adapter(uri).meta
 
 
-def load_adapter(uri: str | os.PathLike, *, who: str | None = None) -> Adapter:
-    """Read and integrity-check an adapter file. ``who`` (e.g. ``client tenant-1``) prefixes errors."""
+def update_byte_limit(shapes: Mapping[str, Sequence[int]]) -> int:
+    """The most bytes an update with tensors of ``shapes`` can take: 12 per value (top-k's int64 index beside
+    its float32 value; plain float32 takes 4) and UPDATE_HEADER_BYTES for its header."""
+    return 12 * sum(math.prod(shape) for shape in shapes.values()) + UPDATE_HEADER_BYTES
+
+
+def load_adapter(uri: str | os.PathLike, *, who: str | None = None,
+                 expected_shapes: Mapping[str, Sequence[int]] | None = None) -> Adapter:
+    """Read and integrity-check an adapter file. ``who`` (e.g. ``client tenant-1``) prefixes errors.
+
+    ``expected_shapes`` (an update's tensors, as the receiver computes them) are checked before anything is
+    allocated: a file larger than such an update can be (:func:`update_byte_limit`) is not read, and an
+    encoding that would decode to other shapes is not decoded. Whatever a sender writes, the receiver's
+    memory is bounded by the update it expects."""
     where = f"{who}'s adapter {os.fspath(uri)}" if who else f"adapter {os.fspath(uri)}"
     try:
+        if expected_shapes is not None:
+            size, limit = storage.size(uri), update_byte_limit(expected_shapes)
+            if size > limit:
+                raise AdapterValidationError(f"{where} is {size} bytes; an update of this adapter's shapes takes at "
+                                             f"most {limit}: not read", client=_client_of(who))
         data = storage.read_bytes(uri)
     except StorageError as exc:
         raise AdapterError(f"cannot read {where}: {exc}") from None
@@ -197,7 +217,7 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None) -> Adapter:
     if content_sha256(tensors) != meta.sha256:
         raise AdapterError(f"{where} fails its sha256 check: the tensor data was altered or damaged")
     if meta.encoding is not None:
-        tensors = decompress(tensors, meta.encoding, where=where)
+        tensors = decompress(tensors, meta.encoding, where=where, expected_shapes=expected_shapes)
     else:
         for name in sorted(tensors):
             if tensors[name].dtype != torch.float32:
@@ -205,6 +225,10 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None) -> Adapter:
                                    "but a file without an encoding holds float32 tensors; write it with "
                                    "fedfm.adapters.save_adapter")
     return Adapter(tensors=tensors, meta=meta)
+
+
+def _client_of(who: str | None) -> str | None:
+    return who.removeprefix("client ") if who and who.startswith("client ") else None
 
 
 def header_of(data: bytes) -> dict[str, str]:

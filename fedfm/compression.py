@@ -38,7 +38,7 @@ import binascii
 import json
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -190,9 +190,12 @@ class _Entry:
         return math.prod(self.shape)
 
 
-def decompress(stored: Tensors, description: Description, *, where: str = "compressed update") -> Tensors:
+def decompress(stored: Tensors, description: Description, *, where: str = "compressed update",
+               expected_shapes: Mapping[str, Sequence[int]] | None = None) -> Tensors:
     """The float32 tensors that ``stored`` encodes as ``description`` says; AdapterError (prefixed by
-    ``where``, naming the tensor) for a description or stored data that do not fit together."""
+    ``where``, naming the tensor) for a description or stored data that do not fit together, or that would
+    decode to a tensor not of ``expected_shapes`` (checked before anything is decoded: a few bytes cannot
+    claim gigabytes)."""
     if not isinstance(description, dict):
         raise AdapterError(f"{where}: its encoding is {type(description).__name__}, not a JSON object")
     method = description.get("method")
@@ -200,7 +203,15 @@ def decompress(stored: Tensors, description: Description, *, where: str = "compr
         raise AdapterError(f"{where}: unknown encoding method {_shown(method)} (known: {', '.join(_DECODERS)})")
     dtypes, decode = _DECODERS[method]
     _check_stored(stored, dtypes, method, where)
-    return decode(stored, description, _entries(description, where), where)
+    entries = _entries(description, where)
+    if expected_shapes is not None:
+        for entry in entries:
+            if entry.name not in expected_shapes:
+                raise AdapterError(f"{where}: its encoding holds tensor {entry.name}, which the update does not have")
+            if entry.shape != tuple(expected_shapes[entry.name]):
+                raise AdapterError(f"{where}: tensor {entry.name} has shape {_shown(list(entry.shape))} in its "
+                                   f"encoding; the update's is {list(expected_shapes[entry.name])}")
+    return decode(stored, description, entries, where)
 
 
 def _entries(description: Description, where: str) -> list[_Entry]:

@@ -341,12 +341,13 @@ def _validated(cfg: FederationConfig, round_index: int, current: Adapter, update
 
 def _valid_update(cfg: FederationConfig, round_index: int, current: Adapter, client: str, uri: str) -> Adapter:
     """``client``'s update at ``uri``, loaded and checked against the global adapter ``current``."""
-    update = load_adapter(uri, who=f"client {client}")
+    expected = expected_update_shapes(cfg, client, round_index, current.tensors) or {
+        name: tuple(value.shape) for name, value in current.tensors.items()}
+    update = load_adapter(uri, who=f"client {client}", expected_shapes=expected)
     if update.meta.client != client:
         raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
                                      client=client)
-    validate_update(update, current, client=client, round_index=round_index,
-                    expected_shapes=expected_update_shapes(cfg, client, round_index, current.tensors))
+    validate_update(update, current, client=client, round_index=round_index, expected_shapes=expected)
     labels = len(cfg.data.labels or ())
     if per_class_aggregation(cfg) and class_row_tensors(current.tensors, labels):
         check_counts(update.meta, labels, client=client)  # part of the update: bad counts are rejected like it

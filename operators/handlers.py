@@ -181,8 +181,11 @@ def _complete(client_round: dict) -> None:
             _finish(client_round, SUCCEEDED, "SecureStepDone", f"secure aggregation step {spec['secureStep']} done",
                     bytesUp=storage.size(spec["outputURI"]))
             return
-        update = load_adapter(spec["outputURI"], who=f"client {spec['client']}")
         reference = load_adapter(spec["globalAdapterURI"], who="the federation")
+        # the update's size and encoded shapes checked against the global adapter before it is read: a tenant's
+        # few bytes that decode to gigabytes would otherwise run the shared operator out of memory
+        expected = {name: tuple(value.shape) for name, value in reference.tensors.items()}
+        update = load_adapter(spec["outputURI"], who=f"client {spec['client']}", expected_shapes=expected)
         validate_update(update, reference, client=spec["client"], round_index=spec["round"])
     except (FedFMError, ValueError) as exc:
         _finish(client_round, FAILED, INVALID_UPDATE, str(exc))

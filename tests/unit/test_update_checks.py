@@ -437,3 +437,61 @@ def test_an_update_whose_reading_raises_anything_is_that_clients_invalid_update(
     assert meta.metrics["missing"]["tenant-3"].startswith("rejected (policy.invalid_updates): client tenant-3's "
                                                           "update")
     assert "OverflowError: int too large" in meta.metrics["missing"]["tenant-3"]
+
+
+# ----------------------------------------------------------------------------- decompression bombs
+
+def _bomb(path, client: str, tensors: dict[str, torch.Tensor]) -> str:
+    """A top-k update of ``tensors`` whose encoding then claims that its first tensor (head.bias) has 2^28 values: a few
+    hundred bytes that a decoder would expand to a 1 GiB tensor before any shape check."""
+    from safetensors.torch import save as safetensors_save
+
+    from fedfm import compression, storage
+    from fedfm.adapters import content_sha256
+    from fedfm.config import CompressionConfig
+
+    stored, description = compression.compress(tensors, CompressionConfig(method="topk", topk_fraction=0.1))
+    description["tensors"][0]["shape"] = [1 << 28]
+    meta = AdapterMeta(kind="update", base_model=FINGERPRINT, peft_config={}, round=1, samples=100, client=client,
+                       encoding=description)
+    meta.sha256 = content_sha256(stored)
+    storage.write_bytes(path, safetensors_save(stored, metadata=meta.to_header()))
+    return str(path)
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    from fedfm import compression
+
+    global_uri, start, common, pairs = _sample_count_round(tmp_path, attacker_samples=100)
+    pairs[3] = ("tenant-3", _bomb(tmp_path / "bomb.safetensors", "tenant-3", common))
+    assert (tmp_path / "bomb.safetensors").stat().st_size < 2000
+    dtypes, decode = compression._DECODERS["topk"]
+    decoded = []
+
+    def watched(stored, description, entries, where):
+        decoded.append(max(entry.numel for entry in entries))
+        return decode(stored, description, entries, where)
+
+    monkeypatch.setitem(compression._DECODERS, "topk", (dtypes, watched))
+    cfg = FederationConfig(clients=4).with_overrides({"policy.preset": "checks"})
+    meta = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
+    reason = meta.metrics["missing"]["tenant-3"]
+    assert f"tensor head.bias has shape [{1 << 28}] in its encoding; the update's is [3]" in reason
+    assert decoded == []  # refused from its description: nothing was decoded, nothing allocated
+    assert sorted(meta.metrics["counted"]) == ["tenant-0", "tenant-1", "tenant-2"]
+
+
+def test_an_update_larger_than_the_adapter_allows_is_not_read(tmp_path, monkeypatch):
+    from fedfm import storage
+
+    global_uri, start, common, pairs = _sample_count_round(tmp_path, attacker_samples=100)
+    write_update(tmp_path / "huge.safetensors", "tenant-3", common, 100, metrics={"padding": "x" * (9 << 20)})
+    pairs[3] = ("tenant-3", str(tmp_path / "huge.safetensors"))
+    reads = []
+    honest_read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, *a, **k: reads.append(str(uri)) or honest_read(uri, *a, **k))
+    cfg = FederationConfig(clients=4).with_overrides({"policy.preset": "checks"})
+    meta = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
+    assert "takes at most" in meta.metrics["missing"]["tenant-3"]
+    assert "not read" in meta.metrics["missing"]["tenant-3"]
+    assert str(tmp_path / "huge.safetensors") not in reads
