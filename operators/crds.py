@@ -234,6 +234,7 @@ def client_round_crd() -> dict:
         "bytesUp": _INTEGER,
         "reason": _STRING,
         "message": _STRING,
+        "storageError": _STRING | {"description": "the Job finished but its files cannot be read yet (retried)"},
         "conditions": _CONDITIONS,
     })
     return _crd("ClientRound", CLIENT_ROUNDS, ["cround"], spec, status,

@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from fedfm import storage
 from fedfm.adapters import load_adapter, validate_update
 from fedfm.config import FederationConfig
-from fedfm.errors import FedFMError
+from fedfm.errors import FedFMError, StorageError
 from fedfm.operators import kube, metrics
 from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDERATED_CLIENTS, FEDERATIONS,
                                  FINAL_PHASES, GROUP, INVALID_UPDATE, LABEL_CLIENT, LABEL_CLIENT_ROUND,
@@ -36,6 +36,10 @@ from fedfm.secure_round import check_secure_output
 
 STATUS_INTERVAL = 2.0  # seconds between derivations of FederatedClient and Federation status
 DEADLINE_INTERVAL = 1.0
+STORAGE_RETRY_INTERVAL = 5.0  # seconds between tries to read a finished round's files from a failing storage
+# On a Federation, ``quarantine-lifted.fedfm.dev/CLIENT: TIME`` (RFC 3339) lifts CLIENT's quarantine: invalid
+# updates it sent before TIME no longer count. The platform decides (the Federation lives in its namespace).
+QUARANTINE_LIFTED = "quarantine-lifted.fedfm.dev/"
 # The parts of a run's config that must equal the Federation's: a client trained on anything else
 # would send an update that cannot be aggregated.
 _MUST_MATCH = ("model", "task", "lora")
@@ -169,7 +173,12 @@ def client_round_deleted(name: str, namespace: str, **_: Any) -> None:
 
 
 def _complete(client_round: dict) -> None:
-    """The Job succeeded: check what it produced, then finish the round."""
+    """The Job succeeded: check what it produced, then finish the round.
+
+    The storage failing to answer (StorageError: no credentials, a timeout, an outage) says nothing about
+    the tenant: the round is not finished but marked ``storageError``, and ``retry_storage`` tries again
+    until the storage answers or the round's deadline passes. Only what the tenant wrote can make its
+    update invalid (and the tenant quarantined)."""
     spec = client_round["spec"]
     try:
         if spec["purpose"] == EVALUATE:
@@ -187,6 +196,12 @@ def _complete(client_round: dict) -> None:
         expected = {name: tuple(value.shape) for name, value in reference.tensors.items()}
         update = load_adapter(spec["outputURI"], who=f"client {spec['client']}", expected_shapes=expected)
         validate_update(update, reference, client=spec["client"], round_index=spec["round"])
+    except StorageError as exc:
+        meta = client_round["metadata"]
+        if _advance(meta["namespace"], meta["name"], {"storageError": str(exc)}, from_phases=(None, PENDING, RUNNING)) \
+                and (client_round.get("status") or {}).get("storageError") is None:
+            _event(client_round, False, "StorageUnavailable", f"cannot read the round's files yet: {exc}")
+        return
     except (FedFMError, ValueError) as exc:
         _finish(client_round, FAILED, INVALID_UPDATE, str(exc))
         return
@@ -197,10 +212,17 @@ def _complete(client_round: dict) -> None:
             bytesDown=storage.size(spec["globalAdapterURI"]), bytesUp=storage.size(spec["outputURI"]))
 
 
+@kopf.timer(GROUP, VERSION, CLIENT_ROUNDS, interval=STORAGE_RETRY_INTERVAL,
+            when=lambda status, **_: status.get("phase") not in FINAL_PHASES and bool(status.get("storageError")))
+def retry_storage(body: kopf.Body, **_: Any) -> None:
+    """A round whose Job succeeded while the storage did not answer: check its output again."""
+    _complete(copy.deepcopy(dict(body)))
+
+
 def _finish(client_round: dict, phase: str, reason: str, message: str, **fields: Any) -> bool:
     """Put the round in its final phase (once), with an Event and the metrics; False if it already was."""
     meta, spec = client_round["metadata"], client_round["spec"]
-    status = dict(phase=phase, reason=reason, message=message, finishedAt=kube.now(), **fields)
+    status = dict(phase=phase, reason=reason, message=message, finishedAt=kube.now(), storageError=None, **fields)
     if not _advance(meta["namespace"], meta["name"], status, from_phases=(None, PENDING, RUNNING)):
         return False  # another handler (a Job event, the deadline timer) finished the round first
     _event(client_round, phase == SUCCEEDED, reason, message)
@@ -231,6 +253,15 @@ def _advance(namespace: str, name: str, status: dict, from_phases: tuple) -> boo
 # --- FederatedClient -----------------------------------------------------------------------------
 
 
+def _before(finished: str | None, lifted: str) -> bool:
+    """Whether a round that finished at ``finished`` is covered by a lift at ``lifted`` (both RFC 3339); a
+    lift that is not a time lifts nothing."""
+    try:
+        return finished is not None and kube.parse_time(finished) <= kube.parse_time(lifted)
+    except ValueError:
+        return False
+
+
 @kopf.on.resume(GROUP, VERSION, FEDERATED_CLIENTS)
 @kopf.on.create(GROUP, VERSION, FEDERATED_CLIENTS)
 @kopf.timer(GROUP, VERSION, FEDERATED_CLIENTS, interval=STATUS_INTERVAL)
@@ -240,8 +271,10 @@ def client_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: s
     reference = spec["federationRef"]
     rounds = kube.list_objects(CLIENT_ROUNDS, namespace, f"{LABEL_CLIENT}={name}")
     rounds = [r for r in rounds if r["spec"]["federation"]["name"] == reference["name"]]
-    bad = [r for r in rounds if (r.get("status") or {}).get("reason") == INVALID_UPDATE]
     federation = kube.get_federation(reference["namespace"], reference["name"])
+    lifted = ((federation or {}).get("metadata", {}).get("annotations") or {}).get(f"{QUARANTINE_LIFTED}{name}")
+    bad = [r for r in rounds if (r.get("status") or {}).get("reason") == INVALID_UPDATE
+           and not (lifted and _before(r["status"].get("finishedAt"), lifted))]
     if bad:
         phase, reason = QUARANTINED, f"round {bad[-1]['spec']['round']}: {bad[-1]['status'].get('message', '')}"
     elif federation is None:

@@ -1,0 +1,112 @@
+"""The operator on a storage that fails for a while, and an admin lifting a quarantine (issue 17, finding 6):
+a storage error once filed an honest tenant's update as invalid and quarantined the tenant for good.
+
+The handlers run here against an in-memory stand-in for the apiserver (the ClientRound they read and patch);
+tests/cluster runs them for real."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fedfm.adapters import AdapterMeta, save_adapter
+from fedfm.errors import StorageError
+from fedfm.operators import handlers, kube
+from fedfm.operators.api import INVALID_UPDATE, QUARANTINED, READY, SUCCEEDED, TRAIN
+
+FINGERPRINT = "sha256:" + "e" * 64
+TENSORS = {"layer.lora_A.weight": torch.ones(2, 5), "layer.lora_B.weight": torch.zeros(5, 2)}
+
+
+class Apiserver:
+    """The ClientRounds, Federation and Events the handlers see."""
+
+    def __init__(self, monkeypatch, client_round: dict, federation: dict):
+        self.rounds = {client_round["metadata"]["name"]: client_round}
+        self.federation, self.events = federation, []
+        monkeypatch.setattr(kube, "get_client_round", lambda namespace, name: copy.deepcopy(self.rounds.get(name)))
+        monkeypatch.setattr(kube, "patch_status", self.patch_status)
+        monkeypatch.setattr(kube, "get_federation", lambda namespace, name: copy.deepcopy(self.federation))
+        monkeypatch.setattr(kube, "list_objects", lambda plural, namespace=None, selector="": copy.deepcopy(
+            list(self.rounds.values())))
+        monkeypatch.setattr(handlers, "_event", lambda obj, normal, reason, message: self.events.append(reason))
+
+    def patch_status(self, plural, namespace, name, status, resource_version=None):
+        current = self.rounds[name].setdefault("status", {})
+        for key, value in status.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+
+    def round(self, name: str = "fed-r1-train-b") -> dict:
+        return copy.deepcopy(self.rounds[name])
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    save_adapter(tmp_path / "global.safetensors", TENSORS,
+                 AdapterMeta(kind="global", base_model=FINGERPRINT, peft_config={"r": 2}, round=0))
+    save_adapter(tmp_path / "b.safetensors", {name: value + 0.5 for name, value in TENSORS.items()},
+                 AdapterMeta(kind="update", base_model=FINGERPRINT, peft_config={"r": 2}, round=1, samples=90,
+                             client="b"))
+    client_round = {"metadata": {"name": "fed-r1-train-b", "namespace": "tenant-b", "uid": "u1",
+                                 "resourceVersion": "1"},
+                    "spec": {"federation": {"name": "fed", "namespace": "platform"}, "client": "b", "round": 1,
+                             "purpose": TRAIN, "globalAdapterURI": str(tmp_path / "global.safetensors"),
+                             "outputURI": str(tmp_path / "b.safetensors"), "config": {}},
+                    "status": {"phase": "Running", "startedAt": kube.now()}}
+    federation = {"metadata": {"name": "fed", "namespace": "platform", "annotations": {}},
+                  "spec": {"config": {}, "clientSelector": {}}}
+    return Apiserver(monkeypatch, client_round, federation)
+
+
+def test_a_storage_outage_is_retried_and_never_quarantines_the_tenant(cluster, monkeypatch):
+    honest_load = handlers.load_adapter
+
+    def unavailable(uri, **kwargs):
+        raise StorageError(f"cannot read {uri}: no credentials (the store's Secret was rotated)")
+
+    monkeypatch.setattr(handlers, "load_adapter", unavailable)
+    handlers._complete(cluster.round())
+    handlers._complete(cluster.round())  # the Job's next event: the same outage, one Event
+    status = cluster.round()["status"]
+    assert status["phase"] == "Running" and "no credentials" in status["storageError"]
+    assert cluster.events == ["StorageUnavailable"]
+
+    monkeypatch.setattr(handlers, "load_adapter", honest_load)  # the storage answers again
+    handlers.retry_storage(body=cluster.round())
+    status = cluster.round()["status"]
+    assert status["phase"] == SUCCEEDED and status["reason"] == "UpdateAccepted" and "storageError" not in status
+    assert status["samples"] == 90 and cluster.events == ["StorageUnavailable", "UpdateAccepted"]
+
+
+class Patch:
+    def __init__(self):
+        self.status: dict = {}
+
+
+def _client_status(cluster) -> dict:
+    patch = Patch()
+    handlers.client_status(body={"metadata": {"name": "b", "namespace": "tenant-b"}},
+                           spec={"federationRef": {"name": "fed", "namespace": "platform"}}, status={}, name="b",
+                           namespace="tenant-b", labels={}, patch=patch)
+    return patch.status
+
+
+def test_an_admin_lifts_a_quarantine_on_the_federation_and_later_invalid_updates_count_again(cluster):
+    bad = cluster.rounds["fed-r1-train-b"]
+    bad["status"] = {"phase": "Failed", "reason": INVALID_UPDATE, "message": "client b's tensor has a NaN",
+                     "finishedAt": "2026-12-05T01:00:00Z"}
+    assert _client_status(cluster)["phase"] == QUARANTINED
+
+    annotations = cluster.federation["metadata"]["annotations"]
+    annotations[f"{handlers.QUARANTINE_LIFTED}b"] = "2026-12-05T02:00:00Z"
+    assert _client_status(cluster)["phase"] == READY
+    annotations[f"{handlers.QUARANTINE_LIFTED}a"] = "2026-12-05T02:00:00Z"  # another client's lift is not b's
+    annotations[f"{handlers.QUARANTINE_LIFTED}b"] = "2026-12-05T00:30:00Z"  # before b's invalid update
+    assert _client_status(cluster)["phase"] == QUARANTINED
+    annotations[f"{handlers.QUARANTINE_LIFTED}b"] = "yesterday"  # not a time: lifts nothing
+    assert _client_status(cluster)["phase"] == QUARANTINED
