@@ -227,6 +227,29 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None,
     return Adapter(tensors=tensors, meta=meta)
 
 
+# What of a global adapter's record its receivers (every tenant) may read: figures of the round as a whole.
+# Per-client figures (samples, losses, norms, timings, who was counted, missing, clipped or quarantined) stay
+# with the federation's record.
+PUBLIC_METRICS = ("strategy", "train_loss", "round_seconds", "aggregate_seconds", "privacy", "created_at")
+
+
+def public_copy(data: bytes, *, where: str = "global adapter") -> bytes:
+    """A global adapter's file as it goes to the tenants: the same tensors (and sha256), with only the round's
+    aggregate figures in its header (PUBLIC_METRICS, and how many clients counted)."""
+    try:
+        tensors = safetensors_load(data)
+        meta = AdapterMeta.from_header(header_of(data), where)
+    except (SafetensorError, ValueError) as exc:
+        raise AdapterError(f"{where} is not a valid safetensors file (truncated or corrupt?): {exc}") from None
+    if meta.kind != "global":
+        raise AdapterError(f"{where} is a client update; only global adapters are published")
+    public = {key: meta.metrics[key] for key in PUBLIC_METRICS if key in meta.metrics}
+    if "counted" in meta.metrics:
+        public["clients_counted"] = len(meta.metrics["counted"])
+    meta.metrics = public
+    return safetensors_save(tensors, metadata=meta.to_header())
+
+
 def _client_of(who: str | None) -> str | None:
     return who.removeprefix("client ") if who and who.startswith("client ") else None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from kubernetes.client.exceptions import ApiException
 
 from fedfm import storage
-from fedfm.adapters import AdapterMeta
+from fedfm.adapters import AdapterMeta, public_copy
 from fedfm.config import ClientConfig, ExecutionConfig, FederationConfig, PolicyConfig
 from fedfm.errors import ConfigError, FedFMError
 from fedfm.executors import ClientOutcome, Executor
@@ -117,8 +117,9 @@ class KubernetesExecutor(Executor):
     # --- helpers ---------------------------------------------------------------------------------
 
     def _publish(self, path: str) -> str:
-        """The adapter at ``path`` in the federation's storage, named by its content (written once)."""
-        data = storage.read_bytes(path)
+        """The global adapter at ``path`` in the federation's storage, as tenants may see it (its header without
+        the per-client figures: ``fedfm.adapters.public_copy``), named by its content (written once)."""
+        data = public_copy(storage.read_bytes(path), where=f"global adapter {path}")
         uri = f"{self.root}/adapters/{hashlib.sha256(data).hexdigest()}.safetensors"
         if not storage.exists(uri):
             storage.write_bytes(uri, data, overwrite=True)  # same name, same bytes: a concurrent writer is harmless

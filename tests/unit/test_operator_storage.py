@@ -1,5 +1,6 @@
-"""The operator on a storage that fails for a while, and an admin lifting a quarantine (issue 17, finding 6):
-a storage error once filed an honest tenant's update as invalid and quarantined the tenant for good.
+"""The operator on a storage that fails for a while, an admin lifting a quarantine (issue 17, finding 6: a
+storage error once filed an honest tenant's update as invalid and quarantined the tenant for good), and the
+global adapter as the cluster executor publishes it to the tenants (finding 7).
 
 The handlers run here against an in-memory stand-in for the apiserver (the ClientRound they read and patch);
 tests/cluster runs them for real."""
@@ -110,3 +111,28 @@ def test_an_admin_lifts_a_quarantine_on_the_federation_and_later_invalid_updates
     assert _client_status(cluster)["phase"] == QUARANTINED
     annotations[f"{handlers.QUARANTINE_LIFTED}b"] = "yesterday"  # not a time: lifts nothing
     assert _client_status(cluster)["phase"] == QUARANTINED
+
+
+def test_the_global_adapter_tenants_receive_carries_no_other_tenants_figures(tmp_path):
+    """Issue 17, finding 7: the global adapter's header once carried every client's samples, losses, norms and
+    timings to every tenant. What the cluster executor publishes keeps only the round's aggregate figures."""
+    from fedfm.adapters import load_adapter
+    from fedfm.operators.executor import KubernetesExecutor
+
+    record = {"clients": {"a": {"samples": 90, "train_loss": 0.4, "update_norm": 1.2, "started_at": 1.0},
+                          "b": {"samples": 5000, "train_loss": 0.1, "update_norm": 0.7, "started_at": 2.0}},
+              "missing": {"c": "TimedOut: no result within 30 s"}, "counted": ["a", "b"], "strategy": "fedavg",
+              "clipped": {"b": 3.5}, "update_checks": {"norms": {"a": 1.2, "b": 0.7}}, "train_loss": 0.25,
+              "round_seconds": 12.5, "aggregate_seconds": 0.5}
+    sha256 = save_adapter(tmp_path / "global.safetensors", TENSORS,
+                          AdapterMeta(kind="global", base_model=FINGERPRINT, peft_config={"r": 2}, round=1,
+                                      samples=5090, metrics=record))
+    executor = KubernetesExecutor.__new__(KubernetesExecutor)
+    executor.root = str(tmp_path / "store")
+    public = load_adapter(executor._publish(str(tmp_path / "global.safetensors")))
+    assert public.meta.metrics == {"strategy": "fedavg", "train_loss": 0.25, "round_seconds": 12.5,
+                                   "aggregate_seconds": 0.5, "clients_counted": 2}
+    assert public.meta.sha256 == sha256 and public.meta.round == 1
+    assert all(torch.equal(public.tensors[name], TENSORS[name]) for name in TENSORS)
+    header = (tmp_path / "store").rglob("*.safetensors").__next__().read_bytes()[:4096]
+    assert b"5000" not in header and b"TimedOut" not in header and b"update_norm" not in header
