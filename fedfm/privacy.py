@@ -19,21 +19,24 @@ clients' update norms, from a noised count of the clients that were not clipped:
 That count is a second Gaussian query, so the update's own noise multiplier becomes
 σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2) and the two together still cost exactly σ (their Theorem 1).
 
-The noise is drawn from a generator seeded by the operating system's randomness; ``privacy.noise_seed``
-fixes it for reproducible experiments only (whoever knows the seed can subtract the noise).
+The noise comes from the operating system's cryptographically secure generator (:class:`GaussianNoise`);
+``privacy.noise_seed`` makes it reproducible for experiments only (whoever knows the seed can subtract the
+noise).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
-import secrets
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedfm.adapters import Adapter, Tensors, l2_norm
@@ -170,12 +173,33 @@ def update_noise_multiplier(cfg: FederationConfig) -> float:
     return rest ** -0.5
 
 
-def generator(cfg: FederationConfig, round_index: int, purpose: int = 0) -> torch.Generator:
-    """The noise source of one round: seeded from the OS, or from ``privacy.noise_seed`` (experiments)."""
-    seed = cfg.privacy.noise_seed
-    if seed is None:
-        return torch.Generator().manual_seed(secrets.randbits(63))
-    return torch.Generator().manual_seed(hash((seed, round_index, purpose)) & (2 ** 63 - 1))
+class GaussianNoise:
+    """Gaussian noise for one draw site (``labels``: the round, the client, the purpose).
+
+    Without a seed, from the operating system's cryptographically secure generator (``os.urandom``, through
+    the Box-Muller transform): no one can predict it or reconstruct it from a few samples, as they could
+    torch's Mersenne Twister. With ``privacy.noise_seed`` (experiments only: whoever knows the seed can
+    subtract the noise), from torch's generator seeded by SHA-256 of the seed and the labels, the same in every
+    process (Python's ``hash`` of a string is salted per process, so it could not be)."""
+
+    def __init__(self, seed: int | None, *labels: object):
+        self.generator = None
+        if seed is not None:
+            digest = hashlib.sha256(repr((seed, *labels)).encode()).digest()
+            self.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def normal(self, std: float, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """A float32 tensor of ``shape``, each entry drawn from N(0, std²)."""
+        if self.generator is not None:
+            return torch.normal(0.0, std, tuple(shape), generator=self.generator)
+        count = math.prod(shape)
+        pairs = (count + 1) // 2
+        bits = np.frombuffer(os.urandom(8 * pairs), dtype=np.uint32).astype(np.float64)
+        uniform = (bits + 1.0) / 2.0**32  # in (0, 1]: the logarithm below is finite
+        radius = np.sqrt(-2.0 * np.log(uniform[:pairs]))
+        angle = 2.0 * math.pi * uniform[pairs:]
+        normal = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+        return torch.from_numpy(normal * std).float().reshape(tuple(shape))
 
 
 @dataclass
@@ -233,9 +257,9 @@ def noisy_mean(cfg: FederationConfig, round_index: int, updates: Iterable[Adapte
             total[name].add_(value, alpha=scale)
         clients += 1
         update = None  # noqa: F841 — one update alive at a time
-    noise = generator(cfg, round_index)
+    noise = GaussianNoise(cfg.privacy.noise_seed, round_index, "update")
     for value in total.values():
-        value.add_(torch.normal(0.0, figures["update_noise_multiplier"] * clip, value.shape, generator=noise))
+        value.add_(noise.normal(figures["update_noise_multiplier"] * clip, value.shape))
         value.div_(expected_clients(cfg))
     figures.update(unclipped=unclipped, clients=clients)
     if cfg.privacy.adaptive_clipping is not None:
@@ -245,7 +269,7 @@ def noisy_mean(cfg: FederationConfig, round_index: int, updates: Iterable[Adapte
 
 def next_clip_norm(cfg: FederationConfig, round_index: int, clip: float, unclipped: float) -> float:
     """Andrew et al.'s geometric update of C from the share of unclipped clients, noised here."""
-    noise = float(torch.normal(0.0, count_stddev(cfg), (1,), generator=generator(cfg, round_index, purpose=1)))
+    noise = float(GaussianNoise(cfg.privacy.noise_seed, round_index, "count").normal(count_stddev(cfg), (1,)))
     return clip_step(cfg, clip, unclipped + noise)
 
 

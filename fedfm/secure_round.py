@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
 from typing import Any
 
@@ -161,22 +160,16 @@ def _contribution(cfg: FederationConfig, round_index: int, client: str, tensors:
     clip = float(noise["clip_norm"])
     norm = l2_norm(tensors)
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    generator = _client_generator(cfg, client, round_index)
+    source = privacy.GaussianNoise(cfg.privacy.noise_seed, client, round_index)
     # in name order: with a noise_seed, each tensor gets the same noise whatever order the update file lists them
-    contribution = {name: value * scale + torch.normal(0.0, float(noise["noise_stddev"]), value.shape,
-                                                       generator=generator)
+    contribution = {name: value * scale + source.normal(float(noise["noise_stddev"]), value.shape)
                     for name, value in sorted(tensors.items())}
     if "count_stddev" in noise:
-        count_noise = float(torch.normal(0.0, float(noise["count_stddev"]), (1,), generator=generator))
+        count_noise = float(source.normal(float(noise["count_stddev"]), (1,)))
         contribution[UNCLIPPED] = torch.tensor([float(norm <= clip) + count_noise])
     return contribution
 
 
-def _client_generator(cfg: FederationConfig, client: str, round_index: int) -> torch.Generator:
-    seed = cfg.privacy.noise_seed
-    if seed is None:
-        return torch.Generator().manual_seed(secrets.randbits(63))
-    return torch.Generator().manual_seed(hash((seed, client, round_index)) & (2 ** 63 - 1))
 
 
 def reveal(cfg: FederationConfig, client: str, round_index: int, keys_uri: str, inbox_uri: str, survivors_uri: str,

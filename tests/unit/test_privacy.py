@@ -212,3 +212,40 @@ def test_fedfm_validate_reports_the_budget_and_refuses_what_it_cannot_pay():
                                        "--dp-clip-norm", "1"])
     assert isinstance(refused.exception, ConfigError)  # fedfm's main() turns it into exit code 2 and one line
     assert "does not pay for one round" in str(refused.exception)
+
+
+def test_unseeded_noise_comes_from_the_operating_systems_secure_generator(monkeypatch):
+    """Issue 17, finding 9: the noise was torch's Mersenne Twister (seeded from the OS), whose state a few
+    hundred outputs reveal. It is now os.urandom's, through Box-Muller; torch's generators play no part."""
+    import os
+
+    draws = []
+    honest_urandom = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda size: draws.append(size) or honest_urandom(size))
+    monkeypatch.setattr(torch, "normal", lambda *args, **kwargs: pytest.fail("torch's generator was used"))
+    noise = privacy.GaussianNoise(None, 1, "update").normal(2.0, (400, 500))
+    assert noise.shape == (400, 500) and noise.dtype == torch.float32 and draws == [8 * 100_000]
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.02) and noise.std().item() == pytest.approx(2.0, rel=0.01)
+    fourth = (noise / 2.0).pow(4).mean().item()  # a normal's fourth moment is 3
+    assert fourth == pytest.approx(3.0, rel=0.05)
+    again = privacy.GaussianNoise(None, 1, "update").normal(2.0, (400, 500))
+    assert not torch.equal(noise, again)
+    assert privacy.GaussianNoise(None, 1).normal(1.0, (3,)).shape == (3,)  # an odd count
+
+
+def test_a_noise_seed_gives_the_same_noise_in_every_process():
+    """With ``privacy.noise_seed`` (experiments), a client's noise under secure aggregation was seeded with
+    Python's ``hash`` of its name, which is salted per process: two processes drew different noise."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json; from fedfm.privacy import GaussianNoise; "
+              "print(json.dumps(GaussianNoise(7, 'tenant-a', 1).normal(1.0, (4,)).tolist()))")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": salt}).stdout for salt in ("1", "2")}
+    assert len(outputs) == 1
+    assert privacy.GaussianNoise(7, "tenant-a", 1).normal(1.0, (4,)).tolist() == json.loads(outputs.pop())
+    assert not torch.equal(privacy.GaussianNoise(7, "tenant-a", 1).normal(1.0, (4,)),
+                           privacy.GaussianNoise(7, "tenant-b", 1).normal(1.0, (4,)))
