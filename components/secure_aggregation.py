@@ -171,7 +171,7 @@ def secagg_sum(
         masked, missing = split(updates, "train")
         try:
             clients = secure_round.sum_masked(cfg, round_index, global_adapter.path, masked, keys_shared.path,
-                                              survivors.path, masked_sum.path)
+                                              survivors.path, masked_sum.path, rejected=missing)
         except (QuorumError, SecureAggregationError) as exc:
             build_executor(cfg, run_id).round_failed(cfg, round_index, str(exc))
             raise

@@ -36,7 +36,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedfm import privacy, secagg, storage
-from fedfm.adapters import AdapterMeta, Tensors, header_of, l2_norm, load_adapter
+from fedfm.adapters import MAX_SAMPLES, AdapterMeta, Tensors, header_of, l2_norm, load_adapter
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, QuorumError, SecureAggregationError
 from fedfm.strategies import build_strategy
@@ -269,29 +269,27 @@ def relay_shares(keys_uri: str, sent: dict[str, str], keys_out: str, inboxes: di
 
 
 def sum_masked(cfg: FederationConfig, round_index: int, global_uri: str, masked: dict[str, str], keys_uri: str,
-               survivors_out: str, sum_out: str) -> dict[str, dict[str, Any]]:
+               survivors_out: str, sum_out: str, rejected: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Add the masked updates that arrived (mod 2^64, one at a time) and announce who survived (U3).
 
     Each is checked for what can be checked on a masked value: whose, which round, which base model,
-    and its layout (the global adapter's tensors, at the fraction bits configured). Returns each
-    survivor's reported figures (its training metrics and the bytes it sent)."""
+    and its layout (the global adapter's tensors, at the fraction bits configured). One that fails goes
+    into ``rejected`` (client → why) and its client counts as dropped, whose masks the survivors' shares
+    remove as for any dropout: one tenant's malformed message does not end the round (without ``rejected``
+    it raises SecureAggregationError). Returns each survivor's reported figures (its training metrics and
+    the bytes it sent)."""
     keys = _read_json(keys_uri, "the keys of the clients that shared")
     current = load_adapter(global_uri, who="the federation")
     expected = _layout(cfg, round_index, current.tensors)
     total, figures = None, {}
     for client, uri in sorted(masked.items()):
-        if client not in keys["public"]:
-            raise SecureAggregationError(f"client {client} sent a masked update but did not share keys (U2)")
-        vector, header = _read_masked(uri, client)
-        if header.get("round") != str(round_index) or header.get("client") != client:
-            raise SecureAggregationError(f"client {client}'s masked update {uri} is for round {header.get('round')} "
-                                         f"of {header.get('client')!r}, not round {round_index} of {client}")
-        if header.get("base_model") != current.meta.base_model:
-            raise SecureAggregationError(f"client {client} trained on another base model than the federation's")
-        if json.loads(header.get("layout", "null")) != [[name, list(shape)] for name, shape in expected] \
-                or header.get("fraction_bits") != str(cfg.secure_aggregation.fraction_bits):
-            raise SecureAggregationError(f"client {client}'s masked update does not have the tensors, shapes and "
-                                         "precision this round expects")
+        try:
+            vector, header = _checked_masked(cfg, round_index, current, expected, keys, client, uri)
+        except SecureAggregationError as exc:
+            if rejected is None:
+                raise
+            rejected[client] = f"rejected: {exc}"
+            continue
         total = secagg.add_masked(total, vector)
         figures[client] = {**json.loads(header.get("metrics", "{}")), "bytes_up": storage.size(uri)}
     survivors = sorted(figures)
@@ -302,6 +300,34 @@ def sum_masked(cfg: FederationConfig, round_index: int, global_uri: str, masked:
     _write_json(survivors_out, survivors)
     storage.write_bytes(sum_out, secagg.vector_to_bytes(total))
     return figures
+
+
+def _checked_masked(cfg: FederationConfig, round_index: int, current, expected, keys: dict, client: str,
+                    uri: str) -> tuple[np.ndarray, dict[str, str]]:
+    """``client``'s masked update at ``uri`` and its header, once what can be checked of it holds."""
+    if client not in keys["public"]:
+        raise SecureAggregationError(f"client {client} sent a masked update but did not share keys (U2)")
+    vector, header = _read_masked(uri, client)
+    if header.get("round") != str(round_index) or header.get("client") != client:
+        raise SecureAggregationError(f"client {client}'s masked update {uri} is for round {header.get('round')} "
+                                     f"of {header.get('client')!r}, not round {round_index} of {client}")
+    if header.get("base_model") != current.meta.base_model:
+        raise SecureAggregationError(f"client {client} trained on another base model than the federation's")
+    try:
+        layout = json.loads(header.get("layout", "null"))
+    except (ValueError, RecursionError):
+        layout = None
+    if layout != [[name, list(shape)] for name, shape in expected] \
+            or header.get("fraction_bits") != str(cfg.secure_aggregation.fraction_bits):
+        raise SecureAggregationError(f"client {client}'s masked update does not have the tensors, shapes and "
+                                     "precision this round expects")
+    try:
+        metrics = json.loads(header.get("metrics", "{}"))
+    except (ValueError, RecursionError):
+        metrics = None
+    if not isinstance(metrics, dict):
+        raise SecureAggregationError(f"client {client}'s masked update has metrics that are not a JSON object")
+    return vector, header
 
 
 def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: str, survivors_uri: str,
@@ -335,9 +361,19 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
         samples = 0
     else:
         weight, loss = float(summed.pop(WEIGHT)[0]), float(summed.pop(LOSS)[0])
+        # Each survivor put in its samples n ≥ 1 (at most MAX_SAMPLES) and n·loss ≥ 0: a sum outside that
+        # is a masked weight of 0 or below, or a forged one, that would divide by zero or flip the mean.
+        if not (len(survivors) <= weight <= len(survivors) * MAX_SAMPLES and math.isfinite(loss) and loss >= 0):
+            raise SecureAggregationError(f"round {round_index}: the unmasked sum of the survivors' sample counts is "
+                                         f"{weight:g} (loss sum {loss:g}) for {len(survivors)} clients: a client put "
+                                         "in an impossible weight; no aggregate is produced")
         mean = {name: value / weight for name, value in summed.items()}
         samples = int(round(weight))
         metrics["train_loss"] = loss / weight
+    for name, value in mean.items():
+        if not torch.isfinite(value).all():
+            raise SecureAggregationError(f"round {round_index}: the unmasked mean update's tensor {name} is not "
+                                         "finite; no aggregate is produced")
     aggregate = strategy.aggregate(current.tensors, [_mean_update(current, mean, round_index)], state=state)
     aggregate.clients, aggregate.samples = survivors, samples
     failing = quarantine.count_failures(survivors, missing, round_index, cfg.policy.quarantine_after_failures)

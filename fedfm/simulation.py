@@ -258,7 +258,7 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     new_global, new_state = str(round_dir / "global_adapter.safetensors"), str(round_dir / "server_state")
     with events.step("aggregate", round=round_index) as figures:
         clients = secure_round.sum_masked(cfg, round_index, global_uri, masked, at("keys-shared"), at("survivors"),
-                                          str(box / "masked-sum.bin"))
+                                          str(box / "masked-sum.bin"), rejected=missing)
         answered = each(sorted(clients), "reveal", lambda client: secure_round.reveal(
             cfg, client, round_index, at("keys-shared"), at("inbox", client), at("survivors"), at("reveal", client)))
         meta = secure_round.finish(cfg, round_index, global_uri, at("keys-shared"), at("survivors"),

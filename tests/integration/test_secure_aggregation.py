@@ -77,6 +77,52 @@ def test_a_client_that_drops_after_sharing_is_recovered_and_the_sum_is_the_survi
     assert meta.metrics["secure_aggregation"]["dropped"] == ["tenant-2"]
 
 
+def test_a_tenants_malformed_masked_update_drops_that_tenant_not_the_round(tiny_config, tmp_path, monkeypatch):
+    """Issue 17, finding 8: one malformed message ended the round for everyone. Now its sender counts as
+    dropped (the survivors' shares remove its masks) and the round aggregates the others."""
+    from fedfm import secure_round, storage
+    from fedfm.simulation import simulate
+
+    honest_mask = secure_round.mask
+
+    def hostile(cfg, client, round_index, update_uri, keys_uri, masked_out, noise=None):
+        honest_mask(cfg, client, round_index, update_uri, keys_uri, masked_out, noise)
+        if client == "tenant-1":
+            storage.write_bytes(masked_out, b"\x08" + b"\x00" * 7 + b"{not a header", overwrite=True)
+
+    monkeypatch.setattr(secure_round, "mask", hostile)
+    cfg = tiny_config(rounds=1, clients=4, **{"policy.min_clients": 3, "secure_aggregation.enabled": True,
+                                              "secure_aggregation.threshold": 3})
+    record = simulate(cfg, tmp_path / "secure").history[1]
+    assert sorted(record["clients"]) == ["tenant-0", "tenant-2", "tenant-3"]
+    assert record["missing"]["tenant-1"].startswith("rejected: client tenant-1's masked update")
+    meta = load_adapter(tmp_path / "secure" / "work" / "round-1" / "global_adapter.safetensors").meta
+    assert meta.metrics["secure_aggregation"]["dropped"] == ["tenant-1"]
+
+
+def test_an_impossible_masked_weight_is_caught_in_the_unmasked_sum(tiny_config, tmp_path, monkeypatch):
+    """Issue 17, finding 8: a tenant that puts a weight of −10⁶ into the masked sum once flipped the round's
+    mean update (or divided it by 0); the unmasked sum is now checked and no aggregate is written."""
+    from fedfm import secure_round
+    from fedfm.errors import SecureAggregationError
+    from fedfm.simulation import simulate
+
+    honest_contribution = secure_round._contribution
+
+    def hostile(cfg, round_index, client, tensors, samples, train_loss, noise):
+        contribution = honest_contribution(cfg, round_index, client, tensors, samples, train_loss, noise)
+        if client == "tenant-1":
+            contribution[secure_round.WEIGHT] = torch.tensor([-1e6])
+        return contribution
+
+    monkeypatch.setattr(secure_round, "_contribution", hostile)
+    cfg = tiny_config(rounds=1, clients=3, **{"secure_aggregation.enabled": True})
+    with pytest.raises(SecureAggregationError, match="the unmasked sum of the survivors' sample counts is .* for 3 "
+                                                     "clients: a client put in an impossible weight"):
+        simulate(cfg, tmp_path / "secure")
+    assert not (tmp_path / "secure" / "work" / "round-1" / "global_adapter.safetensors").exists()
+
+
 def test_below_the_threshold_the_round_fails_and_no_aggregate_is_written(tiny_config, tmp_path, monkeypatch):
     from fedfm.simulation import simulate
 
