@@ -290,6 +290,8 @@ def validate_command(
                   f"{cfg.rounds} round(s), {cfg.strategy.name}, execution {cfg.execution.mode}")
     if cfg.privacy.enabled:
         console.print(_privacy_summary(cfg))
+    for warning in cfg.trust_warnings():
+        console.print(f"warning: {warning}", markup=False, highlight=False)
     if pipeline is not None:
         from fedfm.pipelines.validate import validate_pipeline
 

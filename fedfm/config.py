@@ -542,6 +542,27 @@ class FederationConfig(_Section):
     def mixed_ranks(self) -> bool:
         return len({self.client_rank(name) for name in self.training_clients}) > 1
 
+    def trust_warnings(self) -> list[str]:
+        """What in this config weakens the threat model (README, *Threat model*): valid, but a platform team
+        should know. ``fedfm validate`` prints them."""
+        warnings = []
+        storage = self.execution.storage_uri or ""
+        if self.execution.mode == "kubernetes" and ("://" not in storage or storage.startswith("file://")):
+            warnings.append(f"execution.storage_uri {storage} is a filesystem path: every tenant's Jobs and the "
+                            "platform would share it, each able to read and replace the others' files; use an "
+                            "object store (s3://, gs://)")
+        if self.execution.mode == "kubernetes" and self.policy.preset == "none" \
+                and self.policy.max_samples_ratio is None and self.policy.max_client_samples is None:
+            warnings.append("policy.preset is none and no sample bound is set: a tenant's update weighs as many "
+                            "samples as it claims (set policy.preset: checks, or policy.max_samples_ratio)")
+        if self.privacy.enabled and self.privacy.noise_seed is not None:
+            warnings.append("privacy.noise_seed makes the noise reproducible: whoever knows the seed can remove it "
+                            "(experiments only)")
+        if self.model.trust_remote_code:
+            warnings.append("model.trust_remote_code runs code from the model's repository in every tenant's Job, "
+                            "next to the tenant's data and Secret")
+        return warnings
+
     def sampled_clients(self, round_index: int, exclude: Collection[str] = ()) -> list[str]:
         """The clients drawn for ``round_index``: ``policy.sample_fraction`` of them (never fewer than the
         quorum), the same draw in every process for a given seed and round. Under differential privacy

@@ -124,3 +124,30 @@ def test_below_quorum_retry_needs_a_quorum_and_no_privacy_or_secure_aggregation(
         FederationConfig.parse({"policy": {"below_quorum": "retry", "min_clients": 2},
                                 "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0}})
     assert FederationConfig.parse({"policy": {"below_quorum": "retry", "min_clients": 2}}).policy.max_retries == 1
+
+
+def test_validate_warns_about_a_config_that_weakens_the_threat_model(tmp_path):
+    """Issue 17: cluster mode on a filesystem every tenant shares, unbounded sample weights, a known noise seed
+    and remote code next to the tenants' Secrets are valid, and said."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    weak = FederationConfig.parse({"clients": [{"name": "a", "namespace": "tenant-a"},
+                                               {"name": "b", "namespace": "tenant-b"}],
+                                   "data": {"labels": ["no", "yes"]},
+                                   "execution": {"mode": "kubernetes", "storage_uri": "file:///shared/fedfm"},
+                                   "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "noise_seed": 3},
+                                   "model": {"trust_remote_code": True}})
+    config = tmp_path / "weak.yaml"
+    config.write_text(yaml.safe_dump(weak.as_dict()))
+    result = CliRunner().invoke(app, ["validate", "-c", str(config)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and said.count("warning: ") == 4, said
+    assert "file:///shared/fedfm is a filesystem path" in said and "policy.preset is none" in said
+    assert "privacy.noise_seed makes the noise reproducible" in said and "model.trust_remote_code runs code" in said
+    strong = weak.with_overrides({"execution.storage_uri": "s3://fedfm/runs", "policy.preset": "checks",
+                                  "privacy.noise_seed": 0, "model.trust_remote_code": False})
+    strong = strong.model_copy(update={"privacy": strong.privacy.model_copy(update={"noise_seed": None})})
+    assert strong.trust_warnings() == []
