@@ -341,9 +341,9 @@ def _validated(cfg: FederationConfig, round_index: int, current: Adapter, update
 
 def _valid_update(cfg: FederationConfig, round_index: int, current: Adapter, client: str, uri: str) -> Adapter:
     """``client``'s update at ``uri``, loaded and checked against the global adapter ``current``."""
-    expected = expected_update_shapes(cfg, client, round_index, current.tensors) or {
-        name: tuple(value.shape) for name, value in current.tensors.items()}
-    update = load_adapter(uri, who=f"client {client}", expected_shapes=expected)
+    expected = expected_update_shapes(cfg, client, round_index, current.tensors)  # None: the global adapter's
+    update = load_adapter(uri, who=f"client {client}", expected_shapes=expected or {
+        name: tuple(value.shape) for name, value in current.tensors.items()})
     if update.meta.client != client:
         raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
                                      client=client)
