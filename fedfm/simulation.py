@@ -126,7 +126,7 @@ def simulate(cfg: FederationConfig, output: Path, on_event: Callable[[dict[str, 
 
     run = LocalRun(output=output, history=history, seconds=seconds)
     write_metrics(run.metrics_path, cfg.as_dict(), history,
-                  {"seconds": seconds, "runner": RUNNER, "centralized": cfg.centralized,
+                  {"seconds": seconds, "runner": RUNNER, "steps": "in-process", "centralized": cfg.centralized,
                    "clients": cfg.training_clients, "resumed_from": None if start is None else start.round})
     mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
     plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
