@@ -17,8 +17,9 @@ FEDFM = str(Path(sys.executable).parent / "fedfm")
 
 
 def _start(command: str, output: Path, *flags: str, **env: str) -> subprocess.Popen:
-    # one thread per step (and for simulate's one process): the same float32 sums in each, on any machine
-    return subprocess.Popen([FEDFM, command, "--rounds", "2", "--output", str(output), *flags],
+    # one thread per step (and for simulate's one process): the same float32 sums in each, on any machine.
+    # One round of two tenants runs every kind of step (8 of them) in a container, in half the time of more.
+    return subprocess.Popen([FEDFM, command, "--rounds", "1", "--clients", "2", "--output", str(output), *flags],
                             env=dict(os.environ, OMP_NUM_THREADS="1", **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -41,15 +42,15 @@ def test_the_embedded_default_in_containers_gives_what_fedfm_run_gives(component
 
     assert docker["run"]["steps"] == "docker" and docker["run"]["image"] == image
     # the same global accuracy and loss every round, and the same adapters, bit for bit
-    assert [r["round"] for r in docker["rounds"]] == [r["round"] for r in reference["rounds"]] == [0, 1, 2]
+    assert [r["round"] for r in docker["rounds"]] == [r["round"] for r in reference["rounds"]] == [0, 1]
     for ours, theirs in zip(docker["rounds"], reference["rounds"]):
         assert ours["eval"]["global"] == theirs["eval"]["global"]
         assert ours["adapter_sha256"] == theirs["adapter_sha256"]
-    assert docker["rounds"][2]["eval"]["global"]["accuracy"] > 0.8
+    assert docker["rounds"][1]["eval"]["global"]["accuracy"] > docker["rounds"][0]["eval"]["global"]["accuracy"] + 0.3
 
     # every step ran in a container of that image (kfp.local's DockerRunner says so for each), as this user
     log = (tmp_path / "docker" / "run.log").read_text()
-    # init, 3 evaluations, 2 selections, 8 fine-tunes, 2 aggregations, the export
-    assert log.count("Executing task") == log.count(f"Found image '{image}'") == 17
+    # init, 2 evaluations, a selection, 2 fine-tunes, an aggregation, the export
+    assert log.count("Executing task") == log.count(f"Found image '{image}'") == 8
     written = [path for path in (tmp_path / "docker" / "checkpoints").rglob("*") if path.is_file()]
     assert written and {path.stat().st_uid for path in written} == {os.getuid()}
