@@ -285,7 +285,7 @@ def validate_command(
 
     console = _console()
     # a local run keeps clients' own state in its run directory; any directory checks the same way
-    check_federation(with_client_state_here(cfg, Path("run")) if cfg.execution.mode == "local" else cfg)
+    check_federation(with_client_state_here(cfg, Path("run")))
     console.print(f"config: valid — {cfg.task}, {cfg.model.name_or_path}, {len(cfg.training_clients)} client(s), "
                   f"{cfg.rounds} round(s), {cfg.strategy.name}, execution {cfg.execution.mode}")
     if cfg.privacy.enabled:

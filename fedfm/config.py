@@ -140,7 +140,8 @@ class ClientConfig(_Section):
                                                     "(default: the client's name)")
     state_uri: str | None = Field(None, description="where this client keeps what it never sends (FedSA-LoRA's "
                                                    "lora_B), one file per round (default: "
-                                                   "execution.client_state_uri/NAME)")
+                                                   "execution.client_state_uri/NAME); in kubernetes mode the "
+                                                   "tenant's FederatedClient says where (spec.state), not this")
     lora_r: int | None = Field(None, ge=1, le=1024, description="this client's LoRA rank (default lora.r): a "
                                                                  "GPU-rich tenant can train a larger one; mixed ranks "
                                                                  "need a rank-aware strategy (hetlora, flexlora)")
@@ -465,6 +466,13 @@ class FederationConfig(_Section):
         if self.execution.mode == "kubernetes" and self.task == "classification" and not self.data.labels:
             raise ValueError("data.labels is required when execution.mode is kubernetes: the tenants' data stays in "
                              "their namespaces, so the pipeline cannot read the label set from it")
+        chosen = [f"clients[{client.name}].state_uri" for client in self.clients if client.state_uri]
+        chosen += ["execution.client_state_uri"] if self.execution.client_state_uri else []
+        if self.execution.mode == "kubernetes" and chosen:
+            # a tenant's keys and plain update go where the tenant says, never where the platform says
+            raise ValueError(f"{', '.join(chosen)}: in kubernetes mode each tenant keeps its state where its "
+                             "FederatedClient's spec.state says (storage only the tenant can read); the federation "
+                             "config cannot choose it, so remove it")
         if self.strategy.name == "fedprox" and self.training.zero_stage == 3:
             raise ValueError("strategy fedprox needs training.zero_stage 0-2: its proximal term compares the "
                              "whole adapter, which ZeRO-3 partitions")

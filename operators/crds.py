@@ -172,6 +172,24 @@ def federated_client_crd() -> dict:
                                          "(storage credentials)"),
     }, oneOf=[{"required": ["pvc"]}, {"required": ["uri"]}],
         description="where the tenant's data is: a PersistentVolumeClaim path (mounted read-only) or a URI")
+    state = _object({
+        "pvc": _object({"claimName": _STRING, "path": _STRING}, required=["claimName", "path"]),
+        "uri": _STRING | {"description": "fsspec URI of storage only this tenant can read and write"},
+        "secretRef": _object({"name": _STRING}, required=["name"],
+                             description="a Secret in this namespace whose keys become the Job's environment "
+                                         "(the state storage's credentials; they win over data.secretRef's)"),
+    }, oneOf=[{"required": ["pvc"]}, {"required": ["uri"]}],
+        description="where the tenant keeps what it never sends (secure aggregation's keys and plain update, "
+                    "FedSA-LoRA's lora_B, compression's residual): a PersistentVolumeClaim path (mounted read-write "
+                    "at /state) or a URI. The federation config cannot choose it.")
+    model_policy = _object({
+        "allowedModels": {"type": "array", "items": _STRING,
+                          "description": "models this tenant's Jobs may load: a model id or glob (any revision), or "
+                                         "ID@REVISION (that revision only); unset allows any model"},
+        "allowRemoteCode": {"type": "boolean", "description": "whether a model's own code (trust_remote_code) may "
+                                                              "run next to this tenant's data (default false)"},
+    }, description="which code the federation may run next to this tenant's data and Secrets; a round that "
+                   "breaks it is refused before its Job exists")
     quantity = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
     resources = _object({
         "cpu": quantity, "memory": quantity,
@@ -183,6 +201,8 @@ def federated_client_crd() -> dict:
     spec = _object({
         "federationRef": _OBJECT_REFERENCE,
         "data": data,
+        "state": state,
+        "modelPolicy": model_policy,
         "resources": resources,
         "image": _STRING | {"description": "the FedFM image the tenant's Jobs run"},
         "serviceAccountName": _STRING,

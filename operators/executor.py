@@ -127,9 +127,9 @@ class KubernetesExecutor(Executor):
 
     def _client_config(self, client: str) -> dict:
         """The config a tenant's Job gets: this federation's, with this client as its only client (its LoRA
-        rank and where it keeps its own state, FedSA-LoRA's lora_B or compression's residual, kept)."""
-        own = ClientConfig(name=client, lora_r=self.cfg.client(client).lora_r,
-                           state_uri=self.cfg.client_state_location(client))
+        rank kept). Where it keeps its own state is the tenant's to say: the operator puts its FederatedClient's
+        ``spec.state`` in."""
+        own = ClientConfig(name=client, lora_r=self.cfg.client(client).lora_r)
         return self.cfg.model_copy(update={
             "clients": [own], "policy": PolicyConfig(), "execution": ExecutionConfig(),
         }).as_dict()

@@ -31,6 +31,7 @@ from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDER
                                  FINAL_PHASES, GROUP, INVALID_UPDATE, LABEL_CLIENT, LABEL_CLIENT_ROUND,
                                  LABEL_FEDERATION, PENDING, QUARANTINED, READY, RUNNING, SUCCEEDED, TIMED_OUT,
                                  SECURE, TRAIN, TRAINING, VERSION, condition, set_condition)
+from fedfm.operators import tenant
 from fedfm.operators.jobs import job_manifest
 from fedfm.secure_round import check_secure_output
 
@@ -83,7 +84,7 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
         return
     client_round = copy.deepcopy(dict(body))
     federated_client = kube.get_federated_client(namespace, spec["client"])
-    refusal = _refusal(spec, federated_client, namespace)
+    refusal = _refusal(spec, federated_client, namespace) or tenant.refusal(client_round, federated_client)
     if refusal:
         reason, message = refusal
         _finish(client_round, FAILED, reason, message)

@@ -7,6 +7,7 @@ from typing import Any
 
 from fedfm.operators.api import (API_VERSION, EVALUATE, LABEL_CLIENT, LABEL_CLIENT_ROUND, LABEL_FEDERATION,
                                  LABEL_PURPOSE, LABEL_ROUND, SECURE)
+from fedfm.operators.tenant import job_config, state_volume
 
 DATA_MOUNT = "/data"
 CONFIG_ENV = "FEDFM_CONFIG"
@@ -83,11 +84,13 @@ def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
         LABEL_PURPOSE: spec["purpose"].lower(),
         LABEL_CLIENT_ROUND: meta["name"],
     }
+    # the round's config with the tenant's own state location in it, whatever the round's config said
+    config = job_config(spec["config"], federated_client)
     container: dict[str, Any] = {
         "name": "fedfm",
         "image": client_spec["image"],
         "command": command(client_round, federated_client),
-        "env": [{"name": CONFIG_ENV, "value": json.dumps(spec["config"], sort_keys=True)},
+        "env": [{"name": CONFIG_ENV, "value": json.dumps(config, sort_keys=True)},
                 {"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": SCRATCH}],
         "resources": _resources(client_spec.get("resources") or {}),
         # the tenant's code runs with nothing it does not need: no root, no capabilities, no writes outside
@@ -103,13 +106,19 @@ def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
                            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                            "volumes": [{"name": "scratch", "emptyDir": {}}],
                            "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS}
-    data = client_spec["data"]
-    if "secretRef" in data:
-        container["envFrom"] = [{"secretRef": {"name": data["secretRef"]["name"]}}]
+    data, state = client_spec["data"], client_spec.get("state") or {}
+    # the tenant's Secrets: its data's credentials, then its state's (a key in both takes the state's value)
+    secrets = [part["secretRef"]["name"] for part in (data, state) if "secretRef" in part]
+    if secrets:
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in dict.fromkeys(secrets)]
     if "pvc" in data:
         container["volumeMounts"].append({"name": "data", "mountPath": DATA_MOUNT, "readOnly": True})
         pod["volumes"].append({"name": "data", "persistentVolumeClaim": {"claimName": data["pvc"]["claimName"],
                                                                          "readOnly": True}})
+    state_pvc = state_volume(federated_client)
+    if state_pvc:
+        pod["volumes"].append(state_pvc[0])
+        container["volumeMounts"].append(state_pvc[1])
     if client_spec.get("serviceAccountName"):
         pod["serviceAccountName"] = client_spec["serviceAccountName"]
     resources = client_spec.get("resources") or {}

@@ -126,13 +126,11 @@ def run_local(cfg: FederationConfig | None, output: Path,
 def with_client_state_here(cfg: FederationConfig, output: Path) -> FederationConfig:
     """``cfg``, with clients that keep state of their own (FedSA-LoRA's lora_B, secure aggregation's keys
     and plain update, compression's residual) keeping it under ``output/client-state/`` unless the config
-    says where."""
-    from fedfm.strategies import configure_client
+    says where. In kubernetes mode each tenant's FederatedClient says where (``spec.state``), not the run."""
+    from fedfm.strategies import client_keeps
 
-    keeps = (cfg.secure_aggregation.enabled
-             or (cfg.compression.error_feedback and cfg.compression.method in ("int8", "topk"))
-             or any(configure_client(cfg, client, 1).lora.keep_b_local for client in cfg.training_clients))
-    if not keeps or cfg.execution.client_state_uri:
+    if cfg.execution.mode != "local" or cfg.execution.client_state_uri \
+            or not any(client_keeps(cfg, client) for client in cfg.training_clients):
         return cfg
     return cfg.with_overrides({"execution.client_state_uri": str(Path(output).resolve() / "client-state")})
 

@@ -52,24 +52,35 @@ def expected_update_shapes(cfg: FederationConfig, client: str, round_index: int,
             and not (client_lora.keep_b_local and lora.is_lora_b(name))}
 
 
+def client_keeps(cfg: FederationConfig, client: str) -> list[str]:
+    """What ``client`` keeps with itself from one step or round to the next (and so needs a state location
+    for, one only it can read): FedSA-LoRA's lora_B, error feedback's residual, secure aggregation's keys and
+    plain update. Empty when the client keeps nothing."""
+    kept = []
+    if configure_client(cfg, client, 1).lora.keep_b_local:
+        kept.append(f"its lora_B (strategy {build_strategy(cfg.strategy).name!r})")
+    if cfg.compression.error_feedback and cfg.compression.method in ("int8", "topk"):
+        kept.append(f"its residual (compression {cfg.compression.method!r} with error feedback)")
+    if cfg.secure_aggregation.enabled:
+        kept.append("its secure-aggregation keys and plain update")
+    return kept
+
+
 def check_federation(cfg: FederationConfig) -> Strategy:
     """The federation's strategy, checked against the rest of the config (mixed LoRA ranks need a
-    rule that can combine them)."""
+    rule that can combine them). In cluster mode each tenant says where it keeps its state (its
+    FederatedClient's ``spec.state``, which the operator checks), so only a local run needs one here."""
     strategy = build_strategy(cfg.strategy)
     feedback = cfg.compression.error_feedback and cfg.compression.method in ("int8", "topk")
     for client in cfg.training_clients:
-        client_lora = configure_client(cfg, client, 1).lora
-        if client_lora.keep_b_local and cfg.client_state_location(client) is None:
-            raise ConfigError(f"strategy {strategy.name!r} keeps each client's lora_B with the client; client "
-                              f"{client} has nowhere to keep it: set its state_uri or execution.client_state_uri")
-        if feedback and client_lora.restart:
+        if feedback and configure_client(cfg, client, 1).lora.restart:
             raise ConfigError(f"compression.error_feedback carries what one round's update left out into the next; "
                               f"strategy {strategy.name!r} trains fresh LoRA factors every round, so nothing carries "
                               "over: set compression.error_feedback to false")
-        if feedback and cfg.client_state_location(client) is None:
-            raise ConfigError(f"compression {cfg.compression.method!r} with error feedback keeps each client's "
-                              f"residual with the client; client {client} has nowhere to keep it: set its state_uri "
-                              "or execution.client_state_uri (or compression.error_feedback to false)")
+        kept = client_keeps(cfg, client)
+        if kept and cfg.execution.mode == "local" and cfg.client_state_location(client) is None:
+            raise ConfigError(f"client {client} has nowhere to keep {' and '.join(kept)}: set its state_uri or "
+                              "execution.client_state_uri")
     for feature, on in (("privacy (DP-FedAvg)", cfg.privacy.enabled),
                         ("secure_aggregation", cfg.secure_aggregation.enabled)):
         if on and not strategy.from_mean:
@@ -83,10 +94,6 @@ def check_federation(cfg: FederationConfig) -> Strategy:
     if secagg.enabled and secagg.threshold is not None and secagg.threshold > len(cfg.training_clients):
         raise ConfigError(f"secure_aggregation.threshold {secagg.threshold} exceeds the "
                           f"{len(cfg.training_clients)} client(s) that train")
-    for client in cfg.training_clients:
-        if secagg.enabled and cfg.client_state_location(client) is None:
-            raise ConfigError(f"secure_aggregation keeps each client's keys and plain update with the client; client "
-                              f"{client} has nowhere to keep them: set its state_uri or execution.client_state_uri")
     if cfg.privacy.enabled:
         from fedfm.privacy import noise_multiplier, rounds_within_budget, update_noise_multiplier
 
@@ -122,5 +129,5 @@ def build_strategy(config: StrategyConfig) -> Strategy:
         raise ConfigError(f"strategy {config.name!r}: bad parameters {config.params}: {exc}") from None
 
 
-__all__ = ["STRATEGIES", "Aggregate", "ServerState", "Strategy", "build_strategy", "check_federation",
+__all__ = ["STRATEGIES", "Aggregate", "ServerState", "Strategy", "build_strategy", "check_federation", "client_keeps",
            "configure_client", "expected_update_shapes"]

@@ -262,11 +262,13 @@ def federation_config(name: str, settings: dict | None = None, **policy) -> Fede
 
 
 def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None, stranded: tuple[str, ...] = (),
-                    hostile: tuple[str, ...] = (), in_store: tuple[str, ...] = (), **policy) -> Federation:
+                    hostile: tuple[str, ...] = (), in_store: tuple[str, ...] = (), keep_state: bool = False,
+                    **policy) -> Federation:
     """A Federation in the platform namespace and three enrolled tenants a, b, c, each with its data on a
     claim, the store's keys in its Secret and a ServiceAccount (``settings``: dotted config overrides;
     ``stranded``: tenants whose Pods have no node to run on; ``hostile``: tenants whose Pods send NaN updates;
-    ``in_store``: tenants whose Jobs fetch their rows from the object store instead, with their Secret's keys)."""
+    ``in_store``: tenants whose Jobs fetch their rows from the object store instead, with their Secret's keys;
+    ``keep_state``: each tenant's FederatedClient keeps its state under NAME-tenant-state/TENANT/ in the store)."""
     plane, workdir = cluster.plane, cluster.workdir / name
     workdir.mkdir(mode=0o755)
     cfg = federation_config(name, settings, **policy)
@@ -312,6 +314,8 @@ def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None
                      "metadata": {"name": tenant, "namespace": namespaces[tenant], "labels": ENROLLED},
                      "spec": {"federationRef": {"name": name, "namespace": PLATFORM},
                               "data": {**sources[tenant], "secretRef": {"name": "store"}},
+                              **({"state": {"uri": f"s3://{BUCKET}/{name}-tenant-state/{tenant}"}} if keep_state
+                                 else {}),
                               "image": plane.images["fedfm"], "serviceAccountName": TENANT_SA,
                               "resources": resources}})
     config_file = workdir / "federation.json"
@@ -437,11 +441,11 @@ def test_two_rounds_on_three_tenants(cluster, tmp_path):
 
 def test_secure_aggregation_runs_its_steps_as_jobs_in_the_tenants_namespaces(cluster, tmp_path):
     """Every protocol step of every client is a ClientRound and a Job in the tenant's namespace; the
-    tenants' keys and plain updates stay in their own state locations; the storage the pipeline reads
-    holds masked updates only; the round aggregates all three."""
-    state = f"s3://{BUCKET}/fed-sa-tenant-state"
-    federation = make_federation(cluster, "fed-sa", settings={
-        "rounds": 1, "secure_aggregation.enabled": True, "execution.client_state_uri": state})
+    tenants' keys and plain updates stay in the state locations their FederatedClients name (the federation
+    config names none); the storage the pipeline reads holds masked updates only; the round aggregates all
+    three."""
+    federation = make_federation(cluster, "fed-sa", settings={"rounds": 1, "secure_aggregation.enabled": True},
+                                 keep_state=True)
     code, output = finish(fedfm_run(cluster, federation, tmp_path / "run"))
     assert code == 0, output + cluster.operator.log()
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]

@@ -109,6 +109,6 @@ def test_fedsalora_needs_somewhere_to_keep_b(tiny_config):
     from fedfm.errors import ConfigError
     from fedfm.strategies import check_federation
 
-    with pytest.raises(ConfigError, match="client tenant-0 has nowhere to keep it: set its state_uri or "
-                                          "execution.client_state_uri"):
+    with pytest.raises(ConfigError, match=r"client tenant-0 has nowhere to keep its lora_B \(strategy "
+                                          r"'fedsalora'\): set its state_uri or execution.client_state_uri"):
         check_federation(tiny_config("causal-lm", **{"strategy.name": "fedsalora"}))

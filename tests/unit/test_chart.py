@@ -28,6 +28,8 @@ TWO_TENANTS = {
          "labels": {"fedfm.dev/enrolled": "true"}},
         {"name": "bank-b", "namespace": "tenant-b", "federation": {"name": "support", "namespace": "kubeflow-user"},
          "data": {"pvc": {"claimName": "b-data", "path": "train.parquet"}},
+         "state": {"pvc": {"claimName": "b-state", "path": "fedfm"}},
+         "modelPolicy": {"allowedModels": ["meta-llama/Llama-3.2-1B@4e20de36"], "allowRemoteCode": False},
          "serviceAccount": {"create": False, "name": "b-jobs"}, "image": "registry.example/fedfm:gpu",
          "resources": {"cpu": 8, "memory": "32Gi", "gpus": 2, "nodeSelector": {"pool": "gpu"},
                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
@@ -125,6 +127,11 @@ def test_two_tenants_with_a_gpu_tenant_and_monitoring_on():
     b = find(objects, "FederatedClient", "bank-b", "tenant-b")[0]
     assert b["spec"]["resources"]["gpus"] == 2 and b["spec"]["resources"]["nodeSelector"] == {"pool": "gpu"}
     assert b["spec"]["data"] == {"pvc": {"claimName": "b-data", "path": "train.parquet"}}
+    # where b keeps its secrets and which models may run next to its data: b's to say, in its FederatedClient
+    assert b["spec"]["state"] == {"pvc": {"claimName": "b-state", "path": "fedfm"}}
+    assert b["spec"]["modelPolicy"] == {"allowedModels": ["meta-llama/Llama-3.2-1B@4e20de36"],
+                                        "allowRemoteCode": False}
+    assert "state" not in a["spec"] and "modelPolicy" not in a["spec"]
     assert b["spec"]["image"] == "registry.example/fedfm:gpu" and b["spec"]["serviceAccountName"] == "b-jobs"
 
     monitor = find(objects, "ServiceMonitor", "fedfm-operator", NAMESPACE)[0]

@@ -211,8 +211,7 @@ def test_a_storage_path_the_filesystem_refuses():
 
 
 def test_kubernetes_mode_does_not_look_up_local_paths():
-    cfg = config(execution={"mode": "kubernetes", "storage_uri": "s3://bucket/fedfm",
-                            "client_state_uri": "/mnt/tenant-state"},
+    cfg = config(execution={"mode": "kubernetes", "storage_uri": "s3://bucket/fedfm"},
                  model={"name_or_path": "/models/in-the-image"},
                  data={"source": "/data/in-the-pod.csv", "labels": ["a", "b"]})
     check_inputs(cfg)
