@@ -357,7 +357,8 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
                                "secure_aggregation": {"survivors": survivors, "threshold": keys["threshold"],
                                                       "dropped": sorted(set(keys["public"]) - set(survivors))}}
     if cfg.privacy.enabled:  # the server learns no sample count: 0 stands for unknown
-        mean, metrics["privacy"], privacy_state = _private_mean(cfg, round_index, summed, privacy_state)
+        mean, metrics["privacy"], privacy_state = _private_mean(cfg, round_index, summed, privacy_state,
+                                                                len(survivors))
         samples = 0
     else:
         weight, loss = float(summed.pop(WEIGHT)[0]), float(summed.pop(LOSS)[0])
@@ -384,18 +385,51 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
                        extra_state)
 
 
-def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, state: privacy.PrivacyState
-                  ) -> tuple[Tensors, dict[str, Any], privacy.PrivacyState]:
+# How many standard deviations of the summed noise the sum's norm may exceed |U|·C by: a Gaussian vector's norm
+# passes σ(√d + t) with probability at most exp(−t²/2), e^-50 here, so an honest round is never refused.
+_NOISE_TAIL = 10.0
+
+
+def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, state: privacy.PrivacyState,
+                  survivors: int) -> tuple[Tensors, dict[str, Any], privacy.PrivacyState]:
     """DP-FedAvg's mean from a sum the clients already noised: the budget, the fixed denominator, and
     adaptive clipping's next norm from the noised count."""
     figures, after = privacy.release(cfg, round_index, state)
     figures["noise"] = "client"
+    _check_private_sum(cfg, round_index, summed, survivors, figures["clip_norm"])
     unclipped = float(summed.pop(UNCLIPPED)[0]) if UNCLIPPED in summed else None
     mean = {name: value / privacy.expected_clients(cfg) for name, value in summed.items()}
     if unclipped is not None:
         after.clip_norm = privacy.clip_step(cfg, figures["clip_norm"], unclipped)
         figures.update(unclipped=unclipped, next_clip_norm=after.clip_norm)
     return mean, figures, after
+
+
+def _check_private_sum(cfg: FederationConfig, round_index: int, summed: Tensors, survivors: int,
+                       clip: float) -> None:
+    """Each of the |U| survivors put in its update clipped to C plus Gaussian noise (``train_inputs``), so the
+    sum's norm is at most |U|·C plus the summed noise's, and the unclipped count is between 0 and |U| plus
+    its noise. A sum beyond that has an update in it that was never clipped (a tenant's, which the masks
+    hide): it would move the model as far as that tenant likes, and no aggregate is produced."""
+    share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index))), 1))
+    spread = math.sqrt(survivors) / share  # the sum of |U| noises of σ/√m each: σ·√(|U|/m)
+    update = {name: value for name, value in summed.items() if name != UNCLIPPED}
+    dimension = sum(value.numel() for value in update.values())
+    noise = privacy.update_noise_multiplier(cfg) * clip * spread
+    bound = survivors * clip + noise * (math.sqrt(dimension) + _NOISE_TAIL)
+    norm = l2_norm(update)
+    if not norm <= bound:  # NaN fails too
+        raise SecureAggregationError(f"round {round_index}: the unmasked sum of the {survivors} survivors' updates has "
+                                     f"norm {norm:.4g}, more than {survivors} updates clipped to {clip:g} and their "
+                                     f"noise can make ({bound:.4g}): a client put in an update it did not clip; no "
+                                     "aggregate is produced")
+    if UNCLIPPED in summed:
+        count, slack = float(summed[UNCLIPPED][0]), privacy.count_stddev(cfg) * spread * _NOISE_TAIL
+        if not -slack <= count <= survivors + slack:
+            raise SecureAggregationError(f"round {round_index}: the unmasked count of unclipped updates is {count:.4g} "
+                                         f"for {survivors} survivors (noise allows {-slack:.3g} to "
+                                         f"{survivors + slack:.3g}): a client put in a forged count; no aggregate is "
+                                         "produced")
 
 
 def _layout(cfg: FederationConfig, round_index: int, global_tensors: Tensors) -> list[tuple[str, tuple[int, ...]]]:

@@ -123,6 +123,38 @@ def test_an_impossible_masked_weight_is_caught_in_the_unmasked_sum(tiny_config, 
     assert not (tmp_path / "secure" / "work" / "round-1" / "global_adapter.safetensors").exists()
 
 
+@pytest.mark.parametrize("forged", ["update", "count"])
+def test_under_privacy_an_unclipped_update_or_a_forged_count_is_caught_in_the_unmasked_sum(
+        tiny_config, tmp_path, monkeypatch, forged):
+    """Issue 17, finding 8 under DP: the server cannot see whether a tenant clipped its update, and a tenant that
+    put in its update ×1000 (or a count of −1000 unclipped updates, steering adaptive clipping) once moved the
+    model as it liked. The unmasked sum is now held to what |U| clipped updates and their noise can make."""
+    from fedfm import secure_round
+    from fedfm.errors import SecureAggregationError
+    from fedfm.simulation import simulate
+
+    honest_contribution = secure_round._contribution
+
+    def hostile(cfg, round_index, client, tensors, samples, train_loss, noise):
+        contribution = honest_contribution(cfg, round_index, client, tensors, samples, train_loss, noise)
+        if client == "tenant-1" and forged == "update":
+            contribution = {name: value * 1000 if name != secure_round.UNCLIPPED else value
+                            for name, value in contribution.items()}
+        elif client == "tenant-1":
+            contribution[secure_round.UNCLIPPED] = torch.tensor([-1000.0])
+        return contribution
+
+    monkeypatch.setattr(secure_round, "_contribution", hostile)
+    cfg = tiny_config(rounds=1, clients=3, **{"secure_aggregation.enabled": True, "privacy.noise_multiplier": 0.5,
+                                              "privacy.clip_norm": 0.5, "privacy.adaptive_clipping": {}})
+    message = (r"the unmasked sum of the 3 survivors' updates has norm .* more than 3 updates clipped to 0.5 and "
+               r"their noise can make" if forged == "update" else
+               r"the unmasked count of unclipped updates is -9\d\d.* for 3 survivors .* a client put in a forged count")
+    with pytest.raises(SecureAggregationError, match=message):
+        simulate(cfg, tmp_path / "secure")
+    assert not (tmp_path / "secure" / "work" / "round-1" / "global_adapter.safetensors").exists()
+
+
 def test_below_the_threshold_the_round_fails_and_no_aggregate_is_written(tiny_config, tmp_path, monkeypatch):
     from fedfm.simulation import simulate
 
