@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfm-stack
 ARGS  ?=
 
-.PHONY: venv run test compile images bench-quality bench-overhead bench-aggregate bench-secagg bench-robust clean
+.PHONY: venv run test compile images lock bench-quality bench-overhead bench-aggregate bench-secagg bench-robust clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/install-stack.sh
 	scripts/install-stack.sh $(VENV)
@@ -30,6 +30,10 @@ compile: venv
 ## offline (no registry reachable) from a Debian base made from Debian's archive and a wheelhouse filled here
 images: venv
 	scripts/build-images.sh
+
+## lock: requirements.lock, the files the images install with their sha256 (run after changing constraints.txt)
+lock: venv
+	$(PY) scripts/lock-stack.py
 
 bench-quality: venv
 	$(PY) bench/quality.py $(ARGS)

