@@ -17,12 +17,20 @@ os.environ.update(
 )
 
 CLUSTER_TESTS = "tests/cluster/"
+# Tests that share one expensive session fixture, each set kept on one worker so that the fixture runs once.
+SHARED_RUNS = {
+    "classification-pipeline-run": (
+        "tests/integration/test_pipeline.py::test_two_rounds_three_clients_under_kfp_local[classification]",
+        "tests/integration/test_simulate.py::test_simulate_gives_the_pipelines_results_and_files",
+    ),
+}
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist with ``--dist loadgroup`` (``make test``): every test of tests/cluster in one worker, so
-    the session starts one control plane, not one per worker; every other test goes to whichever worker is free.
+    the session starts one control plane, not one per worker; the tests of each of ``SHARED_RUNS`` in one worker,
+    so that their shared fixture runs once; every other test goes to whichever worker is free.
 
     A scheduler rather than an ``xdist_group`` mark: with pytest 9.2, xdist 3.8 no longer sees marks added at
     collection (pytest-dev/pytest-xdist#1386)."""
@@ -32,7 +40,10 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ClusterTestsTogether(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "cluster" if nodeid.startswith(CLUSTER_TESTS) else super()._split_scope(nodeid)
+            if nodeid.startswith(CLUSTER_TESTS):
+                return "cluster"
+            return next((name for name, tests in SHARED_RUNS.items() if nodeid in tests),
+                        super()._split_scope(nodeid))
 
     return ClusterTestsTogether(config, log)
 
@@ -141,3 +152,16 @@ def tiny_config(tiny_classifier, tiny_causal_lm):
         return resolve_labels(base.with_overrides(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def classification_pipeline_run(tiny_config, tmp_path_factory):
+    """``(cfg, run, events)``: one kfp.local run of a 2-round, 3-client classification federation and the progress
+    events it emitted. test_pipeline checks the run, test_simulate compares simulate with it (SHARED_RUNS keeps
+    the two on one worker): one pipeline run serves both."""
+    from fedfm.pipelines.local_runner import run_local
+
+    cfg = tiny_config(rounds=2, clients=3, **{"training.local_steps": 6})
+    seen: list[dict] = []
+    run = run_local(cfg, tmp_path_factory.mktemp("classification-pipeline") / "run", on_event=seen.append)
+    return cfg, run, seen

@@ -77,10 +77,6 @@ def check_federation(cfg: FederationConfig) -> Strategy:
             raise ConfigError(f"compression.error_feedback carries what one round's update left out into the next; "
                               f"strategy {strategy.name!r} trains fresh LoRA factors every round, so nothing carries "
                               "over: set compression.error_feedback to false")
-        kept = client_keeps(cfg, client)
-        if kept and cfg.execution.mode == "local" and cfg.client_state_location(client) is None:
-            raise ConfigError(f"client {client} has nowhere to keep {' and '.join(kept)}: set its state_uri or "
-                              "execution.client_state_uri")
     for feature, on in (("privacy (DP-FedAvg)", cfg.privacy.enabled),
                         ("secure_aggregation", cfg.secure_aggregation.enabled)):
         if on and not strategy.from_mean:
@@ -94,6 +90,11 @@ def check_federation(cfg: FederationConfig) -> Strategy:
     if secagg.enabled and secagg.threshold is not None and secagg.threshold > len(cfg.training_clients):
         raise ConfigError(f"secure_aggregation.threshold {secagg.threshold} exceeds the "
                           f"{len(cfg.training_clients)} client(s) that train")
+    for client in cfg.training_clients:
+        kept = client_keeps(cfg, client)
+        if kept and cfg.execution.mode == "local" and cfg.client_state_location(client) is None:
+            raise ConfigError(f"client {client} has nowhere to keep {' and '.join(kept)}: set its state_uri or "
+                              "execution.client_state_uri")
     if cfg.privacy.enabled:
         from fedfm.privacy import noise_multiplier, rounds_within_budget, update_noise_multiplier
 

@@ -30,14 +30,21 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.mark.slow
-def test_a_local_run_pushes_its_metrics(pushgateway, tiny_classifier, tmp_path):
+def test_a_run_from_flags_pushes_its_metrics(pushgateway, tiny_classifier, tmp_path):
+    """`fedfm run` configured by flags alone, with --pushgateway: the flags make the run's config, and its
+    metrics reach a real Pushgateway."""
     result = CliRunner().invoke(app, [
         "run", "--model", tiny_classifier, "--dataset", "builtin:topics", "--max-samples", "200", "--clients", "2",
-        "--rounds", "2", "--local-steps", "3", "--lora-r", "2", "--output", str(tmp_path / "run"),
-        "--pushgateway", pushgateway.url])
+        "--partition", "dirichlet:1.0", "--rounds", "2", "--local-steps", "3", "--lora-r", "2", "--seed", "3",
+        "--output", str(tmp_path / "run"), "--pushgateway", pushgateway.url])
     assert result.exit_code == 0, result.output
+    assert "global accuracy:" in result.output and "summary" in result.output
     assert f"metrics pushed to {pushgateway.url} (job=fedfm, federation=fedfm)" in " ".join(result.output.split())
-    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["lora"]["r"] == 2 and metrics["config"]["seed"] == 3
+    assert metrics["config"]["data"]["partition"] == "dirichlet:1.0"
+    assert sorted(metrics["rounds"][1]["clients"]) == ["tenant-0", "tenant-1"]
+    history = metrics["rounds"]
     text = pushgateway.metrics()
     grouping = {"job": "fedfm", "federation": "fedfm"}
     assert _sample(text, "fedfm_rounds_completed", **grouping) == 2

@@ -126,8 +126,37 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(uninterrupt
     # the killed round's partial work is set aside, not deleted
     if command == "simulate":
         assert list((run / "work").glob(f"round-{rounds}.interrupted-*"))
+    if command == "run" and secure:
+        _check_a_secure_pipeline_round(run, events.read(run / "events.jsonl")[0], round_index=1)
     with pytest.raises(subprocess.CalledProcessError):  # a finished run is not resumed again
         subprocess.run([FEDFM, command, "--resume", str(run)], capture_output=True, check=True, timeout=300)
+
+
+def _check_a_secure_pipeline_round(run: Path, seen: list[dict], round_index: int) -> None:
+    """kfp.local ran each client step of the round as its own task (advertise, share, fine-tune, reveal) and the
+    server's relays between them; the server's tasks held masked updates only, and the plain updates stayed in
+    each client's own state location."""
+    from fedfm.adapters import load_adapter
+
+    clients = ["tenant-0", "tenant-1", "tenant-2"]
+    tasks = run / "kfp"
+    written = [load_adapter(path) for path in tasks.rglob("new_global_adapter") if path.is_file()]
+    # the round's aggregate, and the copies of it that the resumed run's steps for that round passed on
+    aggregated = [adapter for adapter in written if adapter.meta.round == round_index]
+    assert aggregated and all(adapter.meta.metrics["secure_aggregation"] == {
+        "survivors": clients, "threshold": 2, "dropped": []} for adapter in aggregated)
+    assert not list(tasks.rglob("client-finetune*"))  # the plain fine-tune step never ran
+    # (the killed run's unfinished tasks left empty placeholders for their outputs)
+    masked = [path for path in tasks.rglob("update") if path.is_file() and path.stat().st_size]
+    assert masked and all(load_file(path).keys() == {"masked"} for path in masked)
+    plain = sorted((run / "client-state").glob(f"*/secagg/round-{round_index:04d}/update.safetensors"))
+    assert len(plain) == 3  # they stay in each client's own state location
+    finished = {(e["step"], e.get("client")) for e in seen
+                if e["event"] == "finished" and e.get("round") == round_index}
+    for step in ("secagg_advertise", "secagg_share", "client_finetune", "secagg_reveal"):
+        assert {client for name, client in finished if name == step} == set(clients), step
+    assert {("secagg_relay_keys", None), ("secagg_relay_shares", None), ("secagg_sum", None),
+            ("aggregate", None), ("evaluate", None)} <= finished
 
 
 def test_resume_refuses_new_config_flags_and_a_directory_that_is_not_a_run(tmp_path):

@@ -195,43 +195,8 @@ def test_secure_aggregation_is_refused_where_it_cannot_run(tiny_config, tmp_path
 # --- the same protocol as pipeline steps: `fedfm run` (kfp.local) and `fedfm compile` ---------------------
 
 
-def test_the_pipeline_runs_the_protocol_and_gives_simulates_adapter(tiny_config, tmp_path):
-    """kfp.local runs each client step as its own task (advertise, share, fine-tune, reveal) and the
-    server's relays between them; the round comes out as in ``fedfm simulate``, and the server's tasks
-    hold masked updates only."""
-    from safetensors.torch import load_file
-
-    from fedfm.pipelines.local_runner import run_local
-    from fedfm.simulation import simulate
-
-    cfg = tiny_config(rounds=1, clients=3, **{"secure_aggregation.enabled": True})
-    simulated = simulate(cfg, tmp_path / "sim")
-    seen = []
-    piped = run_local(cfg, tmp_path / "kfp", on_event=seen.append)
-
-    ours, theirs = (load_file(run.adapter_dir / "adapter_model.safetensors") for run in (simulated, piped))
-    assert sorted(ours) == sorted(theirs)
-    for name, value in ours.items():
-        torch.testing.assert_close(theirs[name], value, rtol=0, atol=1e-5)
-    record, expected = piped.history[1], simulated.history[1]
-    assert sorted(record["clients"]) == sorted(expected["clients"]) == cfg.client_names
-    assert record["missing"] == expected["missing"] == {} and record["samples"] == expected["samples"]
-    assert all(figures["bytes_up"] > 0 for figures in record["clients"].values())
-
-    tasks = tmp_path / "kfp" / "kfp"
-    [new_global] = [path for path in tasks.rglob("new_global_adapter") if path.is_file()]
-    assert load_adapter(new_global).meta.metrics["secure_aggregation"] == {
-        "survivors": cfg.client_names, "threshold": 2, "dropped": []}
-    assert not list(tasks.rglob("client-finetune*"))  # the plain fine-tune step never ran
-    masked = [path for path in tasks.rglob("update") if path.is_file()]
-    assert len(masked) == 3 and all(load_file(path).keys() == {"masked"} for path in masked)
-    plain = sorted((piped.output / "client-state").glob("*/secagg/round-0001/update.safetensors"))
-    assert len(plain) == 3  # they stay in each client's own state location
-    finished = {(e["step"], e.get("client")) for e in seen if e["event"] == "finished" and e.get("round") == 1}
-    for step in ("secagg_advertise", "secagg_share", "client_finetune", "secagg_reveal"):
-        assert {client for name, client in finished if name == step} == set(cfg.client_names), step
-    assert {("secagg_relay_keys", None), ("secagg_relay_shares", None), ("secagg_sum", None),
-            ("aggregate", None), ("evaluate", None)} <= finished
+# Under kfp.local, the protocol's tasks and what they hold: test_resume's run-secure-aggregation case, whose
+# pipeline run (interrupted and resumed) also gives simulate's adapter.
 
 
 def test_cli_compiles_a_secure_pipeline_that_validates(tiny_config, tmp_path):

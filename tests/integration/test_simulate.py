@@ -40,7 +40,7 @@ def _counting(monkeypatch, cls) -> list:
     return calls
 
 
-def test_simulate_gives_the_pipelines_results_and_files(tiny_config, tmp_path):
+def test_simulate_gives_the_pipelines_results_and_files(classification_pipeline_run, tmp_path):
     """The same config through kfp.local and through simulate: the same figures, round by round, the
     same final adapter, and a metrics.json of the same structure.
 
@@ -49,13 +49,11 @@ def test_simulate_gives_the_pipelines_results_and_files(tiny_config, tmp_path):
     torch.set_num_threads(1) here as well, the updates are bitwise equal)."""
     from peft import PeftConfig
 
-    from fedfm.pipelines.local_runner import run_local
     from fedfm.simulation import simulate
 
-    cfg = tiny_config(rounds=2, clients=3)
+    cfg, piped, _ = classification_pipeline_run  # shared with test_pipeline (tests/conftest.py)
     seen = []
     simulated = simulate(cfg, tmp_path / "sim", on_event=seen.append)
-    piped = run_local(cfg, tmp_path / "kfp")
 
     assert [r["round"] for r in simulated.history] == [r["round"] for r in piped.history] == [0, 1, 2]
     for ours, theirs in zip(simulated.history, piped.history):
