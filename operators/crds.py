@@ -163,25 +163,27 @@ def federation_crd() -> dict:
                 "A federated fine-tune in the platform namespace: its config and who may join.")
 
 
+def _storage_location(uri: str, credentials: str, description: str) -> Schema:
+    """A tenant's storage: a PersistentVolumeClaim path or a URI, with an optional Secret of credentials."""
+    return _object({
+        "pvc": _object({"claimName": _STRING, "path": _STRING}, required=["claimName", "path"]),
+        "uri": _STRING | {"description": uri},
+        "secretRef": _object({"name": _STRING}, required=["name"],
+                             description="a Secret in this namespace whose keys become the Job's environment "
+                                         f"({credentials})"),
+    }, oneOf=[{"required": ["pvc"]}, {"required": ["uri"]}], description=description)
+
+
 def federated_client_crd() -> dict:
-    data = _object({
-        "pvc": _object({"claimName": _STRING, "path": _STRING}, required=["claimName", "path"]),
-        "uri": _STRING | {"description": "fsspec URI of the training data (file, s3, gs, ...)"},
-        "secretRef": _object({"name": _STRING}, required=["name"],
-                             description="a Secret in this namespace whose keys become the Job's environment "
-                                         "(storage credentials)"),
-    }, oneOf=[{"required": ["pvc"]}, {"required": ["uri"]}],
-        description="where the tenant's data is: a PersistentVolumeClaim path (mounted read-only) or a URI")
-    state = _object({
-        "pvc": _object({"claimName": _STRING, "path": _STRING}, required=["claimName", "path"]),
-        "uri": _STRING | {"description": "fsspec URI of storage only this tenant can read and write"},
-        "secretRef": _object({"name": _STRING}, required=["name"],
-                             description="a Secret in this namespace whose keys become the Job's environment "
-                                         "(the state storage's credentials; they win over data.secretRef's)"),
-    }, oneOf=[{"required": ["pvc"]}, {"required": ["uri"]}],
-        description="where the tenant keeps what it never sends (secure aggregation's keys and plain update, "
-                    "FedSA-LoRA's lora_B, compression's residual): a PersistentVolumeClaim path (mounted read-write "
-                    "at /state) or a URI. The federation config cannot choose it.")
+    data = _storage_location(
+        "fsspec URI of the training data (file, s3, gs, ...)", "storage credentials",
+        "where the tenant's data is: a PersistentVolumeClaim path (mounted read-only) or a URI")
+    state = _storage_location(
+        "fsspec URI of storage only this tenant can read and write",
+        "the state storage's credentials; they win over data.secretRef's",
+        "where the tenant keeps what it never sends (secure aggregation's keys and plain update, FedSA-LoRA's "
+        "lora_B, compression's residual): a PersistentVolumeClaim path (mounted read-write at /state) or a URI. "
+        "The federation config cannot choose it.")
     model_policy = _object({
         "allowedModels": {"type": "array", "items": _STRING,
                           "description": "models this tenant's Jobs may load: a model id or glob (any revision), or "
