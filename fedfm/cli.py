@@ -24,6 +24,7 @@ from rich.table import Table
 
 from fedfm.config import FederationConfig, load_config
 from fedfm.errors import FedFMError
+from fedfm.pipelines.local_runner import STEP_RUNNERS
 from fedfm.report import quality_metric
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -41,9 +42,8 @@ class TaskName(str, enum.Enum):
     causal_lm = "causal-lm"
 
 
-class StepRunner(str, enum.Enum):  # fedfm.pipelines.local_runner.STEP_RUNNERS
-    subprocess = "subprocess"
-    docker = "docker"
+# How `fedfm run` runs each step (fedfm.pipelines.local_runner.STEP_RUNNERS, the one list of them).
+StepRunner = enum.Enum("StepRunner", {name: name for name in STEP_RUNNERS}, type=str)
 
 
 # option name -> (config path, type, help). Every command that builds a config takes all of them.

@@ -90,7 +90,10 @@ def run_local(cfg: FederationConfig | None, output: Path,
         if steps not in STEP_RUNNERS:
             raise FedFMError(f"no step runner {steps!r}: choose one of {', '.join(STEP_RUNNERS)}")
         image = (image or DEFAULT_IMAGE) if steps == "docker" else None
-        cfg = start_run(cfg, output, RUNNER, {"steps": steps, **({"image": image} if image else {})})
+    # how the steps run, in run.json (a resumed run goes on the same way) and in metrics.json
+    how = {"steps": steps, **({"image": image} if image else {})}
+    if not resume:
+        cfg = start_run(cfg, output, RUNNER, how)
     events_path, log_path = output / "events.jsonl", output / "run.log"
     environment = _step_values(cfg, events_path)
     if steps == "docker":
@@ -115,8 +118,7 @@ def run_local(cfg: FederationConfig | None, output: Path,
     shutil.copytree(task.outputs["adapter"].path, output / "adapter")
     run = LocalRun(output=output, history=history, seconds=seconds)
     write_metrics(run.metrics_path, cfg.as_dict(), history,
-                  {"seconds": seconds, "runner": RUNNER, "steps": steps, **({"image": image} if image else {}),
-                   "centralized": cfg.centralized,
+                  {"seconds": seconds, "runner": RUNNER, **how, "centralized": cfg.centralized,
                    "clients": cfg.training_clients, "resumed_from": resumed_from})
     mode = "centralized" if cfg.centralized else f"{len(cfg.training_clients)} clients"
     plot_report(run.report_path, cfg.task, history, f"{cfg.name}: {cfg.model.name_or_path}, {mode}")
