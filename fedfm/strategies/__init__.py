@@ -93,8 +93,9 @@ def check_federation(cfg: FederationConfig) -> Strategy:
     for client in cfg.training_clients:
         kept = client_keeps(cfg, client)
         if kept and cfg.execution.mode == "local" and cfg.client_state_location(client) is None:
+            remedy = " (or compression.error_feedback to false)" if feedback else ""
             raise ConfigError(f"client {client} has nowhere to keep {' and '.join(kept)}: set its state_uri or "
-                              "execution.client_state_uri")
+                              f"execution.client_state_uri{remedy}")
     if cfg.privacy.enabled:
         from fedfm.privacy import noise_multiplier, rounds_within_budget, update_noise_multiplier
 

@@ -90,7 +90,8 @@ def test_a_client_sends_its_update_compressed_and_keeps_what_it_left_out(tiny_co
 def test_error_feedback_without_a_state_location_fails_before_training(tiny_config, tmp_path):
     cfg = tiny_config(**{"compression.method": "int8"})
     with pytest.raises(ConfigError, match=r"client tenant-0 has nowhere to keep its residual \(compression 'int8' "
-                                          r"with error feedback\): set its state_uri"):
+                                          r"with error feedback\): set its state_uri or execution.client_state_uri "
+                                          r"\(or compression.error_feedback to false\)"):
         initialize(cfg, str(tmp_path / "global.safetensors"))  # the federation is refused before it starts
     assert not (tmp_path / "global.safetensors").exists()
     initialize(tiny_config(), str(tmp_path / "global.safetensors"))
