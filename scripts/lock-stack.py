@@ -52,13 +52,15 @@ def file_hashes(pins: dict[str, str]) -> dict[str, str]:
         requirements.write_text("".join(f"{name}=={version}\n" for name, version in pins.items()))
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-build-isolation",
                         "-d", scratch, "-r", str(requirements)], check=True)
+        from packaging.utils import canonicalize_name
+
         downloaded: dict[str, list[Path]] = {}
         for path in Path(scratch).iterdir():
             if path.name != "pins.txt":
                 downloaded.setdefault(_distribution(path.name), []).append(path)
         hashes = {}
         for name in pins:
-            found = downloaded.get(_distribution_name(name), [])
+            found = downloaded.get(canonicalize_name(name), [])
             if len(found) != 1:
                 raise SystemExit(f"lock-stack: expected one downloaded file for {name}, found "
                                  f"{[path.name for path in found]}")
@@ -66,18 +68,12 @@ def file_hashes(pins: dict[str, str]) -> dict[str, str]:
     return hashes
 
 
-def _distribution_name(name: str) -> str:
-    from packaging.utils import canonicalize_name
-
-    return canonicalize_name(name)
-
-
 def _distribution(filename: str) -> str:
-    """The project a wheel's or source archive's file is of (normalized)."""
+    """The project a wheel's or source archive's file is of (normalized, as canonicalize_name gives it)."""
     from packaging.utils import parse_sdist_filename, parse_wheel_filename
 
     parse = parse_wheel_filename if filename.endswith(".whl") else parse_sdist_filename
-    return _distribution_name(parse(filename)[0])
+    return parse(filename)[0]
 
 
 def main() -> None:
