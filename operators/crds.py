@@ -206,6 +206,10 @@ def federated_client_crd() -> dict:
         "state": state,
         "modelPolicy": model_policy,
         "resources": resources,
+        "env": {"type": "array", "description": "environment variables for the tenant's Jobs (a proxy, "
+                "HF_HUB_OFFLINE, OMP_NUM_THREADS, ...); FedFM's own (FEDFM_CONFIG, HOME, PYTHONUNBUFFERED) are not "
+                "replaced, and OMP_NUM_THREADS given here wins over the one resources.cpu implies",
+                "items": _object({"name": _STRING | {"minLength": 1}, "value": _STRING}, required=["name", "value"])},
         "image": _STRING | {"description": "the FedFM image the tenant's Jobs run"},
         "serviceAccountName": _STRING,
     }, required=["federationRef", "data", "image"])

@@ -99,8 +99,12 @@ def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
                             "readOnlyRootFilesystem": True, "runAsNonRoot": True},
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}],
     }
+    # the tenant's own variables, but none of the above: the config the Job runs is the operator's
+    own = {item["name"] for item in container["env"]}
+    container["env"] += [{"name": item["name"], "value": str(item["value"])}
+                         for item in client_spec.get("env") or [] if item["name"] not in own]
     threads = threads_per_process(federated_client)
-    if threads is not None:
+    if threads is not None and not any(item["name"] == "OMP_NUM_THREADS" for item in container["env"]):
         container["env"].append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container],
                            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},

@@ -15,6 +15,10 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
     DS_ACCELERATOR="cpu",
 )
+# One CPU thread per process unless told otherwise: `make test` runs a worker per core, and each worker's
+# processes (and the fine-tunes they start) use the cores together, so torch's thread per core in each only
+# makes them wait on each other (the same tests took twice the CPU time with it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CLUSTER_TESTS = "tests/cluster/"
 # Tests that share one expensive session fixture, each set kept on one worker so that the fixture runs once.

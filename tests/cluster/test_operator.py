@@ -308,7 +308,8 @@ def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None
             cluster.store.s3.upload_file(str(data[tenant]), BUCKET, key)
             sources[tenant] = {"uri": f"s3://{BUCKET}/{key}"}
     for tenant in clients:
-        # memory only: a CPU limit would throttle each Pod to a share of the machine's 2 cores
+        # memory only: a CPU limit would throttle each Pod to a share of the machine's 2 cores; one thread, as
+        # every process of the suite (tests/conftest.py), so that Pods running at once do not wait on each other
         resources = {"memory": "3Gi", **({"nodeSelector": NOWHERE} if tenant in stranded else {})}
         plane.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "FederatedClient",
                      "metadata": {"name": tenant, "namespace": namespaces[tenant], "labels": ENROLLED},
@@ -317,7 +318,7 @@ def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None
                               **({"state": {"uri": f"s3://{BUCKET}/{name}-tenant-state/{tenant}"}} if keep_state
                                  else {}),
                               "image": plane.images["fedfm"], "serviceAccountName": TENANT_SA,
-                              "resources": resources}})
+                              "resources": resources, "env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}})
     config_file = workdir / "federation.json"
     config_file.write_text(json.dumps(cfg.as_dict()))
     for tenant in clients:

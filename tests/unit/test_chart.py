@@ -30,6 +30,7 @@ TWO_TENANTS = {
          "data": {"pvc": {"claimName": "b-data", "path": "train.parquet"}},
          "state": {"pvc": {"claimName": "b-state", "path": "fedfm"}},
          "modelPolicy": {"allowedModels": ["meta-llama/Llama-3.2-1B@4e20de36"], "allowRemoteCode": False},
+         "env": [{"name": "HTTPS_PROXY", "value": "http://proxy.b:3128"}],
          "serviceAccount": {"create": False, "name": "b-jobs"}, "image": "registry.example/fedfm:gpu",
          "resources": {"cpu": 8, "memory": "32Gi", "gpus": 2, "nodeSelector": {"pool": "gpu"},
                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
@@ -146,7 +147,8 @@ def test_two_tenants_with_a_gpu_tenant_and_monitoring_on():
     assert b["spec"]["state"] == {"pvc": {"claimName": "b-state", "path": "fedfm"}}
     assert b["spec"]["modelPolicy"] == {"allowedModels": ["meta-llama/Llama-3.2-1B@4e20de36"],
                                         "allowRemoteCode": False}
-    assert "state" not in a["spec"] and "modelPolicy" not in a["spec"]
+    assert b["spec"]["env"] == [{"name": "HTTPS_PROXY", "value": "http://proxy.b:3128"}]
+    assert "state" not in a["spec"] and "modelPolicy" not in a["spec"] and "env" not in a["spec"]
     assert b["spec"]["image"] == "registry.example/fedfm:gpu" and b["spec"]["serviceAccountName"] == "b-jobs"
 
     monitor = find(objects, "ServiceMonitor", "fedfm-operator", NAMESPACE)[0]

@@ -108,6 +108,20 @@ def test_a_job_with_a_cpu_limit_runs_that_many_threads(cpu, processes, threads):
     assert {item["name"]: item["value"] for item in container["env"]}.get("OMP_NUM_THREADS") == threads
 
 
+def test_a_tenants_own_environment_reaches_its_jobs_but_cannot_replace_fedfms():
+    """spec.env: the tenant's variables (OMP_NUM_THREADS given there wins over the one resources.cpu implies);
+    the config the Job runs and its scratch HOME stay the operator's."""
+    container = job_manifest(_round(), _client(resources={"cpu": 4}, env=[
+        {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}, {"name": "OMP_NUM_THREADS", "value": "1"},
+        {"name": "FEDFM_CONFIG", "value": "{}"}, {"name": "HOME", "value": "/data"}]))["spec"]["template"]["spec"][
+        "containers"][0]
+    names = [item["name"] for item in container["env"]]
+    assert len(names) == len(set(names))  # one value each: no later entry silently wins
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["HTTPS_PROXY"] == "http://proxy:3128" and env["OMP_NUM_THREADS"] == "1"
+    assert json.loads(env["FEDFM_CONFIG"]) == {"name": "fed"} and env["HOME"] != "/data"
+
+
 def test_every_tenant_job_runs_non_root_on_a_read_only_root_with_only_a_scratch_writable():
     for purpose in (TRAIN, EVALUATE):
         pod = job_manifest(_round(purpose), _client())["spec"]["template"]["spec"]
