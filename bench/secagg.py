@@ -1,4 +1,4 @@
-"""What secure aggregation (fedfm.secagg) costs per client and on the server, against plain aggregation.
+"""What secure aggregation (fedfm.trust.secagg) costs per client and on the server, against plain aggregation.
 
     python bench/secagg.py [--clients 8 32 100] [--elements 700000] [--fraction-bits 24] [--drop 0.1]
 
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedfm import secagg  # noqa: E402
+from fedfm.trust import secagg  # noqa: E402
 
 CONTEXT = b"bench/round-1"
 SEED = 2017

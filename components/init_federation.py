@@ -20,7 +20,7 @@ def init_federation(
     from fedfm import checkpoint, events, storage
     from fedfm.adapters import read_meta
     from fedfm.errors import CheckpointError, ConfigError
-    from fedfm.federation import initialize, step_config
+    from fedfm.federation import initialize, step_config, write_initial_server_state
 
     with events.step("init"):
         cfg = step_config(config)
@@ -36,7 +36,7 @@ def init_federation(
         start = checkpoint.require_start(checkpoint.checkpoint_root(cfg, run_id), start_round)
         if start is None:
             meta = initialize(cfg, global_adapter.path)
-            storage.write_bytes(server_state.path, b"")  # the strategy's state before round 1: none
+            write_initial_server_state(cfg, server_state.path)
             storage.write_bytes(history.path, b"[]")
         else:
             for role, output in (("global_adapter", global_adapter), ("server_state", server_state),

@@ -1,5 +1,5 @@
 """A round under secure aggregation (``secure_aggregation.enabled``): the protocol of
-:mod:`fedfm.secure_round` as pipeline steps, in the order ``fedfm simulate`` runs them.
+:mod:`fedfm.trust.secure_round` as pipeline steps, in the order ``fedfm simulate`` runs them.
 
 Client steps (one task per client, run where its data is through the executor): advertise, share,
 fine-tune and mask, reveal. Server steps: relay the keys, relay the shares, sum the masked updates,
@@ -34,10 +34,11 @@ def secagg_advertise(config: dict, client: str, round_index: int, start_round: i
 
 
 def secagg_relay_keys(config: dict, round_index: int, start_round: int, run_id: str,
-                      public_keys: Input[List[Artifact]], keys: Output[Artifact]):
+                      public_keys: Input[List[Artifact]], server_state: Input[Artifact], keys: Output[Artifact]):
     """Collect the advertised keys (U1) into the file every client reads next; below the protocol's
-    threshold the round ends here."""
-    from fedfm import events, secure_round, storage
+    threshold (of the clients ``server_state`` drew) the round ends here."""
+    from fedfm import events, storage
+    from fedfm.trust import secure_round
     from fedfm.errors import QuorumError
     from fedfm.executors import build_executor
     from fedfm.federation import step_config
@@ -51,7 +52,7 @@ def secagg_relay_keys(config: dict, round_index: int, start_round: int, run_id: 
         cfg = step_config(config)
         published, missing = split(public_keys, "advertise")
         try:
-            advertised = secure_round.relay_keys(cfg, round_index, published, keys.path)
+            advertised = secure_round.relay_keys(cfg, round_index, published, keys.path, server_state.path)
         except QuorumError as exc:
             build_executor(cfg, run_id).round_failed(cfg, round_index, str(exc))
             raise
@@ -84,7 +85,8 @@ def secagg_relay_shares(config: dict, round_index: int, start_round: int, keys: 
     keys of the clients that shared (U2)."""
     import os
 
-    from fedfm import events, secure_round, storage
+    from fedfm import events, storage
+    from fedfm.trust import secure_round
     from fedfm.secure_pipeline import split
 
     if round_index < start_round:
@@ -116,7 +118,8 @@ def secagg_finetune(
     """Fine-tune ``client`` and output its update masked (under privacy, clipped and noised first, with
     the clip norm from ``server_state``): the plain update stays in the client's own state location.
     Like ``client_finetune``, a client that produced nothing is not a failed step."""
-    from fedfm import events, secure_round
+    from fedfm import events
+    from fedfm.trust import secure_round
     from fedfm.executors import SUCCEEDED
     from fedfm.federation import step_config
     from fedfm.secure_pipeline import masked_figures, restored, run_if_relayed
@@ -156,7 +159,8 @@ def secagg_sum(
     finish step."""
     import json
 
-    from fedfm import events, secure_round, storage
+    from fedfm import events, storage
+    from fedfm.trust import secure_round
     from fedfm.errors import QuorumError, SecureAggregationError
     from fedfm.executors import build_executor
     from fedfm.federation import step_config
@@ -222,7 +226,8 @@ def secagg_finish(
     before ``start_round`` passes on the checkpoint's adapter and state that init restored."""
     import json
 
-    from fedfm import events, secure_round, storage
+    from fedfm import events, storage
+    from fedfm.trust import secure_round
     from fedfm.errors import QuorumError, SecureAggregationError
     from fedfm.executors import build_executor
     from fedfm.federation import step_config

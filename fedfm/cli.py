@@ -301,7 +301,7 @@ def validate_command(
 
 
 def _privacy_summary(cfg: FederationConfig) -> str:
-    from fedfm import privacy
+    from fedfm.trust import privacy
 
     rounds = privacy.rounds_within_budget(cfg)
     spent = privacy.epsilon(cfg.privacy.accountant, [(privacy.sampling_rate(cfg), privacy.noise_multiplier(cfg))]
@@ -400,7 +400,7 @@ def client_secagg(
     """One of this client's secure-aggregation steps for one round (a ClientRound's Job runs it): its keys
     and plain update stay in its own state location; only protocol messages go to ``output``."""
     from fedfm.errors import ConfigError
-    from fedfm.secure_round import client_step
+    from fedfm.trust.secure_round import client_step
 
     named = dict(item.partition("=")[::2] for item in inputs)
     if any(not name for name in named):

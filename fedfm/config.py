@@ -571,19 +571,25 @@ class FederationConfig(_Section):
                             "next to the tenant's data and Secret")
         return warnings
 
-    def sampled_clients(self, round_index: int, exclude: Collection[str] = ()) -> list[str]:
+    def sampled_clients(self, round_index: int, exclude: Collection[str] = (), sampling_key: str | None = None
+                        ) -> list[str]:
         """The clients drawn for ``round_index``: ``policy.sample_fraction`` of them (never fewer than the
         quorum), the same draw in every process for a given seed and round. Under differential privacy
-        each client is drawn with probability ``policy.sample_fraction`` instead (Poisson sampling), so
-        a round may draw fewer than the quorum. Clients in ``exclude`` (quarantined) are never drawn."""
+        each client is drawn with probability ``policy.sample_fraction`` instead (Poisson sampling), keyed
+        by the server state's secret ``sampling_key`` rather than the seed (so a round may draw fewer than
+        the quorum). Clients in ``exclude`` (quarantined) are never drawn."""
         import numpy as np
 
         clients = [client for client in self.training_clients if client not in exclude]
         if self.privacy.enabled:  # Poisson sampling: each client independently, as the privacy accountant assumes
             if self.policy.sample_fraction >= 1:
                 return list(clients)
-            draws = np.random.default_rng([self.seed, round_index]).random(len(clients))
-            return [client for client, draw in zip(clients, draws) if draw < self.policy.sample_fraction]
+            if sampling_key is None:
+                raise ValueError("under differential privacy the clients are drawn with the server state's "
+                                 "secret sampling key")
+            from fedfm.trust.privacy import poisson_sample
+
+            return poisson_sample(sampling_key, round_index, clients, self.policy.sample_fraction)
         count = max(math.ceil(self.policy.sample_fraction * len(clients)), self.policy.min_clients or 1)
         if count >= len(clients):
             return list(clients)

@@ -49,7 +49,7 @@ def bounded(sums: dict[str, LossSums], policy: PolicyConfig) -> dict[str, LossSu
     training samples' bounds allow (``policy.max_client_samples``, ``policy.max_samples_ratio`` × the round's
     median number of examples), scaled down with the same means. A tenant's evaluation set is its own, so
     its size cannot be checked; this bounds what a forged count moves the global accuracy by."""
-    from fedfm.update_checks import counted_samples
+    from fedfm.trust.update_checks import counted_samples
 
     counted = counted_samples({client: s.examples for client, s in sums.items()}, policy.max_client_samples,
                               policy.max_samples_ratio)

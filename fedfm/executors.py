@@ -56,7 +56,7 @@ class Executor(ABC):
     @abstractmethod
     def secure_step(self, cfg: FederationConfig, client: str, round_index: int, phase: str, inputs: dict[str, str],
                     output: str) -> ClientOutcome:
-        """One of ``client``'s secure-aggregation steps (:func:`fedfm.secure_round.client_step`), its inputs
+        """One of ``client``'s secure-aggregation steps (:func:`fedfm.trust.secure_round.client_step`), its inputs
         by URI; on success its message is at ``output``."""
 
     def round_aggregated(self, cfg: FederationConfig, meta: AdapterMeta, adapter_uri: str) -> None:
@@ -149,7 +149,7 @@ class LocalExecutor(Executor):
         return evaluate_clients(cfg, adapter_uri, clients), {}
 
     def secure_step(self, cfg, client, round_index, phase, inputs, output):
-        from fedfm.secure_round import client_step
+        from fedfm.trust.secure_round import client_step
 
         client_step(cfg, client, round_index, phase, inputs, output)
         return ClientOutcome(client)

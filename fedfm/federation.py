@@ -22,11 +22,11 @@ from fedfm.adapters import (Adapter, AdapterMeta, Tensors, header_of, load_adapt
 from fedfm.config import FederationConfig
 from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, StorageError
 from fedfm.head import check_counts, class_row_tensors, per_class_aggregation, per_class_rows
-from fedfm.privacy import PrivacyState, noisy_mean
 from fedfm.strategies import Aggregate, ServerState, build_strategy, check_federation, expected_update_shapes
 from fedfm.strategies.norm_bound import bound_norms
-from fedfm.update_checks import (Quarantine, counted_samples, judge, measure_norms, reloaded, skipped_record,
-                                 weighed)
+from fedfm.trust.privacy import PrivacyState, new_sampling_key, noisy_mean
+from fedfm.trust.update_checks import (Quarantine, counted_samples, judge, measure_norms, reloaded, sample_bound,
+                                       skipped_record, weighed)
 
 SERVER_STATE_FORMAT = "fedfm-server-state/1"
 
@@ -72,7 +72,7 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     updates than the quorum (``policy.min_clients``, default all) the round fails with
     :class:`QuorumError` saying so. Any invalid update fails the round too. Either way nothing is
     written, and the previous global adapter and state are never modified. ``policy.update_checks``
-    runs between validation and everything else (see :mod:`fedfm.update_checks`); the updates it
+    runs between validation and everything else (see :mod:`fedfm.trust.update_checks`); the updates it
     leaves out count as missing.
     """
     started = time.time()
@@ -172,10 +172,8 @@ def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates:
     policy = cfg.policy
     checks, rejecting = policy.update_checks, policy.invalid_updates == "reject"
     if checks.norm_mads is None and not rejecting and policy.max_samples_ratio is None:
-        stream = _validated(cfg, round_index, current, updates, clients)
-        if policy.max_client_samples is None:
-            return stream, None
-        return weighed(stream, lambda samples: min(samples, policy.max_client_samples), clients), None
+        return weighed(_validated(cfg, round_index, current, updates, clients), policy.max_client_samples,
+                       clients), None
     norms, metas = measure_norms(_validated(cfg, round_index, current, updates, clients,
                                             rejected=missing if rejecting else None))
     record, factors = None, {}
@@ -191,9 +189,9 @@ def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates:
         record, factors = outcome.record(), outcome.factors
     kept = [(client, uri) for client, uri in updates if client in clients]
     require_quorum(cfg, round_index, len(kept), missing)
-    counted = counted_samples({client: metas[client].samples for client, _ in kept}, policy.max_client_samples,
-                              policy.max_samples_ratio)
-    return weighed(reloaded(kept, metas, factors), counted, clients), record
+    bound = sample_bound((metas[client].samples for client, _ in kept), policy.max_client_samples,
+                         policy.max_samples_ratio)
+    return weighed(reloaded(kept, metas, factors), bound, clients), record
 
 
 def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[str, str]],
@@ -274,6 +272,25 @@ def quarantined(cfg: FederationConfig, state_uri: str | None) -> set[str]:
     if not state_uri:
         return set()
     return set(Quarantine.split(load_server_state(state_uri, build_strategy(cfg.strategy).name))[0].since)
+
+
+def write_initial_server_state(cfg: FederationConfig, state_out: str) -> None:
+    """The server state before round 1: none, but under differential privacy the secret key that draws each
+    round's clients (:func:`fedfm.trust.privacy.poisson_sample`)."""
+    if not cfg.privacy.enabled:
+        storage.write_bytes(state_out, b"")
+        return
+    state = PrivacyState(sampling_key=new_sampling_key(cfg))
+    save_server_state(state_out, build_strategy(cfg.strategy).name, 0, state.as_state())
+
+
+def round_clients(cfg: FederationConfig, round_index: int, state_uri: str | None) -> list[str]:
+    """The clients drawn for ``round_index`` after the server state at ``state_uri``: none it has quarantined,
+    and under differential privacy the Poisson draw its secret key makes."""
+    state = load_server_state(state_uri, build_strategy(cfg.strategy).name) if state_uri else {}
+    own, _ = PrivacyState.split(state)
+    return cfg.sampled_clients(round_index, exclude=set(Quarantine.split(state)[0].since),
+                               sampling_key=own.sampling_key)
 
 
 def load_server_state(uri: str, strategy: str) -> ServerState:

@@ -1,6 +1,6 @@
 """What the pipeline's secure-aggregation steps (``components/secure_aggregation.py``) share.
 
-Each client step of :mod:`fedfm.secure_round` is a pipeline task per client, and a client that fails
+Each client step of :mod:`fedfm.trust.secure_round` is a pipeline task per client, and a client that fails
 one step must not fail the run: like a fine-tune that produced nothing, its output artifact then
 exists but is empty, and its metadata says why (``phase``, ``reason``, and ``missing``, the line the
 round record keeps). The server steps read those artifacts, go on with the clients that succeeded,
@@ -106,7 +106,7 @@ def split(artifacts: Iterable[Any], step: str) -> tuple[dict[str, str], dict[str
 
 
 def masked_figures(path: str) -> dict[str, Any]:
-    """The training figures a masked update carries in its header (see :func:`fedfm.secure_round.mask`),
+    """The training figures a masked update carries in its header (see :func:`fedfm.trust.secure_round.mask`),
     or none when the header cannot be read: they are for display, the sum checks the file itself."""
     from safetensors import safe_open
 

@@ -145,8 +145,8 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path, start: Check
               plan: Attackers | None) -> list[dict[str, Any]]:
     """The pipeline's steps, one after another, from round 0 or after the checkpoint ``start``; every
     round ends in a checkpoint. Returns the run's history (rounds 0..R)."""
-    from fedfm.federation import aggregate_round, export, initialize, quarantined
-    from fedfm.privacy import rounds_within_budget
+    from fedfm.federation import aggregate_round, export, initialize, write_initial_server_state
+    from fedfm.trust.privacy import rounds_within_budget
 
     root = checkpoint_root(cfg)
     if start is None:
@@ -154,7 +154,10 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path, start: Check
         with events.step("init"):
             initialize(cfg, global_uri)
         history_uri = _evaluate(cfg, global_uri, None, str(work / "round-0" / "history.json"))
-        state_uri: str | None = None  # round 1 starts without server state
+        state_uri: str | None = None  # round 1 starts without server state, but under privacy its sampling key
+        if cfg.privacy.enabled:
+            state_uri = str(work / "round-0" / "server_state")
+            write_initial_server_state(cfg, state_uri)
         _checkpoint(root, cfg, 0, global_uri, state_uri, history_uri)
     else:  # the last checkpointed round's files are the next round's inputs, as they would have been
         global_uri, state_uri, history_uri = (start.uri("global_adapter"), start.uri("server_state"),
@@ -165,7 +168,7 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path, start: Check
         if cfg.secure_aggregation.enabled:
             global_uri, state_uri = _secure_round(cfg, round_index, global_uri, state_uri, round_dir)
         else:
-            updates, missing = _train_round(cfg, round_index, global_uri, round_dir, quarantined(cfg, state_uri), plan)
+            updates, missing = _train_round(cfg, round_index, global_uri, round_dir, state_uri, plan)
             new_global, new_state = str(round_dir / "global_adapter.safetensors"), str(round_dir / "server_state")
             with events.step("aggregate", round=round_index) as figures:
                 meta = aggregate_round(cfg, round_index, global_uri, updates, new_global, missing,
@@ -187,11 +190,12 @@ def _checkpoint(root: str | None, cfg: FederationConfig, round_index: int, globa
 
 
 def _train_round(cfg: FederationConfig, round_index: int, global_uri: str, round_dir: Path,
-                 excluded: Collection[str], plan: Attackers | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+                 state_uri: str | None, plan: Attackers | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """The round's fine-tunes, one client after another: the ``(client, update)`` pairs and the missing
     clients, with why. Below the quorum, ``policy.below_quorum`` retry draws fresh clients (not yet in
-    the round nor ``excluded``) in place of the missing ones (:func:`fedfm.federation.retry_below_quorum`)."""
-    from fedfm.federation import retry_below_quorum
+    the round nor quarantined in the server state at ``state_uri``) in place of the missing ones
+    (:func:`fedfm.federation.retry_below_quorum`)."""
+    from fedfm.federation import quarantined, retry_below_quorum, round_clients
 
     updates: list[tuple[str, str]] = []
     missing: dict[str, str] = {}
@@ -201,23 +205,23 @@ def _train_round(cfg: FederationConfig, round_index: int, global_uri: str, round
         failure = _finetune(cfg, client, round_index, global_uri, update_uri, plan)
         return (update_uri, None) if failure is None else (None, failure)
 
-    for client in cfg.sampled_clients(round_index, exclude=excluded):
+    for client in round_clients(cfg, round_index, state_uri):
         update_uri, failure = finetune(client)
         if failure is None:
             updates.append((client, update_uri))
         else:
             missing[client] = failure
-    retry_below_quorum(cfg, round_index, updates, missing, excluded, finetune)
+    retry_below_quorum(cfg, round_index, updates, missing, quarantined(cfg, state_uri), finetune)
     return updates, missing
 
 
 def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, state_uri: str | None,
                   round_dir: Path) -> tuple[str, str]:
     """One round under secure aggregation: the protocol's four client steps and the server's relays
-    (:mod:`fedfm.secure_round`), each client step one after another; a client whose step raises drops
+    (:mod:`fedfm.trust.secure_round`), each client step one after another; a client whose step raises drops
     out, and the protocol recovers its masks while ``threshold`` clients remain."""
-    from fedfm import secure_round
-    from fedfm.federation import quarantined
+    from fedfm.federation import round_clients
+    from fedfm.trust import secure_round
 
     box, missing = round_dir / "secagg", {}
 
@@ -236,9 +240,10 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     def at(kind: str, client: str = "") -> str:
         return str(box / kind / f"{client}.json") if client else str(box / f"{kind}.json")
 
-    advertised = each(cfg.sampled_clients(round_index, exclude=quarantined(cfg, state_uri)), "advertise",
+    advertised = each(round_clients(cfg, round_index, state_uri), "advertise",
                       lambda client: secure_round.advertise(cfg, client, round_index, at("keys", client)))
-    advertisers = secure_round.relay_keys(cfg, round_index, {c: at("keys", c) for c in advertised}, at("keys"))
+    advertisers = secure_round.relay_keys(cfg, round_index, {c: at("keys", c) for c in advertised}, at("keys"),
+                                          state_uri)
     shared = each(advertisers, "share", lambda client: secure_round.share(cfg, client, round_index, at("keys"),
                                                                            at("shares", client)))
     secure_round.relay_shares(at("keys"), {c: at("shares", c) for c in shared}, at("keys-shared"),

@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from fedfm.config import FederationConfig
-from fedfm.secure_round import CLIENT_PHASES
 from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDERATED_CLIENTS, FEDERATIONS, GROUP,
                                  PENDING, QUARANTINED, READY, RUNNING, SECURE, SUCCEEDED, TIMED_OUT, TRAIN, TRAINING,
                                  VERSION)
+from fedfm.trust.secure_round import CLIENT_PHASES
 
 Schema = dict[str, Any]
 

@@ -33,7 +33,7 @@ from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDER
                                  SECURE, TRAIN, TRAINING, VERSION, condition, set_condition)
 from fedfm.operators import tenant
 from fedfm.operators.jobs import job_manifest
-from fedfm.secure_round import check_secure_output
+from fedfm.trust.secure_round import check_secure_output
 
 STATUS_INTERVAL = 2.0  # seconds between derivations of FederatedClient and Federation status
 DEADLINE_INTERVAL = 1.0

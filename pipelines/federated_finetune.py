@@ -10,7 +10,7 @@
                   … ─► export (PEFT adapter)
 
 Under secure aggregation (``secure_aggregation.enabled``) a round is the protocol of
-:mod:`fedfm.secure_round` instead, in ``fedfm simulate``'s order::
+:mod:`fedfm.trust.secure_round` instead, in ``fedfm simulate``'s order::
 
     select clients ─► ParallelFor advertise keys ─► relay keys ─► ParallelFor share keys ─► relay shares
       ─► ParallelFor fine-tune (masked) ─► sum masked updates ─► ParallelFor(survivors) reveal shares
@@ -42,7 +42,7 @@ from kfp.dsl import Artifact, Model
 
 from fedfm.components import DEFAULT_IMAGE, Components, build_components
 from fedfm.config import FederationConfig
-from fedfm.privacy import rounds_within_budget
+from fedfm.trust.privacy import rounds_within_budget
 
 PIPELINE_NAME = "federated-finetune"
 
@@ -145,7 +145,8 @@ def _secure_round(round_: _Round, selection: Any, global_adapter: Any, server_st
         advertise = _client_task(steps.secagg_advertise(**common, client=client, run_id=run_id),
                                  f"{label}: advertise keys")
     relay_keys = steps.secagg_relay_keys(**common, run_id=run_id,
-                                         public_keys=dsl.Collected(advertise.outputs["public_keys"]))
+                                         public_keys=dsl.Collected(advertise.outputs["public_keys"]),
+                                         server_state=server_state)
     relay_keys.set_display_name(f"{label}: relay keys")
     keys = relay_keys.outputs["keys"]
     with round_.clients(selection.output, "share") as client:

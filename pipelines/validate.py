@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 
 from fedfm.config import FederationConfig
-from fedfm.privacy import rounds_within_budget
 from fedfm.strategies import check_federation
 from fedfm.errors import ConfigError, PipelineError
+from fedfm.trust.privacy import rounds_within_budget
 
 
 @dataclass

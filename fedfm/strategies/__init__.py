@@ -97,7 +97,7 @@ def check_federation(cfg: FederationConfig) -> Strategy:
             raise ConfigError(f"client {client} has nowhere to keep {' and '.join(kept)}: set its state_uri or "
                               f"execution.client_state_uri{remedy}")
     if cfg.privacy.enabled:
-        from fedfm.privacy import noise_multiplier, rounds_within_budget, update_noise_multiplier
+        from fedfm.trust.privacy import noise_multiplier, rounds_within_budget, update_noise_multiplier
 
         update_noise_multiplier(cfg)  # a budget no noise multiplier meets is refused here
         if rounds_within_budget(cfg) == 0:

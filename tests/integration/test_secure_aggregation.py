@@ -80,7 +80,8 @@ def test_a_client_that_drops_after_sharing_is_recovered_and_the_sum_is_the_survi
 def test_a_tenants_malformed_masked_update_drops_that_tenant_not_the_round(tiny_config, tmp_path, monkeypatch):
     """Issue 17, finding 8: one malformed message ended the round for everyone. Now its sender counts as
     dropped (the survivors' shares remove its masks) and the round aggregates the others."""
-    from fedfm import secure_round, storage
+    from fedfm import storage
+    from fedfm.trust import secure_round
     from fedfm.simulation import simulate
 
     honest_mask = secure_round.mask
@@ -103,7 +104,7 @@ def test_a_tenants_malformed_masked_update_drops_that_tenant_not_the_round(tiny_
 def test_an_impossible_masked_weight_is_caught_in_the_unmasked_sum(tiny_config, tmp_path, monkeypatch):
     """Issue 17, finding 8: a tenant that puts a weight of −10⁶ into the masked sum once flipped the round's
     mean update (or divided it by 0); the unmasked sum is now checked and no aggregate is written."""
-    from fedfm import secure_round
+    from fedfm.trust import secure_round
     from fedfm.errors import SecureAggregationError
     from fedfm.simulation import simulate
 
@@ -129,7 +130,7 @@ def test_under_privacy_an_unclipped_update_or_a_forged_count_is_caught_in_the_un
     """Issue 17, finding 8 under DP: the server cannot see whether a tenant clipped its update, and a tenant that
     put in its update ×1000 (or a count of −1000 unclipped updates, steering adaptive clipping) once moved the
     model as it liked. The unmasked sum is now held to what |U| clipped updates and their noise can make."""
-    from fedfm import secure_round
+    from fedfm.trust import secure_round
     from fedfm.errors import SecureAggregationError
     from fedfm.simulation import simulate
 
@@ -261,9 +262,9 @@ def _pipeline_round_here(cfg, work: Path) -> _Artifact:
     (kfp.local's subprocesses would not see a test's monkeypatching); returns the new global adapter."""
     from fedfm import storage
     from fedfm.components import secure_aggregation as steps
-    from fedfm.federation import initialize
+    from fedfm.federation import initialize, round_clients, write_initial_server_state
 
-    config, clients, run_id = cfg.as_dict(), cfg.sampled_clients(1), "test-run"
+    config, run_id = cfg.as_dict(), "test-run"
     start = 1  # start_round: no round is restored from a checkpoint
 
     def artifact(*name: str) -> _Artifact:
@@ -277,9 +278,11 @@ def _pipeline_round_here(cfg, work: Path) -> _Artifact:
 
     global_adapter, server_state = artifact("global_adapter"), artifact("server_state")
     initialize(cfg, global_adapter.path)
-    storage.write_bytes(server_state.path, b"")
+    write_initial_server_state(cfg, server_state.path)
+    clients = round_clients(cfg, 1, server_state.path)
     keys, keys_shared, inboxes = artifact("keys"), artifact("keys_shared"), artifact("inboxes")
-    steps.secagg_relay_keys(config, 1, start, run_id, each("public_keys", steps.secagg_advertise, clients), keys)
+    steps.secagg_relay_keys(config, 1, start, run_id, each("public_keys", steps.secagg_advertise, clients),
+                            server_state, keys)
     steps.secagg_relay_shares(config, 1, start, keys, each("shares", steps.secagg_share, clients, keys=keys),
                               keys_shared, inboxes)
     updates = each("update", steps.secagg_finetune, clients, global_adapter=global_adapter, keys_shared=keys_shared,
@@ -299,7 +302,7 @@ def test_the_pipeline_steps_go_on_without_clients_that_fail_a_step_as_simulate_d
                                                                                    monkeypatch):
     """One client fails to advertise (it is skipped from then on), another fails its fine-tune after it
     shared (its masks are recovered): the steps' artifacts carry why, and the round is simulate's."""
-    from fedfm import secure_round
+    from fedfm.trust import secure_round
     from fedfm.pipelines.local_runner import with_client_state_here
     from fedfm.simulation import simulate
 

@@ -261,7 +261,7 @@ def test_cli_simulate(tiny_classifier, tmp_path):
 def test_a_run_with_a_privacy_budget_stops_at_it(tiny_config, tmp_path):
     """σ and a target ε that pays for fewer rounds than configured: the run releases exactly the rounds
     the budget pays for, reports ε after each, ends within the target, and exports the last adapter."""
-    from fedfm import privacy
+    from fedfm.trust import privacy
     from fedfm.simulation import simulate
 
     cfg = tiny_config(rounds=6, clients=3, **{"privacy.noise_multiplier": 4.0, "privacy.target_epsilon": 2.5,

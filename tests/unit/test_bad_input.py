@@ -632,7 +632,7 @@ def check_config(cfg: FederationConfig) -> None:
     """A config that parsed is usable: it is plain JSON (a KFP parameter), parses back equal, draws clients."""
     text = json.dumps(cfg.as_dict(), allow_nan=False)
     assert FederationConfig.parse(json.loads(text)) == cfg
-    cfg.sampled_clients(1)
+    cfg.sampled_clients(1, sampling_key="00" * 32)
     labels = cfg.data.labels
     if labels is not None:
         assert len(labels) >= 2 and len(set(labels)) == len(labels), labels

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fedfm import privacy
+from fedfm.trust import privacy
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, save_adapter
 from fedfm.config import FederationConfig
 from fedfm.errors import ConfigError, PrivacyBudgetError
@@ -98,10 +98,45 @@ def test_privacy_config_is_checked_up_front():
 
 def test_poisson_sampling_draws_each_client_with_the_sampling_rate():
     cfg = dp_config(noise_multiplier=1.0).with_overrides({"policy.sample_fraction": 0.3, "clients": 40})
-    counts = [len(cfg.sampled_clients(r)) for r in range(1, 201)]
+    key = privacy.new_sampling_key(cfg)
+    counts = [len(cfg.sampled_clients(r, sampling_key=key)) for r in range(1, 201)]
     assert len(set(counts)) > 3  # the number drawn varies, as Poisson sampling's does
     assert sum(counts) / len(counts) == pytest.approx(12, rel=0.1)
-    assert cfg.sampled_clients(7) == cfg.sampled_clients(7)  # seeded
+    assert cfg.sampled_clients(7, sampling_key=key) == cfg.sampled_clients(7, sampling_key=key)  # keyed
+
+
+def test_under_privacy_who_takes_part_cannot_be_told_from_the_config(tmp_path):
+    """Finding 9: the Poisson draw was a function of the config's public seed, which every tenant's Job is sent,
+    so anyone could list each round's participants and amplification by sampling did not hold. The attack: draw
+    the rounds from the seed, as the server did. Now the draw is keyed by a secret the server state keeps: the
+    seed predicts nothing, a resumed run (the same state) draws the same clients, and only ``noise_seed``
+    (experiments) makes the key reproducible."""
+    import numpy as np
+
+    from fedfm.federation import round_clients, write_initial_server_state
+
+    cfg = dp_config(noise_multiplier=1.0).with_overrides({"policy.sample_fraction": 0.5, "clients": 16})
+    rounds = range(1, 9)
+
+    def from_the_seed(round_index: int) -> list[str]:  # what the server drew before the fix
+        draws = np.random.default_rng([cfg.seed, round_index]).random(16)
+        return [client for client, draw in zip(cfg.training_clients, draws) if draw < 0.5]
+
+    runs = []
+    for name in ("one", "two"):
+        write_initial_server_state(cfg, str(tmp_path / name))
+        runs.append([round_clients(cfg, r, str(tmp_path / name)) for r in rounds])
+    assert runs[0] != [from_the_seed(r) for r in rounds] and runs[1] != [from_the_seed(r) for r in rounds]
+    assert runs[0] != runs[1]  # each run its own secret key
+    assert runs[0] == [round_clients(cfg, r, str(tmp_path / "one")) for r in rounds]  # a resumed run: the same draws
+    with pytest.raises(ValueError, match="secret sampling key"):  # nothing draws them without the key
+        cfg.sampled_clients(1)
+    seeded = cfg.with_overrides({"privacy.noise_seed": 5})
+    assert privacy.new_sampling_key(seeded) == privacy.new_sampling_key(seeded) != privacy.new_sampling_key(cfg)
+    # the key travels on in the server state, through the rounds' releases
+    state = privacy.PrivacyState(sampling_key=privacy.new_sampling_key(cfg))
+    _, after = privacy.release(cfg, 1, state)
+    assert privacy.PrivacyState.split(after.as_state())[0].sampling_key == state.sampling_key
 
 
 def _update(client: str, tensors: dict[str, torch.Tensor]) -> Adapter:
@@ -241,7 +276,7 @@ def test_a_noise_seed_gives_the_same_noise_in_every_process():
     import subprocess
     import sys
 
-    script = ("import json; from fedfm.privacy import GaussianNoise; "
+    script = ("import json; from fedfm.trust.privacy import GaussianNoise; "
               "print(json.dumps(GaussianNoise(7, 'tenant-a', 1).normal(1.0, (4,)).tolist()))")
     outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": salt}).stdout for salt in ("1", "2")}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fedfm import secagg
+from fedfm.trust import secagg
 from fedfm.errors import FedFMError, SecureAggregationError
 
 CONTEXT = b"federation-a/round-3"
@@ -405,7 +405,7 @@ def test_a_round_started_again_runs_a_new_protocol_instance_and_keeps_the_first(
     """A resumed round (or a retried advertise Job) advertises fresh keys into a new instance
     (``secagg/round-NNNN/attempt-2``): the first instance's files are never overwritten nor used again,
     and the reveal-once rule holds per instance."""
-    from fedfm import secure_round
+    from fedfm.trust import secure_round
     from fedfm.config import FederationConfig
 
     state = tmp_path / "state"
@@ -416,7 +416,8 @@ def test_a_round_started_again_runs_a_new_protocol_instance_and_keeps_the_first(
     def run_instance(box):
         for client in clients:
             secure_round.advertise(cfg, client, 1, f"{box}/keys/{client}.json")
-        secure_round.relay_keys(cfg, 1, {client: f"{box}/keys/{client}.json" for client in clients}, f"{box}/keys.json")
+        secure_round.relay_keys(cfg, 1, {client: f"{box}/keys/{client}.json" for client in clients}, f"{box}/keys.json",
+                                None)
         for client in clients:
             secure_round.share(cfg, client, 1, f"{box}/keys.json", f"{box}/shares/{client}.json")
         shares = {client: f"{box}/shares/{client}.json" for client in clients}

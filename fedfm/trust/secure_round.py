@@ -1,4 +1,4 @@
-"""One round under secure aggregation, as steps that exchange files: the protocol of :mod:`fedfm.secagg`
+"""One round under secure aggregation, as steps that exchange files: the protocol of :mod:`fedfm.trust.secagg`
 carried over the same storage as updates.
 
 Client steps (each runs where the client's data is, and keeps its secrets in its own state location,
@@ -35,12 +35,13 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from fedfm import privacy, secagg, storage
+from fedfm import storage
 from fedfm.adapters import MAX_SAMPLES, AdapterMeta, Tensors, header_of, l2_norm, load_adapter
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, QuorumError, SecureAggregationError
 from fedfm.strategies import build_strategy
-from fedfm.update_checks import Quarantine
+from fedfm.trust import privacy, secagg
+from fedfm.trust.update_checks import Quarantine
 
 MASKED_FORMAT = "fedfm-masked-update/1"
 WEIGHT = "secagg.weight"  # the extra entries of a contribution, beside the adapter's tensors
@@ -142,8 +143,9 @@ def train_inputs(cfg: FederationConfig, round_index: int, state_uri: str | None)
     survivors' noise adds up to σ_Δ·C) and, with adaptive clipping, the count's. Empty without privacy."""
     if not cfg.privacy.enabled:
         return {}
-    clip = _current_privacy(cfg, state_uri).clip(cfg)
-    share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index))), 1))
+    current = _current_privacy(cfg, state_uri)
+    clip = current.clip(cfg)
+    share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index, sampling_key=current.sampling_key))), 1))
     inputs = {"clip_norm": clip, "noise_stddev": privacy.update_noise_multiplier(cfg) * clip / share}
     if cfg.privacy.adaptive_clipping is not None:
         inputs["count_stddev"] = privacy.count_stddev(cfg) / share
@@ -239,15 +241,18 @@ def _current_privacy(cfg: FederationConfig, state_uri: str | None) -> privacy.Pr
 # --- server steps ----------------------------------------------------------------------------------------
 
 
-def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str], keys_out: str) -> list[str]:
-    """Collect the advertised keys (U1) into one file every client reads; returns U1."""
+def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str], keys_out: str,
+               state_uri: str | None) -> list[str]:
+    """Collect the advertised keys (U1) into one file every client reads; returns U1. The threshold is of the
+    clients drawn for the round (under privacy, by the secret key of the server state at ``state_uri``)."""
     public = {}
     for client, uri in sorted(published.items()):
         message = _read_json(uri, f"client {client}'s public keys")
         if message.get("client") != client:
             raise SecureAggregationError(f"the keys at {uri} are {message.get('client')!r}'s, not client {client}'s")
         public[client] = message
-    threshold = cfg.secagg_threshold(len(cfg.sampled_clients(round_index)))
+    sampling_key = _current_privacy(cfg, state_uri).sampling_key
+    threshold = cfg.secagg_threshold(len(cfg.sampled_clients(round_index, sampling_key=sampling_key)))
     if len(public) < threshold:
         raise QuorumError(f"round {round_index}: {len(public)} clients advertised keys, below the secure "
                           f"aggregation threshold of {threshold}; no client masks anything")
@@ -396,7 +401,7 @@ def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, stat
     adaptive clipping's next norm from the noised count."""
     figures, after = privacy.release(cfg, round_index, state)
     figures["noise"] = "client"
-    _check_private_sum(cfg, round_index, summed, survivors, figures["clip_norm"])
+    _check_private_sum(cfg, round_index, summed, survivors, figures["clip_norm"], state.sampling_key)
     unclipped = float(summed.pop(UNCLIPPED)[0]) if UNCLIPPED in summed else None
     mean = {name: value / privacy.expected_clients(cfg) for name, value in summed.items()}
     if unclipped is not None:
@@ -406,12 +411,12 @@ def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, stat
 
 
 def _check_private_sum(cfg: FederationConfig, round_index: int, summed: Tensors, survivors: int,
-                       clip: float) -> None:
+                       clip: float, sampling_key: str | None) -> None:
     """Each of the |U| survivors put in its update clipped to C plus Gaussian noise (``train_inputs``), so the
     sum's norm is at most |U|·C plus the summed noise's, and the unclipped count is between 0 and |U| plus
     its noise. A sum beyond that has an update in it that was never clipped (a tenant's, which the masks
     hide): it would move the model as far as that tenant likes, and no aggregate is produced."""
-    share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index))), 1))
+    share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index, sampling_key=sampling_key))), 1))
     spread = math.sqrt(survivors) / share  # the sum of |U| noises of σ/√m each: σ·√(|U|/m)
     update = {name: value for name, value in summed.items() if name != UNCLIPPED}
     dimension = sum(value.numel() for value in update.values())

@@ -40,7 +40,7 @@ preset) bound what a report buys (:func:`counted_samples`).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,28 +237,33 @@ def reloaded(updates: Iterable[tuple[str, str]], metas: Mapping[str, AdapterMeta
         del update  # not held while the next one loads
 
 
-def counted_samples(reported: Mapping[str, int], max_client_samples: int | None,
-                    max_samples_ratio: float | None) -> dict[str, int]:
-    """What each client's update counts for in a weighted rule: the training samples it reports, at most
-    ``max_client_samples`` and at most ``max_samples_ratio`` times the median report of the round. A client
+def sample_bound(reported: Iterable[int], max_client_samples: int | None,
+                 max_samples_ratio: float | None) -> int | None:
+    """The most training samples one client's report counts for in a weighted rule (None: no bound): at most
+    ``max_client_samples``, and at most ``max_samples_ratio`` times the median report of the round. A client
     cannot buy the round with a large number: under a preset (ratio 2) a report of a million among reports of
     a hundred counts for two hundred."""
+    reported = list(reported)
     bound = max_client_samples
     if max_samples_ratio is not None and reported:
-        ratio_bound = max(1, int(max_samples_ratio * statistics.median(reported.values())))
+        ratio_bound = max(1, int(max_samples_ratio * statistics.median(reported)))
         bound = ratio_bound if bound is None else min(bound, ratio_bound)
+    return bound
+
+
+def counted_samples(reported: Mapping[str, int], max_client_samples: int | None,
+                    max_samples_ratio: float | None) -> dict[str, int]:
+    """What each client's report counts for (:func:`sample_bound`)."""
+    bound = sample_bound(reported.values(), max_client_samples, max_samples_ratio)
     return {client: samples if bound is None else min(samples, bound) for client, samples in reported.items()}
 
 
-def weighed(updates: Iterable[Adapter], counted: Mapping[str, int] | Callable[[int], int],
-            clients: dict[str, dict[str, Any]]) -> Iterator[Adapter]:
-    """``updates`` with each one's samples as ``counted`` says (client → samples, or a function of the reported
-    samples); a client whose report counts for less gets ``samples_counted`` in its figures (``clients``)."""
+def weighed(updates: Iterable[Adapter], bound: int | None, clients: dict[str, dict[str, Any]]) -> Iterator[Adapter]:
+    """``updates`` with each one's samples at most ``bound`` (:func:`sample_bound`); a client whose report counts
+    for less gets ``samples_counted`` in its figures (``clients``)."""
     for update in updates:
-        client = update.meta.client or ""
-        samples = counted(update.meta.samples) if callable(counted) else counted[client]
-        if samples != update.meta.samples:
-            clients[client]["samples_counted"] = samples
-            update.meta.samples = samples
+        if bound is not None and update.meta.samples > bound:
+            clients[update.meta.client or ""]["samples_counted"] = bound
+            update.meta.samples = bound
         yield update
         del update  # not held while the next one loads

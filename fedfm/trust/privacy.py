@@ -19,9 +19,11 @@ clients' update norms, from a noised count of the clients that were not clipped:
 That count is a second Gaussian query, so the update's own noise multiplier becomes
 σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2) and the two together still cost exactly σ (their Theorem 1).
 
-The noise comes from the operating system's cryptographically secure generator (:class:`GaussianNoise`);
-``privacy.noise_seed`` makes it reproducible for experiments only (whoever knows the seed can subtract the
-noise).
+The noise comes from the operating system's cryptographically secure generator (:class:`GaussianNoise`),
+and so does the key that draws each round's clients (:func:`poisson_sample`), which the server state keeps:
+amplification by sampling assumes that who took part is secret, so neither may follow from the config.
+``privacy.noise_seed`` makes both reproducible, for experiments only (whoever knows the seed can subtract the
+noise and tell who took part).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import hmac
 import logging
 import math
 import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,18 +206,42 @@ class GaussianNoise:
         return torch.from_numpy(normal * std).float().reshape(tuple(shape))
 
 
+def new_sampling_key(cfg: FederationConfig) -> str:
+    """The secret (hex) that draws a run's clients: fresh from the operating system, or, with
+    ``privacy.noise_seed`` (experiments only), SHA-256 of the seed, the same in every run."""
+    if cfg.privacy.noise_seed is not None:
+        return hashlib.sha256(repr(("sampling", cfg.privacy.noise_seed)).encode()).hexdigest()
+    return secrets.token_hex(32)
+
+
+def poisson_sample(key: str, round_index: int, clients: Iterable[str], q: float) -> list[str]:
+    """Poisson sampling keyed by ``key``: each client independently with probability ``q``, from
+    HMAC-SHA256(key, round and client). Without the key, who is drawn cannot be told from the config, nor one
+    round's draw from another's; with it, any process draws the same clients (a resumed run, the pipeline's
+    steps and ``fedfm simulate`` alike)."""
+    secret, drawn = bytes.fromhex(key), []
+    for client in clients:
+        digest = hmac.new(secret, f"round {round_index}/{client}".encode(), hashlib.sha256).digest()
+        if int.from_bytes(digest[:8], "big") < q * 2.0**64:
+            drawn.append(client)
+    return drawn
+
+
 @dataclass
 class PrivacyState:
-    """The mechanism's part of the server state: what was released so far and the current clip norm."""
+    """The mechanism's part of the server state: what was released so far, the current clip norm, and the
+    secret key that draws each round's clients (:func:`poisson_sample`; set before round 1)."""
 
     rounds: list[tuple[float, float]] = field(default_factory=list)  # (q, σ) per released round
     clip_norm: float | None = None
+    sampling_key: str | None = None
 
     @classmethod
     def split(cls, state: dict[str, Any]) -> tuple[PrivacyState, dict[str, Any]]:
         """This state and the strategy's, from one loaded server state."""
         own = cls(rounds=[tuple(pair) for pair in state.get(STATE_PREFIX + "rounds", [])],
-                  clip_norm=state.get(STATE_PREFIX + "clip_norm"))
+                  clip_norm=state.get(STATE_PREFIX + "clip_norm"),
+                  sampling_key=state.get(STATE_PREFIX + "sampling_key"))
         return own, {key: value for key, value in state.items() if not key.startswith(STATE_PREFIX)}
 
     def clip(self, cfg: FederationConfig) -> float:
@@ -224,6 +252,8 @@ class PrivacyState:
         state: dict[str, Any] = {STATE_PREFIX + "rounds": [list(pair) for pair in self.rounds]}
         if self.clip_norm is not None:
             state[STATE_PREFIX + "clip_norm"] = self.clip_norm
+        if self.sampling_key is not None:
+            state[STATE_PREFIX + "sampling_key"] = self.sampling_key
         return state
 
 
@@ -235,7 +265,8 @@ def release(cfg: FederationConfig, round_index: int, state: PrivacyState) -> tup
     figures: dict[str, Any] = {"epsilon": epsilon_after, "delta": cfg.privacy.delta, "noise_multiplier": sigma,
                                "update_noise_multiplier": update_noise_multiplier(cfg), "clip_norm": clip,
                                "sampling_rate": sampling_rate(cfg)}
-    return figures, PrivacyState(rounds=[*state.rounds, (sampling_rate(cfg), sigma)], clip_norm=clip)
+    return figures, PrivacyState(rounds=[*state.rounds, (sampling_rate(cfg), sigma)], clip_norm=clip,
+                                 sampling_key=state.sampling_key)
 
 
 def noisy_mean(cfg: FederationConfig, round_index: int, updates: Iterable[Adapter], shapes: dict[str, tuple[int, ...]],
