@@ -38,11 +38,11 @@ def secagg_relay_keys(config: dict, round_index: int, start_round: int, run_id: 
     """Collect the advertised keys (U1) into the file every client reads next; below the protocol's
     threshold (of the clients ``server_state`` drew) the round ends here."""
     from fedfm import events, storage
-    from fedfm.trust import secure_round
     from fedfm.errors import QuorumError
     from fedfm.executors import build_executor
     from fedfm.federation import step_config
     from fedfm.secure_pipeline import split
+    from fedfm.trust import secure_round
 
     if round_index < start_round:
         storage.write_bytes(keys.path, b"")
@@ -86,8 +86,8 @@ def secagg_relay_shares(config: dict, round_index: int, start_round: int, keys: 
     import os
 
     from fedfm import events, storage
-    from fedfm.trust import secure_round
     from fedfm.secure_pipeline import split
+    from fedfm.trust import secure_round
 
     if round_index < start_round:
         os.makedirs(inboxes.path, exist_ok=True)
@@ -119,10 +119,10 @@ def secagg_finetune(
     the clip norm from ``server_state``): the plain update stays in the client's own state location.
     Like ``client_finetune``, a client that produced nothing is not a failed step."""
     from fedfm import events
-    from fedfm.trust import secure_round
     from fedfm.executors import SUCCEEDED
     from fedfm.federation import step_config
     from fedfm.secure_pipeline import masked_figures, restored, run_if_relayed
+    from fedfm.trust import secure_round
 
     if round_index < start_round:
         update.metadata.update(restored(client, round_index, update.path))
@@ -160,11 +160,11 @@ def secagg_sum(
     import json
 
     from fedfm import events, storage
-    from fedfm.trust import secure_round
     from fedfm.errors import QuorumError, SecureAggregationError
     from fedfm.executors import build_executor
     from fedfm.federation import step_config
     from fedfm.secure_pipeline import RESTORED_ITEMS, split
+    from fedfm.trust import secure_round
 
     if round_index < start_round:
         for output in (survivors, masked_sum, figures):
@@ -227,11 +227,11 @@ def secagg_finish(
     import json
 
     from fedfm import events, storage
-    from fedfm.trust import secure_round
     from fedfm.errors import QuorumError, SecureAggregationError
     from fedfm.executors import build_executor
     from fedfm.federation import step_config
     from fedfm.secure_pipeline import split
+    from fedfm.trust import secure_round
 
     if round_index < start_round:
         for source, target in ((global_adapter, new_global_adapter), (server_state, new_server_state)):

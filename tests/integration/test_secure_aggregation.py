@@ -81,8 +81,8 @@ def test_a_tenants_malformed_masked_update_drops_that_tenant_not_the_round(tiny_
     """Issue 17, finding 8: one malformed message ended the round for everyone. Now its sender counts as
     dropped (the survivors' shares remove its masks) and the round aggregates the others."""
     from fedfm import storage
-    from fedfm.trust import secure_round
     from fedfm.simulation import simulate
+    from fedfm.trust import secure_round
 
     honest_mask = secure_round.mask
 
@@ -104,9 +104,9 @@ def test_a_tenants_malformed_masked_update_drops_that_tenant_not_the_round(tiny_
 def test_an_impossible_masked_weight_is_caught_in_the_unmasked_sum(tiny_config, tmp_path, monkeypatch):
     """Issue 17, finding 8: a tenant that puts a weight of −10⁶ into the masked sum once flipped the round's
     mean update (or divided it by 0); the unmasked sum is now checked and no aggregate is written."""
-    from fedfm.trust import secure_round
     from fedfm.errors import SecureAggregationError
     from fedfm.simulation import simulate
+    from fedfm.trust import secure_round
 
     honest_contribution = secure_round._contribution
 
@@ -130,9 +130,9 @@ def test_under_privacy_an_unclipped_update_or_a_forged_count_is_caught_in_the_un
     """Issue 17, finding 8 under DP: the server cannot see whether a tenant clipped its update, and a tenant that
     put in its update ×1000 (or a count of −1000 unclipped updates, steering adaptive clipping) once moved the
     model as it liked. The unmasked sum is now held to what |U| clipped updates and their noise can make."""
-    from fedfm.trust import secure_round
     from fedfm.errors import SecureAggregationError
     from fedfm.simulation import simulate
+    from fedfm.trust import secure_round
 
     honest_contribution = secure_round._contribution
 
@@ -302,9 +302,9 @@ def test_the_pipeline_steps_go_on_without_clients_that_fail_a_step_as_simulate_d
                                                                                    monkeypatch):
     """One client fails to advertise (it is skipped from then on), another fails its fine-tune after it
     shared (its masks are recovered): the steps' artifacts carry why, and the round is simulate's."""
-    from fedfm.trust import secure_round
     from fedfm.pipelines.local_runner import with_client_state_here
     from fedfm.simulation import simulate
+    from fedfm.trust import secure_round
 
     original = secure_round.advertise
 

@@ -261,8 +261,8 @@ def test_cli_simulate(tiny_classifier, tmp_path):
 def test_a_run_with_a_privacy_budget_stops_at_it(tiny_config, tmp_path):
     """σ and a target ε that pays for fewer rounds than configured: the run releases exactly the rounds
     the budget pays for, reports ε after each, ends within the target, and exports the last adapter."""
-    from fedfm.trust import privacy
     from fedfm.simulation import simulate
+    from fedfm.trust import privacy
 
     cfg = tiny_config(rounds=6, clients=3, **{"privacy.noise_multiplier": 4.0, "privacy.target_epsilon": 2.5,
                                               "privacy.clip_norm": 0.5, "privacy.noise_seed": 1})

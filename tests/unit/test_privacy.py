@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from fedfm.trust import privacy
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, save_adapter
 from fedfm.config import FederationConfig
 from fedfm.errors import ConfigError, PrivacyBudgetError
 from fedfm.federation import aggregate_round, load_server_state
 from fedfm.strategies import check_federation
+from fedfm.trust import privacy
 
 FINGERPRINT = "sha256:" + "d" * 64
 

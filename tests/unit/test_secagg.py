@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from fedfm.trust import secagg
 from fedfm.errors import FedFMError, SecureAggregationError
+from fedfm.trust import secagg
 
 CONTEXT = b"federation-a/round-3"
 BITS = 20
@@ -405,8 +405,8 @@ def test_a_round_started_again_runs_a_new_protocol_instance_and_keeps_the_first(
     """A resumed round (or a retried advertise Job) advertises fresh keys into a new instance
     (``secagg/round-NNNN/attempt-2``): the first instance's files are never overwritten nor used again,
     and the reveal-once rule holds per instance."""
-    from fedfm.trust import secure_round
     from fedfm.config import FederationConfig
+    from fedfm.trust import secure_round
 
     state = tmp_path / "state"
     cfg = FederationConfig.parse({"clients": 3, "secure_aggregation": {"enabled": True},

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from fedfm import federation
-from fedfm.trust import update_checks
 from fedfm.adapters import AdapterMeta, l2_norm, load_adapter, save_adapter
 from fedfm.config import PRESET_NORM_MADS, FederationConfig
 from fedfm.errors import AdapterValidationError, QuorumError
 from fedfm.federation import aggregate_round, load_server_state
+from fedfm.trust import update_checks
 from fedfm.trust.update_checks import MAD_FLOOR, norm_statistics
 
 FINGERPRINT = "sha256:" + "e" * 64
