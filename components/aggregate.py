@@ -30,7 +30,8 @@ def aggregate(
     from fedfm.adapters import read_meta
     from fedfm.errors import QuorumError
     from fedfm.executors import SUCCEEDED, build_executor
-    from fedfm.federation import aggregate_round, quarantined, retry_below_quorum, step_config
+    from fedfm.federation import aggregate_round, retry_below_quorum, step_config
+    from fedfm.server_state import read_server_state
 
     os.makedirs(retried_updates.path, exist_ok=True)
     if round_index < start_round:
@@ -63,7 +64,8 @@ def aggregate(
                              seconds=meta.metrics["seconds"])
             return uri, None
 
-        retry_below_quorum(cfg, round_index, pairs, missing, quarantined(cfg, server_state.path), finetune)
+        quarantined = set(read_server_state(cfg, server_state.path).quarantine.since)
+        retry_below_quorum(cfg, round_index, pairs, missing, quarantined, finetune)
         try:
             meta = aggregate_round(cfg, round_index, global_adapter.path, pairs, new_global_adapter.path, missing,
                                    state_in=server_state.path, state_out=new_server_state.path)

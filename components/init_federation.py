@@ -20,7 +20,8 @@ def init_federation(
     from fedfm import checkpoint, events, storage
     from fedfm.adapters import read_meta
     from fedfm.errors import CheckpointError, ConfigError
-    from fedfm.federation import initialize, step_config, write_initial_server_state
+    from fedfm.federation import initialize, step_config
+    from fedfm.server_state import write_initial_server_state
 
     with events.step("init"):
         cfg = step_config(config)

@@ -10,9 +10,10 @@ def select_clients(config: dict, round_index: int, server_state: Input[Artifact]
     key draws them."""
     from fedfm.config import FederationConfig
     from fedfm.federation import round_clients
+    from fedfm.server_state import read_server_state
     from fedfm.trust.privacy import check_budget, noise_multiplier, sampling_rate
 
     cfg = FederationConfig.parse(config, source="pipeline parameter 'config'")
     if cfg.privacy.enabled:  # a round the budget cannot pay for is not started (the config may have changed)
         check_budget(cfg, round_index, [(sampling_rate(cfg), noise_multiplier(cfg))] * (round_index - 1))
-    return round_clients(cfg, round_index, server_state.path)
+    return round_clients(cfg, round_index, read_server_state(cfg, server_state.path))

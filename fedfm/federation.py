@@ -9,31 +9,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
-
 from fedfm import lora, storage
-from fedfm.adapters import (Adapter, AdapterMeta, Tensors, header_of, load_adapter, read_meta, save_adapter,
-                            validate_update)
+from fedfm.adapters import Adapter, AdapterMeta, Tensors, load_adapter, read_meta, save_adapter
 from fedfm.config import FederationConfig
-from fedfm.errors import AdapterValidationError, FedFMError, QuorumError, StorageError
+from fedfm.errors import FedFMError, StorageError
 from fedfm.head import check_counts, class_row_tensors, per_class_aggregation, per_class_rows
+from fedfm.server_state import RoundState, read_server_state, save_server_state
 from fedfm.strategies import Aggregate, ServerState, build_strategy, check_federation, expected_update_shapes
 from fedfm.strategies.norm_bound import bound_norms
-from fedfm.trust.privacy import PrivacyState, new_sampling_key, noisy_mean
-from fedfm.trust.update_checks import (Quarantine, counted_samples, judge, measure_norms, reloaded, sample_bound,
-                                       skipped_record, weighed)
-
-SERVER_STATE_FORMAT = "fedfm-server-state/1"
-
-# Per-client figures copied from each update into the round record.
-_CLIENT_FIELDS = ("samples", "steps", "train_loss", "loss_first", "loss_last", "seconds", "setup_seconds",
-                  "step_seconds", "bytes_down", "update_norm", "started_at", "finished_at", "bytes_raw",
-                  "bytes_stored")
+from fedfm.trust.admission import admitted, require_quorum
+from fedfm.trust.privacy import noisy_mean
+from fedfm.trust.update_checks import counted_samples
 
 
 def step_config(config: dict[str, Any]) -> FederationConfig:
@@ -83,10 +72,10 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     if current.meta.kind != "global":
         raise FedFMError(f"{global_uri} is a client update, not a global adapter")
     strategy = build_strategy(cfg.strategy)
-    privacy_state, state = PrivacyState.split(load_server_state(state_in, strategy.name) if state_in else {})
-    quarantine, state = Quarantine.split(state)
+    before = read_server_state(cfg, state_in)
+    privacy_state, quarantine = before.privacy, before.quarantine
     clients: dict[str, dict[str, Any]] = {}
-    stream, checks_record = _checked(cfg, round_index, current, updates, missing, clients, quarantine)
+    stream, checks_record = admitted(cfg, round_index, current, updates, missing, clients, quarantine)
     clipped: dict[str, float] = {}
     if cfg.strategy.clip_norm is not None:
         stream = bound_norms(stream, cfg.strategy.clip_norm, clipped)
@@ -97,7 +86,7 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
         shapes = _sent_shapes(cfg, round_index, current.tensors)
         mean, privacy_figures, privacy_state = noisy_mean(cfg, round_index, stream, shapes, privacy_state)
         stream = [_mean_update(current, mean, round_index)]
-    aggregate = strategy.aggregate(current.tensors, stream, state=state)
+    aggregate = strategy.aggregate(current.tensors, stream, state=before.rule)
     failing = quarantine.count_failures(clients, missing, round_index, cfg.policy.quarantine_after_failures)
     extra_state = quarantine.as_state()
     metrics: dict[str, Any] = {"clients": clients, "missing": missing, "strategy": strategy.name}
@@ -146,54 +135,6 @@ def refuse_overwrite(*outputs: str | None) -> None:
             raise StorageError(f"{out} already exists; refusing to overwrite it")
 
 
-def require_quorum(cfg: FederationConfig, round_index: int, sent: int, missing: Mapping[str, str]) -> None:
-    """Fail the round with :class:`QuorumError`, naming every missing client and why, when the ``sent``
-    usable updates are fewer than the quorum of the round's clients (``sent`` + missing)."""
-    quorum = cfg.quorum(sent + len(missing))
-    if sent < quorum:
-        absent = "; ".join(f"{client}: {reason}" for client, reason in sorted(missing.items()))
-        raise QuorumError(f"round {round_index}: {sent} of {sent + len(missing)} clients sent an "
-                          f"update, below the quorum of {quorum} (policy.min_clients) — {absent}")
-
-
-def _checked(cfg: FederationConfig, round_index: int, current: Adapter, updates: list[tuple[str, str]],
-             missing: dict[str, str], clients: dict[str, dict[str, Any]],
-             quarantine: Quarantine) -> tuple[Iterable[Adapter], dict[str, Any] | None]:
-    """The round's validated updates as ``policy`` leaves them, and its ``update_checks`` record (None:
-    the norm check is off).
-
-    Quarantined clients' updates go into ``missing`` unread. With ``policy.invalid_updates`` reject or
-    ``norm_mads``, a first pass validates every update and measures its norm, and the aggregation's
-    pass reloads the kept ones: invalid updates and norm outliers are rejected or quarantined (into
-    ``missing``, out of ``clients``; the quorum is checked again), others clipped or bounded.
-    """
-    updates = quarantine.leave_out(updates, missing)
-    require_quorum(cfg, round_index, len(updates), missing)
-    policy = cfg.policy
-    checks, rejecting = policy.update_checks, policy.invalid_updates == "reject"
-    if checks.norm_mads is None and not rejecting and policy.max_samples_ratio is None:
-        return weighed(_validated(cfg, round_index, current, updates, clients), policy.max_client_samples,
-                       clients), None
-    norms, metas = measure_norms(_validated(cfg, round_index, current, updates, clients,
-                                            rejected=missing if rejecting else None))
-    record, factors = None, {}
-    if checks.norm_mads is not None and len(norms) < checks.min_updates:
-        record = skipped_record(len(norms), checks)
-    elif checks.norm_mads is not None:
-        outcome = judge(norms, checks)
-        for client, reason in outcome.left_out.items():
-            missing[client] = reason
-            del clients[client]
-        if checks.action == "quarantine":
-            quarantine.add(outcome.outliers, round_index)
-        record, factors = outcome.record(), outcome.factors
-    kept = [(client, uri) for client, uri in updates if client in clients]
-    require_quorum(cfg, round_index, len(kept), missing)
-    bound = sample_bound((metas[client].samples for client, _ in kept), policy.max_client_samples,
-                         policy.max_samples_ratio)
-    return weighed(reloaded(kept, metas, factors), bound, clients), record
-
-
 def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[str, str]],
                     stream: Iterable[Adapter]) -> Iterable[Adapter]:
     """``stream`` with each update's head rows rescaled to the per-class mean (:func:`fedfm.head.per_class_rows`),
@@ -204,9 +145,9 @@ def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[st
         return stream
     counts, samples = {}, {}
     for client, uri in kept:
-        meta = read_meta(uri)  # validated with its update (_valid_update): the check passes again
+        meta = read_meta(uri)  # validated with its update (admission.valid_update): the check passes again
         counts[client], samples[client] = check_counts(meta, num_labels, client=client), meta.samples
-    # the samples each update counts for in the rule (as _checked bounds them), its class counts in proportion
+    # the samples each update counts for in the rule (as admission.admitted bounds them), its class counts in proportion
     counted = counted_samples(samples, cfg.policy.max_client_samples, cfg.policy.max_samples_ratio)
     for client, reported in samples.items():
         if counted[client] != reported:
@@ -226,16 +167,6 @@ def _mean_update(current: Adapter, tensors: Tensors, round_index: int) -> Adapte
     meta = AdapterMeta(kind="update", base_model=current.meta.base_model, peft_config=current.meta.peft_config,
                        round=round_index, samples=1, client="mean")
     return Adapter(tensors=tensors, meta=meta)
-
-
-def save_server_state(uri: str, strategy: str, round_index: int, state: ServerState) -> None:
-    """Write a strategy's server state: its tensors as safetensors, its numbers in the header."""
-    tensors = {key: value.detach().to(torch.float32).contiguous() for key, value in state.items()
-               if isinstance(value, torch.Tensor)}
-    numbers = {key: value for key, value in state.items() if not isinstance(value, torch.Tensor)}
-    header = {"format": SERVER_STATE_FORMAT, "strategy": strategy, "round": str(round_index),
-              "numbers": json.dumps(numbers, sort_keys=True)}
-    storage.write_bytes(uri, safetensors_save(tensors, metadata=header))
 
 
 def retry_below_quorum(cfg: FederationConfig, round_index: int, updates: list[tuple[str, str]],
@@ -267,108 +198,11 @@ def retry_below_quorum(cfg: FederationConfig, round_index: int, updates: list[tu
                 missing[client] = failure
 
 
-def quarantined(cfg: FederationConfig, state_uri: str | None) -> set[str]:
-    """The clients the server state at ``state_uri`` (None: round 1) has quarantined: never drawn again."""
-    if not state_uri:
-        return set()
-    return set(Quarantine.split(load_server_state(state_uri, build_strategy(cfg.strategy).name))[0].since)
-
-
-def write_initial_server_state(cfg: FederationConfig, state_out: str) -> None:
-    """The server state before round 1: none, but under differential privacy the secret key that draws each
-    round's clients (:func:`fedfm.trust.privacy.poisson_sample`)."""
-    if not cfg.privacy.enabled:
-        storage.write_bytes(state_out, b"")
-        return
-    state = PrivacyState(sampling_key=new_sampling_key(cfg))
-    save_server_state(state_out, build_strategy(cfg.strategy).name, 0, state.as_state())
-
-
-def round_clients(cfg: FederationConfig, round_index: int, state_uri: str | None) -> list[str]:
-    """The clients drawn for ``round_index`` after the server state at ``state_uri``: none it has quarantined,
-    and under differential privacy the Poisson draw its secret key makes."""
-    state = load_server_state(state_uri, build_strategy(cfg.strategy).name) if state_uri else {}
-    own, _ = PrivacyState.split(state)
-    return cfg.sampled_clients(round_index, exclude=set(Quarantine.split(state)[0].since),
-                               sampling_key=own.sampling_key)
-
-
-def load_server_state(uri: str, strategy: str) -> ServerState:
-    """The server state at ``uri``, which must be ``strategy``'s (an empty file is round 1's empty state)."""
-    data = storage.read_bytes(uri)
-    if not data:
-        return {}
-    try:
-        tensors = safetensors_load(data)
-        header = header_of(data) or {}
-    except Exception as exc:  # safetensors and json raise several types for damaged bytes
-        raise StorageError(f"server state {uri} is damaged: {exc}") from None
-    if header.get("format") != SERVER_STATE_FORMAT:
-        raise StorageError(f"{uri} is not a FedFM server state (format {header.get('format')!r})")
-    if header.get("strategy") != strategy:
-        raise StorageError(f"server state {uri} belongs to strategy {header.get('strategy')!r}, not {strategy!r}: "
-                           "a run cannot change its strategy midway")
-    try:
-        numbers = json.loads(header["numbers"])
-    except KeyError:
-        raise StorageError(f"server state {uri} is damaged: its header has no 'numbers'") from None
-    except (ValueError, RecursionError) as exc:
-        raise StorageError(f"server state {uri} is damaged: its numbers are not JSON ({exc})") from None
-    if not isinstance(numbers, dict):
-        raise StorageError(f"server state {uri} is damaged: its numbers are a JSON {type(numbers).__name__}, "
-                           "not an object")
-    for name, value in sorted(tensors.items()):
-        if value.dtype != torch.float32:
-            raise StorageError(f"server state {uri} is damaged: tensor {name} is "
-                               f"{str(value.dtype).removeprefix('torch.')}, not float32")
-    return {**numbers, **tensors}
-
-
-def _validated(cfg: FederationConfig, round_index: int, current: Adapter, updates: Iterable[tuple[str, str]],
-               clients: dict[str, dict[str, Any]], rejected: dict[str, str] | None = None) -> Iterator[Adapter]:
-    """Load, check and yield one update at a time, recording each client's figures in ``clients``. An
-    invalid update fails the round, or with ``rejected`` goes there (client → why) and is skipped."""
-    expected = set(cfg.training_clients)
-    for client, uri in updates:
-        if client not in expected:
-            raise AdapterValidationError(f"an update for round {round_index} comes from {client!r}, which is not a "
-                                         f"client of this federation ({', '.join(sorted(expected))})", client=client)
-        if client in clients:
-            raise AdapterValidationError(f"client {client} sent two updates for round {round_index}", client=client)
-        try:
-            try:
-                update = _valid_update(cfg, round_index, current, client, uri)
-            except FedFMError:
-                raise
-            except Exception as exc:  # whatever a crafted file makes a reader raise: that update's fault, named
-                raise AdapterValidationError(f"client {client}'s update {uri} cannot be read: "
-                                             f"{type(exc).__name__}: {exc}", client=client) from None
-        except FedFMError as exc:  # unreadable, damaged or not matching the global adapter
-            if rejected is None:
-                raise
-            rejected[client] = f"rejected (policy.invalid_updates): {exc}"
-            continue
-        figures = {key: update.meta.metrics[key] for key in _CLIENT_FIELDS if key in update.meta.metrics}
-        figures["samples"] = update.meta.samples
-        figures["bytes_up"] = storage.size(uri)
-        clients[client] = figures
-        yield update
-        del update  # not held while the next one loads
-
-
-def _valid_update(cfg: FederationConfig, round_index: int, current: Adapter, client: str, uri: str) -> Adapter:
-    """``client``'s update at ``uri``, loaded and checked against the global adapter ``current``."""
-    expected = expected_update_shapes(cfg, client, round_index, current.tensors)  # None: the global adapter's
-    update = load_adapter(uri, who=f"client {client}", expected_shapes=expected or {
-        name: tuple(value.shape) for name, value in current.tensors.items()})
-    if update.meta.client != client:
-        raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
-                                     client=client)
-    validate_update(update, current, client=client, round_index=round_index, expected_shapes=expected)
-    labels = len(cfg.data.labels or ())
-    if per_class_aggregation(cfg) and class_row_tensors(current.tensors, labels):
-        check_counts(update.meta, labels, client=client)  # part of the update: bad counts are rejected like it
-    return update
+def round_clients(cfg: FederationConfig, round_index: int, state: RoundState) -> list[str]:
+    """The clients drawn for ``round_index`` after the server state ``state``: none it has quarantined, and
+    under differential privacy the Poisson draw its secret key makes."""
+    return cfg.sampled_clients(round_index, exclude=set(state.quarantine.since),
+                               sampling_key=state.privacy.sampling_key)
 
 
 def logged_metrics(round_index: int, evaluation: dict[str, Any]) -> dict[str, float]:

@@ -145,7 +145,8 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path, start: Check
               plan: Attackers | None) -> list[dict[str, Any]]:
     """The pipeline's steps, one after another, from round 0 or after the checkpoint ``start``; every
     round ends in a checkpoint. Returns the run's history (rounds 0..R)."""
-    from fedfm.federation import aggregate_round, export, initialize, write_initial_server_state
+    from fedfm.federation import aggregate_round, export, initialize
+    from fedfm.server_state import write_initial_server_state
     from fedfm.trust.privacy import rounds_within_budget
 
     root = checkpoint_root(cfg)
@@ -195,7 +196,8 @@ def _train_round(cfg: FederationConfig, round_index: int, global_uri: str, round
     clients, with why. Below the quorum, ``policy.below_quorum`` retry draws fresh clients (not yet in
     the round nor quarantined in the server state at ``state_uri``) in place of the missing ones
     (:func:`fedfm.federation.retry_below_quorum`)."""
-    from fedfm.federation import quarantined, retry_below_quorum, round_clients
+    from fedfm.federation import retry_below_quorum, round_clients
+    from fedfm.server_state import read_server_state
 
     updates: list[tuple[str, str]] = []
     missing: dict[str, str] = {}
@@ -205,13 +207,14 @@ def _train_round(cfg: FederationConfig, round_index: int, global_uri: str, round
         failure = _finetune(cfg, client, round_index, global_uri, update_uri, plan)
         return (update_uri, None) if failure is None else (None, failure)
 
-    for client in round_clients(cfg, round_index, state_uri):
+    state = read_server_state(cfg, state_uri)
+    for client in round_clients(cfg, round_index, state):
         update_uri, failure = finetune(client)
         if failure is None:
             updates.append((client, update_uri))
         else:
             missing[client] = failure
-    retry_below_quorum(cfg, round_index, updates, missing, quarantined(cfg, state_uri), finetune)
+    retry_below_quorum(cfg, round_index, updates, missing, set(state.quarantine.since), finetune)
     return updates, missing
 
 
@@ -221,6 +224,7 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     (:mod:`fedfm.trust.secure_round`), each client step one after another; a client whose step raises drops
     out, and the protocol recovers its masks while ``threshold`` clients remain."""
     from fedfm.federation import round_clients
+    from fedfm.server_state import read_server_state
     from fedfm.trust import secure_round
 
     box, missing = round_dir / "secagg", {}
@@ -240,7 +244,7 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     def at(kind: str, client: str = "") -> str:
         return str(box / kind / f"{client}.json") if client else str(box / f"{kind}.json")
 
-    advertised = each(round_clients(cfg, round_index, state_uri), "advertise",
+    advertised = each(round_clients(cfg, round_index, read_server_state(cfg, state_uri)), "advertise",
                       lambda client: secure_round.advertise(cfg, client, round_index, at("keys", client)))
     advertisers = secure_round.relay_keys(cfg, round_index, {c: at("keys", c) for c in advertised}, at("keys"),
                                           state_uri)

@@ -39,9 +39,10 @@ from fedfm import storage
 from fedfm.adapters import MAX_SAMPLES, AdapterMeta, Tensors, header_of, l2_norm, load_adapter
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, QuorumError, SecureAggregationError
+from fedfm.server_state import read_server_state
 from fedfm.strategies import build_strategy
 from fedfm.trust import privacy, secagg
-from fedfm.trust.update_checks import Quarantine
+from fedfm.trust.admission import require_quorum
 
 MASKED_FORMAT = "fedfm-masked-update/1"
 WEIGHT = "secagg.weight"  # the extra entries of a contribution, beside the adapter's tensors
@@ -143,7 +144,7 @@ def train_inputs(cfg: FederationConfig, round_index: int, state_uri: str | None)
     survivors' noise adds up to σ_Δ·C) and, with adaptive clipping, the count's. Empty without privacy."""
     if not cfg.privacy.enabled:
         return {}
-    current = _current_privacy(cfg, state_uri)
+    current = read_server_state(cfg, state_uri).privacy
     clip = current.clip(cfg)
     share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index, sampling_key=current.sampling_key))), 1))
     inputs = {"clip_norm": clip, "noise_stddev": privacy.update_noise_multiplier(cfg) * clip / share}
@@ -230,14 +231,6 @@ def check_secure_output(step: str, uri: str, client: str, round_index: int) -> N
         raise SecureAggregationError(f"client {client}'s {step} message at {uri} is empty")
 
 
-def _current_privacy(cfg: FederationConfig, state_uri: str | None) -> privacy.PrivacyState:
-    """The privacy mechanism's part of the server state at ``state_uri`` (none before round 1)."""
-    from fedfm.federation import load_server_state
-
-    loaded = load_server_state(state_uri, build_strategy(cfg.strategy).name) if state_uri else {}
-    return privacy.PrivacyState.split(loaded)[0]
-
-
 # --- server steps ----------------------------------------------------------------------------------------
 
 
@@ -251,7 +244,7 @@ def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str
         if message.get("client") != client:
             raise SecureAggregationError(f"the keys at {uri} are {message.get('client')!r}'s, not client {client}'s")
         public[client] = message
-    sampling_key = _current_privacy(cfg, state_uri).sampling_key
+    sampling_key = read_server_state(cfg, state_uri).privacy.sampling_key
     threshold = cfg.secagg_threshold(len(cfg.sampled_clients(round_index, sampling_key=sampling_key)))
     if len(public) < threshold:
         raise QuorumError(f"round {round_index}: {len(public)} clients advertised keys, below the secure "
@@ -341,7 +334,7 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
            state_out: str | None = None) -> AdapterMeta:
     """Unmask the sum, make it the round's mean update, and write the next global adapter as
     :func:`fedfm.federation.aggregate_round` does (same record, server state chained)."""
-    from fedfm.federation import _mean_update, load_server_state, refuse_overwrite, require_quorum, write_round
+    from fedfm.federation import _mean_update, refuse_overwrite, write_round
 
     started = time.time()
     missing = dict(missing or {})
@@ -356,8 +349,8 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
     summed = secagg.decode(total, _layout(cfg, round_index, current.tensors), cfg.secure_aggregation.fraction_bits)
 
     strategy = build_strategy(cfg.strategy)
-    privacy_state, state = privacy.PrivacyState.split(load_server_state(state_in, strategy.name) if state_in else {})
-    quarantine, state = Quarantine.split(state)
+    before = read_server_state(cfg, state_in)
+    privacy_state, quarantine = before.privacy, before.quarantine
     metrics: dict[str, Any] = {"clients": figures, "missing": missing, "strategy": strategy.name,
                                "secure_aggregation": {"survivors": survivors, "threshold": keys["threshold"],
                                                       "dropped": sorted(set(keys["public"]) - set(survivors))}}
@@ -380,7 +373,7 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
         if not torch.isfinite(value).all():
             raise SecureAggregationError(f"round {round_index}: the unmasked mean update's tensor {name} is not "
                                          "finite; no aggregate is produced")
-    aggregate = strategy.aggregate(current.tensors, [_mean_update(current, mean, round_index)], state=state)
+    aggregate = strategy.aggregate(current.tensors, [_mean_update(current, mean, round_index)], state=before.rule)
     aggregate.clients, aggregate.samples = survivors, samples
     failing = quarantine.count_failures(survivors, missing, round_index, cfg.policy.quarantine_after_failures)
     if failing:  # clients quarantined for failing round after round

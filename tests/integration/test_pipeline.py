@@ -159,7 +159,7 @@ def test_server_state_carries_across_rounds_in_the_pipeline(tiny_config, tmp_pat
     """FedAvgM under kfp.local: each round's aggregate step gets the momentum the last one wrote, so
     every round's global adapter is the rule applied to the round's updates with the carried state."""
     from fedfm.adapters import load_adapter
-    from fedfm.federation import load_server_state
+    from fedfm.server_state import load_server_state
     from fedfm.head import COUNTS_KEY, per_class_rows
     from fedfm.pipelines.local_runner import run_local
     from fedfm.strategies import build_strategy

@@ -262,7 +262,8 @@ def _pipeline_round_here(cfg, work: Path) -> _Artifact:
     (kfp.local's subprocesses would not see a test's monkeypatching); returns the new global adapter."""
     from fedfm import storage
     from fedfm.components import secure_aggregation as steps
-    from fedfm.federation import initialize, round_clients, write_initial_server_state
+    from fedfm.federation import initialize, round_clients
+    from fedfm.server_state import read_server_state, write_initial_server_state
 
     config, run_id = cfg.as_dict(), "test-run"
     start = 1  # start_round: no round is restored from a checkpoint
@@ -279,7 +280,7 @@ def _pipeline_round_here(cfg, work: Path) -> _Artifact:
     global_adapter, server_state = artifact("global_adapter"), artifact("server_state")
     initialize(cfg, global_adapter.path)
     write_initial_server_state(cfg, server_state.path)
-    clients = round_clients(cfg, 1, server_state.path)
+    clients = round_clients(cfg, 1, read_server_state(cfg, server_state.path))
     keys, keys_shared, inboxes = artifact("keys"), artifact("keys_shared"), artifact("inboxes")
     steps.secagg_relay_keys(config, 1, start, run_id, each("public_keys", steps.secagg_advertise, clients),
                             server_state, keys)

@@ -108,7 +108,8 @@ def test_many_clients_with_server_state_load_the_model_once(tiny_config, tmp_pat
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from fedfm.adapters import load_adapter
-    from fedfm.federation import aggregate_round, load_server_state
+    from fedfm.federation import aggregate_round
+    from fedfm.server_state import load_server_state
     from fedfm.simulation import simulate
 
     cfg = tiny_config(rounds=2, clients=12, **{"policy.sample_fraction": 0.5, "strategy.name": "fedadam"})

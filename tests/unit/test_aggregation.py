@@ -12,7 +12,8 @@ import torch
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, save_adapter
 from fedfm.config import FederationConfig, StrategyConfig
 from fedfm.errors import AdapterError, AdapterValidationError, ConfigError, FedFMError, QuorumError
-from fedfm.federation import aggregate_round, load_server_state
+from fedfm.federation import aggregate_round
+from fedfm.server_state import load_server_state
 from fedfm.strategies import build_strategy
 from fedfm.strategies.fedavg import FedAvg
 

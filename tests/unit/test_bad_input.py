@@ -42,7 +42,7 @@ from fedfm.compression import encode_description
 from fedfm.config import MAX_CLIENTS, CompressionConfig, FederationConfig, load_config
 from fedfm.data import describe_clients, load_client_data, resolve_labels
 from fedfm.errors import AdapterError, ConfigError, DataError, FedFMError, StorageError
-from fedfm.federation import SERVER_STATE_FORMAT, load_server_state, save_server_state
+from fedfm.server_state import SERVER_STATE_FORMAT, load_server_state, save_server_state
 from fedfm.personal import load_personal, load_residual
 
 FINGERPRINT = "sha256:" + "b" * 64

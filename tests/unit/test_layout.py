@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 CORE = ["adapters", "cli", "config", "data", "evaluation", "events", "executors", "federation",
-        "modeling", "pushgateway", "report", "storage", "strategies", "tasks", "training",
-        "trust.privacy", "trust.secagg", "trust.secure_round", "trust.update_checks"]
+        "modeling", "pushgateway", "report", "server_state", "storage", "strategies", "tasks", "training",
+        "trust.admission", "trust.privacy", "trust.secagg", "trust.secure_round", "trust.update_checks"]
 
 
 def test_the_core_imports_neither_kfp_nor_kubernetes():

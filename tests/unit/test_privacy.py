@@ -11,7 +11,8 @@ import torch
 from fedfm.adapters import Adapter, AdapterMeta, load_adapter, save_adapter
 from fedfm.config import FederationConfig
 from fedfm.errors import ConfigError, PrivacyBudgetError
-from fedfm.federation import aggregate_round, load_server_state
+from fedfm.federation import aggregate_round
+from fedfm.server_state import load_server_state
 from fedfm.strategies import check_federation
 from fedfm.trust import privacy
 
@@ -113,7 +114,8 @@ def test_under_privacy_who_takes_part_cannot_be_told_from_the_config(tmp_path):
     (experiments) makes the key reproducible."""
     import numpy as np
 
-    from fedfm.federation import round_clients, write_initial_server_state
+    from fedfm.federation import round_clients
+    from fedfm.server_state import read_server_state, write_initial_server_state
 
     cfg = dp_config(noise_multiplier=1.0).with_overrides({"policy.sample_fraction": 0.5, "clients": 16})
     rounds = range(1, 9)
@@ -125,10 +127,10 @@ def test_under_privacy_who_takes_part_cannot_be_told_from_the_config(tmp_path):
     runs = []
     for name in ("one", "two"):
         write_initial_server_state(cfg, str(tmp_path / name))
-        runs.append([round_clients(cfg, r, str(tmp_path / name)) for r in rounds])
+        runs.append([round_clients(cfg, r, read_server_state(cfg, str(tmp_path / name))) for r in rounds])
     assert runs[0] != [from_the_seed(r) for r in rounds] and runs[1] != [from_the_seed(r) for r in rounds]
     assert runs[0] != runs[1]  # each run its own secret key
-    assert runs[0] == [round_clients(cfg, r, str(tmp_path / "one")) for r in rounds]  # a resumed run: the same draws
+    assert runs[0] == [round_clients(cfg, r, read_server_state(cfg, str(tmp_path / "one"))) for r in rounds]  # a resumed run: the same draws
     with pytest.raises(ValueError, match="secret sampling key"):  # nothing draws them without the key
         cfg.sampled_clients(1)
     seeded = cfg.with_overrides({"privacy.noise_seed": 5})

@@ -10,12 +10,12 @@ import weakref
 import pytest
 import torch
 
-from fedfm import federation
 from fedfm.adapters import AdapterMeta, l2_norm, load_adapter, save_adapter
 from fedfm.config import PRESET_NORM_MADS, FederationConfig
 from fedfm.errors import AdapterValidationError, QuorumError
-from fedfm.federation import aggregate_round, load_server_state
-from fedfm.trust import update_checks
+from fedfm.federation import aggregate_round
+from fedfm.server_state import load_server_state
+from fedfm.trust import admission, update_checks
 from fedfm.trust.update_checks import MAD_FLOOR, norm_statistics
 
 FINGERPRINT = "sha256:" + "e" * 64
@@ -262,7 +262,7 @@ def test_both_passes_hold_one_update_at_a_time(federation_files, tmp_path, monke
             loads += 1
         return adapter
 
-    monkeypatch.setattr(federation, "load_adapter", tracked)
+    monkeypatch.setattr(admission, "load_adapter", tracked)
     monkeypatch.setattr(update_checks, "load_adapter", tracked)
     aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
     assert most_alive == 0 and loads == 11 + 8  # every update measured, the 8 kept ones loaded again
@@ -279,7 +279,7 @@ def test_an_update_swapped_after_its_norm_check_fails_the_round(federation_files
         (tmp_path / "swap.safetensors").replace(uri)
         return measured
 
-    monkeypatch.setattr(federation, "measure_norms", then_swap)
+    monkeypatch.setattr(admission, "measure_norms", then_swap)
     with pytest.raises(AdapterValidationError, match="client tenant-0's update .* changed between its norm check"):
         aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
     assert not (tmp_path / "next.safetensors").exists()
@@ -425,14 +425,14 @@ def test_an_impossible_sample_count_is_an_invalid_update_not_a_crash_of_the_roun
 
 def test_an_update_whose_reading_raises_anything_is_that_clients_invalid_update(tmp_path, monkeypatch):
     global_uri, start, common, pairs = _sample_count_round(tmp_path, attacker_samples=100)
-    honest_valid = federation._valid_update
+    honest_valid = admission.valid_update
 
     def crafted(cfg, round_index, current, client, uri):
         if client == "tenant-3":
             raise OverflowError("int too large to convert to float")  # what a crafted file could make a reader do
         return honest_valid(cfg, round_index, current, client, uri)
 
-    monkeypatch.setattr(federation, "_valid_update", crafted)
+    monkeypatch.setattr(admission, "valid_update", crafted)
     cfg = FederationConfig(clients=4).with_overrides({"policy.invalid_updates": "reject", "policy.min_clients": 3})
     meta = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
     assert meta.metrics["missing"]["tenant-3"].startswith("rejected (policy.invalid_updates): client tenant-3's "
