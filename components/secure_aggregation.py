@@ -130,7 +130,7 @@ def secagg_finetune(
     with events.step("client_finetune", client=client, round=round_index) as figures:
         cfg = step_config(config)
         # under privacy, how the client clips and noises its update: the server's to say, it knows the federation
-        noise = secure_round.train_inputs(cfg, round_index, server_state.path)
+        noise = secure_round.train_inputs(cfg, keys_shared.path, server_state.path)
         inputs = {"global": global_adapter.path, "keys": keys_shared.path,
                   **{name: str(value) for name, value in noise.items()}}
         metadata = run_if_relayed(cfg, run_id, client, round_index, "train", keys_shared, inputs, update.path)

@@ -252,7 +252,8 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
                                                                            at("shares", client)))
     secure_round.relay_shares(at("keys"), {c: at("shares", c) for c in shared}, at("keys-shared"),
                               {c: at("inbox", c) for c in shared})
-    noise = secure_round.train_inputs(cfg, round_index, state_uri)  # under privacy: how each client clips and noises
+    # under privacy: how each client clips and noises its update
+    noise = secure_round.train_inputs(cfg, at("keys-shared"), state_uri)
     masked = {}
     for client in shared:
         plain = secure_round.private_update_uri(cfg, client, round_index)

@@ -137,16 +137,16 @@ def mask(cfg: FederationConfig, client: str, round_index: int, update_uri: str, 
                                                      metadata=header))
 
 
-def train_inputs(cfg: FederationConfig, round_index: int, state_uri: str | None) -> dict[str, float]:
+def train_inputs(cfg: FederationConfig, keys_uri: str, state_uri: str | None) -> dict[str, float]:
     """What a client needs from the server to clip and noise its own update, computed where the whole
     federation is known (a tenant's Job sees only itself): the clip norm (adaptive clipping's current
-    one), the noise standard deviation per coordinate (σ_Δ·C/√m, m the round's quorum, so any m
+    one, from the server state at ``state_uri``), the noise standard deviation per coordinate (σ_Δ·C/√m,
+    m the quorum of the clients drawn for the round, as the keys file at ``keys_uri`` records it, so any m
     survivors' noise adds up to σ_Δ·C) and, with adaptive clipping, the count's. Empty without privacy."""
     if not cfg.privacy.enabled:
         return {}
-    current = read_server_state(cfg, state_uri).privacy
-    clip = current.clip(cfg)
-    share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index, sampling_key=current.sampling_key))), 1))
+    clip = read_server_state(cfg, state_uri).privacy.clip(cfg)
+    share = _noise_share(cfg, _read_json(keys_uri, "the keys of the clients that shared"))
     inputs = {"clip_norm": clip, "noise_stddev": privacy.update_noise_multiplier(cfg) * clip / share}
     if cfg.privacy.adaptive_clipping is not None:
         inputs["count_stddev"] = privacy.count_stddev(cfg) / share
@@ -244,12 +244,15 @@ def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str
         if message.get("client") != client:
             raise SecureAggregationError(f"the keys at {uri} are {message.get('client')!r}'s, not client {client}'s")
         public[client] = message
+    # how many clients the round drew: what the threshold, and under privacy each client's share of the noise,
+    # are of (recorded here once, read by the steps after)
     sampling_key = read_server_state(cfg, state_uri).privacy.sampling_key
-    threshold = cfg.secagg_threshold(len(cfg.sampled_clients(round_index, sampling_key=sampling_key)))
+    drawn = len(cfg.sampled_clients(round_index, sampling_key=sampling_key))
+    threshold = cfg.secagg_threshold(drawn)
     if len(public) < threshold:
         raise QuorumError(f"round {round_index}: {len(public)} clients advertised keys, below the secure "
                           f"aggregation threshold of {threshold}; no client masks anything")
-    _write_json(keys_out, {"public": public, "threshold": threshold})
+    _write_json(keys_out, {"public": public, "threshold": threshold, "drawn": drawn})
     return sorted(public)
 
 
@@ -262,7 +265,7 @@ def relay_shares(keys_uri: str, sent: dict[str, str], keys_out: str, inboxes: di
         _write_json(inboxes[client], {sender: ciphertexts[client] for sender, ciphertexts in shared.items()
                                       if sender != client and client in ciphertexts})
     public = {client: keys["public"][client] for client in shared}
-    _write_json(keys_out, {"public": public, "threshold": keys["threshold"]})
+    _write_json(keys_out, {"public": public, "threshold": keys["threshold"], "drawn": keys["drawn"]})
     return sorted(public)
 
 
@@ -356,7 +359,7 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
                                                       "dropped": sorted(set(keys["public"]) - set(survivors))}}
     if cfg.privacy.enabled:  # the server learns no sample count: 0 stands for unknown
         mean, metrics["privacy"], privacy_state = _private_mean(cfg, round_index, summed, privacy_state,
-                                                                len(survivors))
+                                                                len(survivors), _noise_share(cfg, keys))
         samples = 0
     else:
         weight, loss = float(summed.pop(WEIGHT)[0]), float(summed.pop(LOSS)[0])
@@ -383,18 +386,24 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
                        extra_state)
 
 
+def _noise_share(cfg: FederationConfig, keys: dict) -> float:
+    """√m, m the quorum of the clients drawn for the round (``drawn`` in the relayed keys): each client adds
+    1/√m of the mechanism's noise, so that any m survivors' add up to all of it."""
+    return math.sqrt(max(cfg.quorum(keys["drawn"]), 1))
+
+
 # How many standard deviations of the summed noise the sum's norm may exceed |U|·C by: a Gaussian vector's norm
 # passes σ(√d + t) with probability at most exp(−t²/2), e^-50 here, so an honest round is never refused.
 _NOISE_TAIL = 10.0
 
 
 def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, state: privacy.PrivacyState,
-                  survivors: int) -> tuple[Tensors, dict[str, Any], privacy.PrivacyState]:
-    """DP-FedAvg's mean from a sum the clients already noised: the budget, the fixed denominator, and
-    adaptive clipping's next norm from the noised count."""
+                  survivors: int, share: float) -> tuple[Tensors, dict[str, Any], privacy.PrivacyState]:
+    """DP-FedAvg's mean from a sum the clients already noised (each with ``1/share`` of the noise): the budget,
+    the fixed denominator, and adaptive clipping's next norm from the noised count."""
     figures, after = privacy.release(cfg, round_index, state)
     figures["noise"] = "client"
-    _check_private_sum(cfg, round_index, summed, survivors, figures["clip_norm"], state.sampling_key)
+    _check_private_sum(cfg, round_index, summed, survivors, figures["clip_norm"], share)
     unclipped = float(summed.pop(UNCLIPPED)[0]) if UNCLIPPED in summed else None
     mean = {name: value / privacy.expected_clients(cfg) for name, value in summed.items()}
     if unclipped is not None:
@@ -404,12 +413,11 @@ def _private_mean(cfg: FederationConfig, round_index: int, summed: Tensors, stat
 
 
 def _check_private_sum(cfg: FederationConfig, round_index: int, summed: Tensors, survivors: int,
-                       clip: float, sampling_key: str | None) -> None:
+                       clip: float, share: float) -> None:
     """Each of the |U| survivors put in its update clipped to C plus Gaussian noise (``train_inputs``), so the
     sum's norm is at most |U|·C plus the summed noise's, and the unclipped count is between 0 and |U| plus
     its noise. A sum beyond that has an update in it that was never clipped (a tenant's, which the masks
     hide): it would move the model as far as that tenant likes, and no aggregate is produced."""
-    share = math.sqrt(max(cfg.quorum(len(cfg.sampled_clients(round_index, sampling_key=sampling_key))), 1))
     spread = math.sqrt(survivors) / share  # the sum of |U| noises of σ/√m each: σ·√(|U|/m)
     update = {name: value for name, value in summed.items() if name != UNCLIPPED}
     dimension = sum(value.numel() for value in update.values())

@@ -31,15 +31,18 @@ def _fedfm(*args: str) -> subprocess.CompletedProcess:
 
 
 def _killed_mid_round(command: str, config: Path, output: Path, round_index: int) -> None:
-    """Start ``fedfm COMMAND``, and kill -9 its whole process group once a client of ``round_index`` has
-    finished its fine-tune (the round is under way, not yet aggregated)."""
+    """Start ``fedfm COMMAND``, and kill -9 its whole process group in the middle of ``round_index``: under
+    ``fedfm run`` once a client of that round has started its fine-tune (the pipeline's steps of the round are
+    under way, its fine-tunes' processes among them), under ``fedfm simulate`` once one has finished it (the
+    round's work directory then holds an update, which the resumed run must set aside)."""
     process = subprocess.Popen([FEDFM, command, "-c", str(config), "-o", str(output)], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moment = "started" if command == "run" else "finished"
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
             seen = events.read(output / "events.jsonl")[0] if (output / "events.jsonl").exists() else []
-            if any(event["event"] == "finished" and event["step"] == "client_finetune"
+            if any(event["event"] == moment and event["step"] == "client_finetune"
                    and event.get("round") == round_index for event in seen):
                 break
             assert process.poll() is None, "the run ended before it could be interrupted"
