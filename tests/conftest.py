@@ -25,6 +25,7 @@ CLUSTER_TESTS = "tests/cluster/"
 SHARED_RUNS = {
     "classification-pipeline-run": (
         "tests/integration/test_pipeline.py::test_two_rounds_three_clients_under_kfp_local[classification]",
+        "tests/integration/test_pipeline.py::test_server_state_carries_across_rounds_in_the_pipeline",
         "tests/integration/test_simulate.py::test_simulate_gives_the_pipelines_results_and_files",
     ),
 }
@@ -161,11 +162,13 @@ def tiny_config(tiny_classifier, tiny_causal_lm):
 @pytest.fixture(scope="session")
 def classification_pipeline_run(tiny_config, tmp_path_factory):
     """``(cfg, run, events)``: one kfp.local run of a 2-round, 3-client classification federation and the progress
-    events it emitted. test_pipeline checks the run, test_simulate compares simulate with it (SHARED_RUNS keeps
-    the two on one worker): one pipeline run serves both."""
+    events it emitted. test_pipeline checks the run and the server state its rounds pass on, test_simulate
+    compares simulate with it (SHARED_RUNS keeps the three on one worker): one pipeline run serves them all.
+    FedAvgM, whose momentum is server state that each round's aggregate step must carry to the next."""
     from fedfm.pipelines.local_runner import run_local
 
-    cfg = tiny_config(rounds=2, clients=3, **{"training.local_steps": 6})
+    cfg = tiny_config(rounds=2, clients=3, **{"training.local_steps": 6, "strategy.name": "fedavgm",
+                                              "strategy.params": {"server_momentum": 0.5}})
     seen: list[dict] = []
     run = run_local(cfg, tmp_path_factory.mktemp("classification-pipeline") / "run", on_event=seen.append)
     return cfg, run, seen

@@ -155,25 +155,23 @@ def test_cli_compile(tiny_config, tmp_path):
     # `fedfm run` from flags: tests/integration/test_pushgateway.py (one run serves both)
 
 
-def test_server_state_carries_across_rounds_in_the_pipeline(tiny_config, tmp_path):
+def test_server_state_carries_across_rounds_in_the_pipeline(classification_pipeline_run):
     """FedAvgM under kfp.local: each round's aggregate step gets the momentum the last one wrote, so
     every round's global adapter is the rule applied to the round's updates with the carried state."""
     from fedfm.adapters import load_adapter
-    from fedfm.server_state import load_server_state
     from fedfm.head import COUNTS_KEY, per_class_rows
-    from fedfm.pipelines.local_runner import run_local
+    from fedfm.server_state import load_server_state
     from fedfm.strategies import build_strategy
 
-    cfg = tiny_config(rounds=2, clients=2, **{"strategy.name": "fedavgm",
-                                              "strategy.params": {"server_momentum": 0.5}})
-    run = run_local(cfg, tmp_path / "run")
-    files = [path for path in (tmp_path / "run" / "kfp").rglob("*") if path.is_file()]
+    cfg, run, _ = classification_pipeline_run  # FedAvgM (tests/conftest.py)
+    assert cfg.strategy.name == "fedavgm"
+    files = [path for path in (run.output / "kfp").rglob("*") if path.is_file()]
     globals_ = {load_adapter(p).meta.round: load_adapter(p) for p in files
                 if p.name in ("global_adapter", "new_global_adapter") and p.parent.name != "export-adapter"}
     updates = [load_adapter(p) for p in files if p.name == "update"]
     states = {r: load_server_state(str(p), "fedavgm") for p in files if p.name == "new_server_state"
               for r in [int(load_server_state(str(p), "fedavgm")["step"])]}
-    assert sorted(globals_) == [0, 1, 2] and sorted(states) == [1, 2] and len(updates) == 4
+    assert sorted(globals_) == [0, 1, 2] and sorted(states) == [1, 2] and len(updates) == 2 * 3
 
     strategy, state = build_strategy(cfg.strategy), {}
     for round_index in (1, 2):  # round 2 starts from the momentum round 1 left

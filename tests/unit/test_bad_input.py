@@ -42,8 +42,8 @@ from fedfm.compression import encode_description
 from fedfm.config import MAX_CLIENTS, CompressionConfig, FederationConfig, load_config
 from fedfm.data import describe_clients, load_client_data, resolve_labels
 from fedfm.errors import AdapterError, ConfigError, DataError, FedFMError, StorageError
-from fedfm.server_state import SERVER_STATE_FORMAT, load_server_state, save_server_state
 from fedfm.personal import load_personal, load_residual
+from fedfm.server_state import SERVER_STATE_FORMAT, load_server_state, save_server_state
 
 FINGERPRINT = "sha256:" + "b" * 64
 PEFT = {"peft_type": "LORA", "r": 2}
