@@ -70,7 +70,7 @@ def test_fedavg_streams_holding_one_update_at_a_time():
             alive.append(weakref.ref(item))
             yield item
 
-    FedAvg().aggregate(random_tensors(0), stream(50), state={})
+    FedAvg().aggregate(random_tensors(0), stream(10), state={})  # each gc.collect() walks torch's heap: 10, not 50
     assert most_alive <= 1
 
 
