@@ -147,7 +147,8 @@ def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[st
     for client, uri in kept:
         meta = read_meta(uri)  # validated with its update (admission.valid_update): the check passes again
         counts[client], samples[client] = check_counts(meta, num_labels, client=client), meta.samples
-    # the samples each update counts for in the rule (as admission.admitted bounds them), its class counts in proportion
+    # the samples each update counts for in the rule (as admission.admitted bounds them), its class counts in
+    # proportion
     counted = counted_samples(samples, cfg.policy.max_client_samples, cfg.policy.max_samples_ratio)
     for client, reported in samples.items():
         if counted[client] != reported:

@@ -130,7 +130,8 @@ def test_under_privacy_who_takes_part_cannot_be_told_from_the_config(tmp_path):
         runs.append([round_clients(cfg, r, read_server_state(cfg, str(tmp_path / name))) for r in rounds])
     assert runs[0] != [from_the_seed(r) for r in rounds] and runs[1] != [from_the_seed(r) for r in rounds]
     assert runs[0] != runs[1]  # each run its own secret key
-    assert runs[0] == [round_clients(cfg, r, read_server_state(cfg, str(tmp_path / "one"))) for r in rounds]  # a resumed run: the same draws
+    resumed = read_server_state(cfg, str(tmp_path / "one"))
+    assert runs[0] == [round_clients(cfg, r, resumed) for r in rounds]  # a resumed run: the same draws
     with pytest.raises(ValueError, match="secret sampling key"):  # nothing draws them without the key
         cfg.sampled_clients(1)
     seeded = cfg.with_overrides({"privacy.noise_seed": 5})
