@@ -244,10 +244,12 @@ def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str
         if message.get("client") != client:
             raise SecureAggregationError(f"the keys at {uri} are {message.get('client')!r}'s, not client {client}'s")
         public[client] = message
-    # how many clients the round drew: what the threshold, and under privacy each client's share of the noise,
-    # are of (recorded here once, read by the steps after)
-    sampling_key = read_server_state(cfg, state_uri).privacy.sampling_key
-    drawn = len(cfg.sampled_clients(round_index, sampling_key=sampling_key))
+    from fedfm.federation import round_clients
+
+    # How many clients the round drew (the quarantined ones are not): what the threshold, and under privacy each
+    # client's share of the noise, are of; recorded here once, read by the steps after. Every drawn client
+    # survives or is missing, so the quorum of survivors that finish requires is the m of that share.
+    drawn = len(round_clients(cfg, round_index, read_server_state(cfg, state_uri)))
     threshold = cfg.secagg_threshold(drawn)
     if len(public) < threshold:
         raise QuorumError(f"round {round_index}: {len(public)} clients advertised keys, below the secure "

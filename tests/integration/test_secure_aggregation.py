@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,34 @@ def test_differential_privacy_under_secure_aggregation_noises_on_the_clients(tin
     assert first["noise"] == "client" and 0 < first["epsilon"] < second["epsilon"]
     assert first["clip_norm"] == 0.5 and second["clip_norm"] == first["next_clip_norm"] != 0.5
     assert all(torch.isfinite(value).all() for value in _final(run).values())
+
+
+def test_under_privacy_a_quarantined_client_does_not_thin_the_noise_of_the_clients_drawn(tiny_config, tmp_path):
+    """Each client adds σ·C/√m of noise, m the quorum of the round's clients, so that the fewest survivors the
+    round accepts add up to σ·C. A quarantined client is never drawn: counted in m anyway (as it was), the quorum
+    of the clients actually drawn (3 of 4) survived with σ·C·√(3/4) of noise, below what ε was spent for."""
+    from fedfm.server_state import save_server_state
+    from fedfm.trust import privacy, secure_round
+    from fedfm.trust.update_checks import Quarantine
+
+    cfg = tiny_config(rounds=2, clients=4, **{"secure_aggregation.enabled": True, "privacy.noise_multiplier": 0.5,
+                                              "privacy.clip_norm": 0.5, "policy.quarantine_after_failures": 1})
+    state = tmp_path / "server_state"
+    quarantine = Quarantine(since={"tenant-3": (1, "no usable update in round 1")})
+    save_server_state(str(state), "fedavg", 1, {**privacy.PrivacyState(sampling_key="ab" * 32).as_state(),
+                                                **quarantine.as_state()})
+    published = {}
+    for client in ("tenant-0", "tenant-1", "tenant-2"):
+        published[client] = tmp_path / f"{client}.json"
+        published[client].write_text(json.dumps({"client": client, "c_pk": "00", "s_pk": "00"}))
+    keys = tmp_path / "keys.json"
+    secure_round.relay_keys(cfg, 2, {c: str(path) for c, path in published.items()}, str(keys), str(state))
+
+    noise = secure_round.train_inputs(cfg, str(keys), str(state))
+    fewest_survivors = cfg.quorum(3)
+    mechanism = privacy.update_noise_multiplier(cfg) * noise["clip_norm"]
+    assert noise["noise_stddev"] * math.sqrt(fewest_survivors) == pytest.approx(mechanism)
+    assert json.loads(keys.read_text())["drawn"] == 3
 
 
 def test_secure_aggregation_is_refused_where_it_cannot_run(tiny_config, tmp_path: Path):
