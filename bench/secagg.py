@@ -34,7 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedfm.trust import secagg  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from fedfm.trust import secagg, signing  # noqa: E402
 
 CONTEXT = b"bench/round-1"
 SEED = 2017
@@ -83,15 +85,17 @@ def bench(n: int, elements: int, bits: int, drop: float) -> dict:
     up: dict[str, list[int]] = {}
     down: dict[str, list[int]] = {}
 
+    identities = {name: Ed25519PrivateKey.generate() for name in names}
+    registry = {name: signing.public_key(key) for name, key in identities.items()}
     states, public = {}, {}
     for name in names:
-        states[name], public[name] = timer.run("advertise", secagg.advertise, name)
+        states[name], public[name] = timer.run("advertise", secagg.advertise, name, identities[name], CONTEXT)
         up.setdefault("advertise", []).append(size(public[name]))
     sent = {}
     for name in names:
         down.setdefault("advertised keys (U1)", []).append(size(public))
         states[name], sent[name] = timer.run("share_keys", secagg.share_keys, name, states[name], public, threshold,
-                                             CONTEXT)
+                                             CONTEXT, registry)
         up.setdefault("share ciphertexts", []).append(size(sent[name]))
 
     expected = {"all": np.zeros(elements, np.uint64), "dropped": np.zeros(elements, np.uint64)}
@@ -102,7 +106,7 @@ def bench(n: int, elements: int, bits: int, drop: float) -> dict:
         update = client_update(index, elements)
         vector, layout = timer.run("encode", secagg.encode, {"update": torch.from_numpy(update)}, bits)
         down.setdefault("U2 (names)", []).append(size(names))
-        masked = timer.run("mask", secagg.mask, name, states[name], public, vector, CONTEXT)
+        masked = timer.run("mask", secagg.mask, name, states[name], public, vector, CONTEXT, registry)
         up.setdefault("masked input", []).append(len(secagg.vector_to_bytes(masked)))
         for case in ("all", "dropped"):
             if case == "dropped" and name in dropped:
@@ -115,16 +119,22 @@ def bench(n: int, elements: int, bits: int, drop: float) -> dict:
 
     results = {"n": n, "t": threshold, "dropped": len(dropped), "plain": plain_time}
     for case, alive in (("all", names), ("dropped", survivors)):
-        revealed = {}
+        # each case from the states before the consistency check: a client confirms one survivor set per round
+        confirmed, confirmations, revealed = {}, {}, {}
+        for name in alive:
+            confirmed[name], confirmations[name] = timer.run(f"confirm {case}", secagg.confirm, name, states[name],
+                                                             public, alive, CONTEXT, identities[name], registry)
+            up.setdefault(f"confirm ({case})", []).append(size(confirmations[name]))
         for name in alive:
             inbox = {sender: ciphertexts[name] for sender, ciphertexts in sent.items() if sender != name}
-            down.setdefault(f"inbox + U3 ({case})", []).append(size(inbox) + size(alive))
-            revealed[name] = timer.run(f"reveal {case}", secagg.reveal, name, states[name], public, inbox, alive,
-                                       threshold, CONTEXT)
+            down.setdefault(f"inbox + U3 + confirmations ({case})", []).append(
+                size(inbox) + size(alive) + size(confirmations))
+            revealed[name] = timer.run(f"reveal {case}", secagg.reveal, name, confirmed[name], public, inbox, alive,
+                                       confirmations, CONTEXT, registry)
             up.setdefault(f"reveal ({case})", []).append(size(revealed[name]))
         for _ in range(REPEATS):  # unmask and decode are pure: the median of a few calls
             total = timer.run(f"unmask {case}", secagg.unmask, sums[case], public, alive, revealed, threshold,
-                              CONTEXT)
+                              CONTEXT, registry)
         if not np.array_equal(total, expected[case]):
             raise SystemExit(f"n={n}, {case}: the unmasked sum differs from the sum of the encodings")
         for _ in range(REPEATS):
@@ -157,8 +167,8 @@ def table(all_results: list[dict], elements: int) -> None:
 
     print(f"\n{'client, mean per client (ms)':<{width}}{header}")
     for phase, label in (("encode", "encode"), ("advertise", "advertise"), ("share_keys", "share_keys"),
-                         ("mask", "mask"), ("reveal all", "reveal (no dropout)"),
-                         ("reveal dropped", "reveal (dropouts)")):
+                         ("mask", "mask"), ("confirm all", "confirm (no dropout)"),
+                         ("reveal all", "reveal (no dropout)"), ("reveal dropped", "reveal (dropouts)")):
         row(label, [ms(r["timer"].mean(phase)) for r in all_results])
     print(f"\n{'server, per round (ms)':<{width}}{header}")
     for case, label in (("all", "no dropout"), ("dropped", "dropouts")):
@@ -173,8 +183,8 @@ def table(all_results: list[dict], elements: int) -> None:
     print(f"\n{'bytes per client, up (kB)':<{width}}{header}")
     for key in all_results[0]["up"]:
         row(key, [kb(r["up"][key]) for r in all_results])
-    totals = [sum(r["up"][key] for key in ("advertise", "share ciphertexts", "masked input", "reveal (dropped)"))
-              for r in all_results]
+    totals = [sum(r["up"][key] for key in ("advertise", "share ciphertexts", "masked input", "confirm (dropped)",
+                                           "reveal (dropped)")) for r in all_results]
     row("total up (dropouts)", [kb(t) for t in totals])
     row("plain float32 update", [kb(4 * elements) for _ in all_results])
     row("  secure / plain", [f"{t / (4 * elements):.3f}x" for t in totals])

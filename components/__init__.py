@@ -17,9 +17,9 @@ from fedfm.components.client_finetune import client_finetune
 from fedfm.components.evaluate import evaluate
 from fedfm.components.export_adapter import export_adapter
 from fedfm.components.init_federation import init_federation
-from fedfm.components.secure_aggregation import (secagg_advertise, secagg_finetune, secagg_finish,
-                                                  secagg_relay_keys, secagg_relay_shares, secagg_reveal, secagg_share,
-                                                  secagg_sum)
+from fedfm.components.secure_aggregation import (secagg_advertise, secagg_confirm, secagg_finetune, secagg_finish,
+                                                  secagg_relay_confirmations, secagg_relay_keys, secagg_relay_shares,
+                                                  secagg_reveal, secagg_share, secagg_sum)
 from fedfm.components.select_clients import select_clients
 
 DEFAULT_IMAGE = f"ghcr.io/fedfm/fedfm:{__version__}"
@@ -40,6 +40,8 @@ class Components:
     secagg_relay_shares: dsl.base_component.BaseComponent
     secagg_finetune: dsl.base_component.BaseComponent
     secagg_sum: dsl.base_component.BaseComponent
+    secagg_confirm: dsl.base_component.BaseComponent
+    secagg_relay_confirmations: dsl.base_component.BaseComponent
     secagg_reveal: dsl.base_component.BaseComponent
     secagg_finish: dsl.base_component.BaseComponent
 
@@ -63,6 +65,8 @@ def build_components(image: str = DEFAULT_IMAGE) -> Components:
         secagg_relay_shares=component(secagg_relay_shares),
         secagg_finetune=component(secagg_finetune),
         secagg_sum=component(secagg_sum),
+        secagg_confirm=component(secagg_confirm),
+        secagg_relay_confirmations=component(secagg_relay_confirmations),
         secagg_reveal=component(secagg_reveal),
         secagg_finish=component(secagg_finish),
     )

@@ -2,10 +2,11 @@
 :mod:`fedfm.trust.secure_round` as pipeline steps, in the order ``fedfm simulate`` runs them.
 
 Client steps (one task per client, run where its data is through the executor): advertise, share,
-fine-tune and mask, reveal. Server steps: relay the keys, relay the shares, sum the masked updates,
-unmask and aggregate. A client that fails a step leaves the round without failing the run (its
-artifact is empty and says why, :mod:`fedfm.secure_pipeline`); the protocol's threshold and the
-quorum decide whether the round aggregates.
+fine-tune and mask, confirm the survivors, reveal. Server steps: relay the keys, relay the shares, sum the
+masked updates, relay the confirmations, unmask and aggregate; each verifies the clients' signatures with
+the keys the executor names (``Executor.signing_keys``). A client that fails a step leaves the round
+without failing the run (its artifact is empty and says why, :mod:`fedfm.secure_pipeline`); the protocol's
+threshold and the quorum decide whether the round aggregates.
 """
 
 from typing import List
@@ -51,10 +52,12 @@ def secagg_relay_keys(config: dict, round_index: int, start_round: int, run_id: 
     with events.step("secagg_relay_keys", round=round_index) as figures:
         cfg = step_config(config)
         published, missing = split(public_keys, "advertise")
+        executor = build_executor(cfg, run_id)
         try:
-            advertised = secure_round.relay_keys(cfg, round_index, published, keys.path, server_state.path)
+            advertised = secure_round.relay_keys(cfg, round_index, published, keys.path, server_state.path,
+                                                 executor.signing_keys(cfg), rejected=missing)
         except QuorumError as exc:
-            build_executor(cfg, run_id).round_failed(cfg, round_index, str(exc))
+            executor.round_failed(cfg, round_index, str(exc))
             raise
         figures.update(clients=len(advertised), missing=len(missing))
     keys.metadata.update(round=round_index, clients=advertised, missing=missing)
@@ -154,7 +157,7 @@ def secagg_sum(
     masked_sum: Output[Artifact],
     figures: Output[Artifact],
 ) -> list:
-    """Add the masked updates that arrived and announce who survived (U3): the items of the reveal
+    """Add the masked updates that arrived and announce who survived (U3): the items of the confirm
     loop. ``figures`` keeps the survivors' training figures and the other clients' reasons for the
     finish step."""
     import json
@@ -173,11 +176,13 @@ def secagg_sum(
     with events.step("secagg_sum", round=round_index) as shown:
         cfg = step_config(config)
         masked, missing = split(updates, "train")
+        executor = build_executor(cfg, run_id)
         try:
             clients = secure_round.sum_masked(cfg, round_index, global_adapter.path, masked, keys_shared.path,
-                                              survivors.path, masked_sum.path, rejected=missing)
+                                              survivors.path, masked_sum.path, executor.signing_keys(cfg),
+                                              rejected=missing)
         except (QuorumError, SecureAggregationError) as exc:
-            build_executor(cfg, run_id).round_failed(cfg, round_index, str(exc))
+            executor.round_failed(cfg, round_index, str(exc))
             raise
         storage.write_bytes(figures.path, json.dumps({"clients": clients, "missing": missing}, sort_keys=True).encode())
         shown.update(clients=len(clients), missing=len(missing))
@@ -185,9 +190,59 @@ def secagg_sum(
     return sorted(clients)
 
 
+def secagg_confirm(config: dict, client: str, round_index: int, start_round: int, run_id: str,
+                   keys_shared: Input[Artifact], survivors: Input[Artifact], confirmation: Output[Artifact]):
+    """The survivor ``client``'s signature over the survivor set (the consistency check)."""
+    from fedfm import events
+    from fedfm.executors import SUCCEEDED
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import restored, run_client_step
+
+    if round_index < start_round:
+        confirmation.metadata.update(restored(client, round_index, confirmation.path))
+        return
+    with events.step("secagg_confirm", client=client, round=round_index) as figures:
+        cfg = step_config(config)
+        inputs = {"keys": keys_shared.path, "survivors": survivors.path}
+        metadata = run_client_step(cfg, run_id, client, round_index, "confirm", inputs, confirmation.path)
+        if metadata["phase"] != SUCCEEDED:
+            figures.update(phase=metadata["phase"], reason=metadata["reason"])
+    confirmation.metadata.update(metadata)
+
+
+def secagg_relay_confirmations(config: dict, round_index: int, start_round: int, run_id: str,
+                               keys_shared: Input[Artifact], survivors: Input[Artifact],
+                               confirmed: Input[List[Artifact]], confirmations: Output[Artifact]) -> list:
+    """Collect the survivors' signed confirmations into the file each checks before it reveals: the items of
+    the reveal loop (the clients that confirmed). The other survivors' reasons stay in the metadata."""
+    from fedfm import events, storage
+    from fedfm.errors import QuorumError
+    from fedfm.executors import build_executor
+    from fedfm.federation import step_config
+    from fedfm.secure_pipeline import RESTORED_ITEMS, split
+    from fedfm.trust import secure_round
+
+    if round_index < start_round:
+        storage.write_bytes(confirmations.path, b"")
+        return list(RESTORED_ITEMS)
+    with events.step("secagg_relay_confirmations", round=round_index) as figures:
+        cfg = step_config(config)
+        signed, missing = split(confirmed, "confirm")
+        executor = build_executor(cfg, run_id)
+        try:
+            confirmers = secure_round.relay_confirmations(cfg, round_index, keys_shared.path, survivors.path, signed,
+                                                          confirmations.path, executor.signing_keys(cfg), missing)
+        except QuorumError as exc:
+            executor.round_failed(cfg, round_index, str(exc))
+            raise
+        figures.update(clients=len(confirmers), missing=len(missing))
+    confirmations.metadata.update(round=round_index, clients=confirmers, missing=missing)
+    return confirmers
+
+
 def secagg_reveal(config: dict, client: str, round_index: int, start_round: int, run_id: str,
                   keys_shared: Input[Artifact], inboxes: Input[Artifact], survivors: Input[Artifact],
-                  reveal: Output[Artifact]):
+                  confirmations: Input[Artifact], reveal: Output[Artifact]):
     """The survivor ``client``'s shares that let the server remove the masks (asked once per round)."""
     from fedfm import events
     from fedfm.executors import SUCCEEDED
@@ -199,7 +254,8 @@ def secagg_reveal(config: dict, client: str, round_index: int, start_round: int,
         return
     with events.step("secagg_reveal", client=client, round=round_index) as figures:
         cfg = step_config(config)
-        inputs = {"keys": keys_shared.path, "inbox": f"{inboxes.path}/{client}.json", "survivors": survivors.path}
+        inputs = {"keys": keys_shared.path, "inbox": f"{inboxes.path}/{client}.json", "survivors": survivors.path,
+                  "confirmations": confirmations.path}
         metadata = run_client_step(cfg, run_id, client, round_index, "reveal", inputs, reveal.path)
         if metadata["phase"] != SUCCEEDED:
             figures.update(phase=metadata["phase"], reason=metadata["reason"])
@@ -216,6 +272,7 @@ def secagg_finish(
     survivors: Input[Artifact],
     masked_sum: Input[Artifact],
     figures: Input[Artifact],
+    confirmations: Input[Artifact],
     reveals: Input[List[Artifact]],
     server_state: Input[Artifact],
     new_global_adapter: Output[Model],
@@ -243,11 +300,13 @@ def secagg_finish(
         executor = build_executor(cfg, run_id)
         reported = json.loads(storage.read_bytes(figures.path))
         revealed, unrevealed = split(reveals, "reveal")
-        missing = {**reported["missing"], **unrevealed}  # as fedfm simulate records a reveal that failed
+        # as fedfm simulate records a confirmation or a reveal that failed
+        missing = {**reported["missing"], **(confirmations.metadata.get("missing") or {}), **unrevealed}
         try:
             meta = secure_round.finish(cfg, round_index, global_adapter.path, keys_shared.path, survivors.path,
                                        masked_sum.path, revealed, reported["clients"], new_global_adapter.path,
-                                       missing, state_in=server_state.path, state_out=new_server_state.path)
+                                       executor.signing_keys(cfg), missing, state_in=server_state.path,
+                                       state_out=new_server_state.path)
         except (QuorumError, SecureAggregationError) as exc:
             executor.round_failed(cfg, round_index, str(exc))
             raise

@@ -390,7 +390,7 @@ def client_train(
 def client_secagg(
     client: str = typer.Option(..., help="This client's name."),
     round_index: int = typer.Option(..., "--round", help="The round."),
-    step: str = typer.Option(..., help="The protocol step: advertise, share, train or reveal."),
+    step: str = typer.Option(..., help="The protocol step: advertise, share, train, confirm or reveal."),
     inputs: list[str] = typer.Option([], "--input", help="NAME=VALUE, the step's inputs (URIs, numbers)."),
     output: str = typer.Option(..., help="URI to write the step's message to."),
     data: Optional[str] = typer.Option(None, help="This client's training data (the train step)."),
@@ -408,6 +408,22 @@ def client_secagg(
     cfg = _job_config(config, client, data, world_size)
     client_step(cfg, client, round_index, step, named, output)
     _console().print(f"client {client}, round {round_index}: secure aggregation step {step} written to {output}")
+
+
+@app.command("keygen")
+def keygen(
+    client: str = typer.Option(..., help="The tenant's client name in the federation."),
+    state: str = typer.Option(..., help="The tenant's state location (its FederatedClient's spec.state URI), "
+                                        "where only the tenant can read: the private half is written there."),
+) -> None:
+    """Create a tenant's signing key for secure aggregation (run by the tenant): the private half goes into its
+    state location, and the public half, printed, goes into its FederatedClient's spec.signingKey. An existing
+    key is never overwritten."""
+    from fedfm.trust.signing import create_identity
+
+    public = create_identity(client, state.rstrip("/"))
+    _console().print(f"client {client}: signing key written to {state.rstrip('/')}/identity.json; register its "
+                     f"public half in the FederatedClient:\n  spec:\n    signingKey: {public}")
 
 
 @app.command("client-evaluate")

@@ -306,7 +306,8 @@ class SecureAggregationConfig(_Section):
     ``threshold`` of them can recover the masks of clients that dropped)."""
 
     enabled: bool = False
-    threshold: int | None = Field(None, ge=2, description="t (default: a majority of the round's clients)")
+    threshold: int | None = Field(None, ge=2, description="t (default, and at least: a majority of the round's "
+                                                          "clients)")
     fraction_bits: int = Field(24, ge=8, le=40, description="fixed-point precision of the masked values "
                                                             "(2^-bits), in a ring of 2^64")
 
@@ -609,9 +610,11 @@ class FederationConfig(_Section):
         return [candidates[index] for index in sorted(chosen)]
 
     def secagg_threshold(self, sampled: int) -> int:
-        """t for a round with ``sampled`` clients: the configured threshold (at most ``sampled``), else a majority."""
-        threshold = self.secure_aggregation.threshold or sampled // 2 + 1
-        return max(2, min(threshold, sampled))
+        """t for a round with ``sampled`` clients: the configured threshold (at most ``sampled``), and at least a
+        majority: with t at most half, a server could gather t shares of each kind of one client's secrets from
+        two disjoint halves (each client refuses such a threshold: :func:`fedfm.trust.secagg.share_keys`)."""
+        majority = sampled // 2 + 1
+        return max(2, min(max(self.secure_aggregation.threshold or majority, majority), sampled))
 
     def quorum(self, sampled: int) -> int:
         """Updates a round with ``sampled`` clients needs before it aggregates."""

@@ -59,6 +59,11 @@ class Executor(ABC):
         """One of ``client``'s secure-aggregation steps (:func:`fedfm.trust.secure_round.client_step`), its inputs
         by URI; on success its message is at ``output``."""
 
+    @abstractmethod
+    def signing_keys(self, cfg: FederationConfig) -> dict[str, str]:
+        """The clients' registered public signing keys (client → hex), which the server steps verify every
+        secure-aggregation message with (:mod:`fedfm.trust.signing`)."""
+
     def round_aggregated(self, cfg: FederationConfig, meta: AdapterMeta, adapter_uri: str) -> None:
         """Told after a round's new global adapter is written (the cluster publishes it)."""
 
@@ -153,6 +158,11 @@ class LocalExecutor(Executor):
 
         client_step(cfg, client, round_index, phase, inputs, output)
         return ClientOutcome(client)
+
+    def signing_keys(self, cfg):
+        from fedfm.trust.secure_round import local_registry
+
+        return local_registry(cfg)
 
 
 def build_executor(cfg: FederationConfig, run_id: str = "") -> Executor:

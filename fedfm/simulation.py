@@ -220,7 +220,7 @@ def _train_round(cfg: FederationConfig, round_index: int, global_uri: str, round
 
 def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, state_uri: str | None,
                   round_dir: Path) -> tuple[str, str]:
-    """One round under secure aggregation: the protocol's four client steps and the server's relays
+    """One round under secure aggregation: the protocol's five client steps and the server's relays
     (:mod:`fedfm.trust.secure_round`), each client step one after another; a client whose step raises drops
     out, and the protocol recovers its masks while ``threshold`` clients remain."""
     from fedfm.federation import round_clients
@@ -246,8 +246,9 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
 
     advertised = each(round_clients(cfg, round_index, read_server_state(cfg, state_uri)), "advertise",
                       lambda client: secure_round.advertise(cfg, client, round_index, at("keys", client)))
+    registry = secure_round.local_registry(cfg)  # what the server verifies every client's messages with
     advertisers = secure_round.relay_keys(cfg, round_index, {c: at("keys", c) for c in advertised}, at("keys"),
-                                          state_uri)
+                                          state_uri, registry, rejected=missing)
     shared = each(advertisers, "share", lambda client: secure_round.share(cfg, client, round_index, at("keys"),
                                                                            at("shares", client)))
     secure_round.relay_shares(at("keys"), {c: at("shares", c) for c in shared}, at("keys-shared"),
@@ -268,12 +269,18 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     new_global, new_state = str(round_dir / "global_adapter.safetensors"), str(round_dir / "server_state")
     with events.step("aggregate", round=round_index) as figures:
         clients = secure_round.sum_masked(cfg, round_index, global_uri, masked, at("keys-shared"), at("survivors"),
-                                          str(box / "masked-sum.bin"), rejected=missing)
-        answered = each(sorted(clients), "reveal", lambda client: secure_round.reveal(
-            cfg, client, round_index, at("keys-shared"), at("inbox", client), at("survivors"), at("reveal", client)))
+                                          str(box / "masked-sum.bin"), registry, rejected=missing)
+        confirmed = each(sorted(clients), "confirm", lambda client: secure_round.confirm(
+            cfg, client, round_index, at("keys-shared"), at("survivors"), at("confirm", client)))
+        confirmers = secure_round.relay_confirmations(cfg, round_index, at("keys-shared"), at("survivors"),
+                                                      {c: at("confirm", c) for c in confirmed}, at("confirmations"),
+                                                      registry, missing)
+        answered = each(confirmers, "reveal", lambda client: secure_round.reveal(
+            cfg, client, round_index, at("keys-shared"), at("inbox", client), at("survivors"), at("confirmations"),
+            at("reveal", client)))
         meta = secure_round.finish(cfg, round_index, global_uri, at("keys-shared"), at("survivors"),
                                    str(box / "masked-sum.bin"), {c: at("reveal", c) for c in answered}, clients,
-                                   new_global, missing, state_in=state_uri, state_out=new_state)
+                                   new_global, registry, missing, state_in=state_uri, state_out=new_state)
         figures.update(clients=len(clients), missing=len(missing), samples=meta.samples,
                        round_seconds=meta.metrics.get("round_seconds"))
     return new_global, new_state

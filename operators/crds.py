@@ -155,6 +155,9 @@ def federation_crd() -> dict:
         "lastEvaluation": _object({"round": _INTEGER, "metrics": {"type": "object", "additionalProperties": _NUMBER},
                                    "time": _TIME}),
         "observedAggregateTime": _TIME | {"description": "the lastAggregate the operator has counted in its metrics"},
+        "signingKeys": {"type": "object", "additionalProperties": _STRING,
+                        "description": "each member's spec.signingKey, relayed by the operator: what the pipeline "
+                                       "verifies the members' secure-aggregation messages with"},
         "conditions": _CONDITIONS,
     })
     return _crd("Federation", FEDERATIONS, ["fed"], spec, status,
@@ -212,6 +215,11 @@ def federated_client_crd() -> dict:
                 "items": _object({"name": _STRING | {"minLength": 1}, "value": _STRING}, required=["name", "value"])},
         "image": _STRING | {"description": "the FedFM image the tenant's Jobs run"},
         "serviceAccountName": _STRING,
+        "signingKey": _STRING | {
+            "pattern": "^[0-9a-f]{64}$",
+            "description": "the public half (hex Ed25519) of the tenant's signing key, whose private half `fedfm "
+                           "keygen` wrote into the tenant's state: what every secure-aggregation message of the "
+                           "tenant is verified with"},
     }, required=["federationRef", "data", "image"])
     status = _object({
         "phase": {"type": "string", "enum": [PENDING, READY, TRAINING, QUARANTINED, EVICTED]},

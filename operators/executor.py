@@ -110,6 +110,12 @@ class KubernetesExecutor(Executor):
         self._report({"lastCheckpoint": {"round": round_index, "uri": directory.rsplit("/", 1)[0],
                                          "runId": self.run_id, "time": kube.now()}})
 
+    def signing_keys(self, cfg):
+        """The keys the operator relays from the tenants' FederatedClients (``status.signingKeys`` of the
+        Federation): the pipeline never chooses a tenant's key."""
+        federation = kube.get_federation(self.federation_namespace, cfg.name) or {}
+        return dict((federation.get("status") or {}).get("signingKeys") or {})
+
     def round_failed(self, cfg, round_index, message):
         self._report({"lastFailure": {"round": round_index, "runId": self.run_id, "message": message,
                                       "time": kube.now()}})

@@ -89,8 +89,10 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
         reason, message = refusal
         _finish(client_round, FAILED, reason, message)
         return
+    keys = _signing_keys(spec["federation"]["name"], spec["federation"]["namespace"]) \
+        if spec["purpose"] == SECURE else None
     try:
-        kube.batch().create_namespaced_job(namespace, job_manifest(client_round, federated_client))
+        kube.batch().create_namespaced_job(namespace, job_manifest(client_round, federated_client, keys))
         _event(body, True, "JobCreated", f"Job {name} runs the {spec['purpose'].lower()} of round "
                                          f"{spec['round']} for client {spec['client']}")
     except ApiException as exc:
@@ -105,6 +107,15 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
     if spec.get("deadlineSeconds") and not status.get("deadline"):
         deadline = kube.parse_time(started).timestamp() + float(spec["deadlineSeconds"])
         patch.status["deadline"] = kube.iso(deadline)
+
+
+def _signing_keys(federation: str, namespace: str) -> dict[str, str]:
+    """Each member's registered public signing key (FederatedClient ``spec.signingKey``), by client name: what
+    the members' secure-aggregation Jobs and the pipeline verify each other's messages with. The tenants
+    register them; neither the pipeline nor the federation config can."""
+    return {c["metadata"]["name"]: c["spec"]["signingKey"] for c in kube.list_objects(FEDERATED_CLIENTS)
+            if c["spec"].get("signingKey") and (c["spec"]["federationRef"]["name"],
+                                                c["spec"]["federationRef"]["namespace"]) == (federation, namespace)}
 
 
 def _refusal(spec: dict, federated_client: dict | None, namespace: str) -> tuple[str, str] | None:
@@ -187,7 +198,10 @@ def _complete(client_round: dict) -> None:
             _finish(client_round, SUCCEEDED, "Evaluated", f"{counts.get('examples', 0)} examples evaluated")
             return
         if spec["purpose"] == SECURE:  # what can be checked of a protocol message: that it is there and whose
-            check_secure_output(spec["secureStep"], spec["outputURI"], spec["client"], spec["round"])
+            federated_client = kube.get_federated_client(client_round["metadata"]["namespace"], spec["client"]) or {}
+            registry = {spec["client"]: federated_client.get("spec", {}).get("signingKey", "")}
+            check_secure_output(spec["config"].get("name", "fedfm"), spec["secureStep"], spec["outputURI"],
+                                spec["client"], spec["round"], registry)
             _finish(client_round, SUCCEEDED, "SecureStepDone", f"secure aggregation step {spec['secureStep']} done",
                     bytesUp=storage.size(spec["outputURI"]))
             return
@@ -354,7 +368,8 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
     phase = ("Invalid" if problem else "Failed" if failed and not restarted else "Running" if running
              else "Ready" if ready else "Waiting")
     new = {"phase": phase, "membersReady": ready, "members": members, "conditions": conditions,
-           "currentRound": max([r["spec"]["round"] for r in rounds if r["spec"]["purpose"] == TRAIN], default=0)}
+           "currentRound": max([r["spec"]["round"] for r in rounds if r["spec"]["purpose"] == TRAIN], default=0),
+           "signingKeys": _signing_keys(name, namespace)}
     if aggregate and aggregate.get("time") != status.get("observedAggregateTime"):
         # Each aggregate the pipeline reports is counted once, across operator restarts too.
         if aggregate.get("seconds"):

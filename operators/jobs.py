@@ -8,6 +8,7 @@ from typing import Any
 from fedfm.operators.api import (API_VERSION, EVALUATE, LABEL_CLIENT, LABEL_CLIENT_ROUND, LABEL_FEDERATION,
                                  LABEL_PURPOSE, LABEL_ROUND, SECURE)
 from fedfm.operators.tenant import job_config, state_volume
+from fedfm.trust.signing import REGISTRY_ENV
 
 DATA_MOUNT = "/data"
 CONFIG_ENV = "FEDFM_CONFIG"
@@ -72,9 +73,12 @@ def command(client_round: dict, federated_client: dict) -> list[str]:
 TERMINATION_GRACE_SECONDS = 5
 
 
-def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
+def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
     """The Job that does ``client_round``'s work with ``federated_client``'s image, data, resources and
-    service account; owned by the ClientRound, so deleting the round deletes the Job."""
+    service account; owned by the ClientRound, so deleting the round deletes the Job. A secure-aggregation
+    step also gets the federation's ``signing_keys`` (client → public key, from the FederatedClients), which
+    it verifies its peers' messages with."""
     meta, spec = client_round["metadata"], client_round["spec"]
     client_spec = federated_client["spec"]
     labels = {
@@ -99,6 +103,8 @@ def job_manifest(client_round: dict, federated_client: dict) -> dict[str, Any]:
                             "readOnlyRootFilesystem": True, "runAsNonRoot": True},
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}],
     }
+    if signing_keys is not None:
+        container["env"].append({"name": REGISTRY_ENV, "value": json.dumps(signing_keys, sort_keys=True)})
     # the tenant's own variables, but none of the above: the config the Job runs is the operator's
     own = {item["name"] for item in container["env"]}
     container["env"] += [{"name": item["name"], "value": str(item["value"])}

@@ -16,6 +16,7 @@ from typing import Any
 
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError
+from fedfm.operators.api import SECURE
 from fedfm.strategies import client_keeps
 
 # Where a tenant's state PersistentVolumeClaim is mounted (read-write) in its Jobs.
@@ -68,6 +69,9 @@ def refusal(client_round: dict, federated_client: dict) -> tuple[str, str] | Non
         shown = f"{name}@{revision}" if revision else f"{name} (no revision pinned)"
         return "ModelNotAllowed", (f"model {shown} is not in {where}'s spec.modelPolicy.allowedModels "
                                    f"({', '.join(allowed) or 'empty'})")
+    if client_round["spec"].get("purpose") == SECURE and not federated_client["spec"].get("signingKey"):
+        return "NoSigningKey", (f"client {client} takes part in secure aggregation but {where} registers no signing "
+                                "key (spec.signingKey): create one with `fedfm keygen` and register its public half")
     if state_location(federated_client) is None:
         try:
             kept = client_keeps(FederationConfig.parse(config, source="the round's config"), client)

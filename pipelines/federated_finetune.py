@@ -13,7 +13,8 @@ Under secure aggregation (``secure_aggregation.enabled``) a round is the protoco
 :mod:`fedfm.trust.secure_round` instead, in ``fedfm simulate``'s order::
 
     select clients ─► ParallelFor advertise keys ─► relay keys ─► ParallelFor share keys ─► relay shares
-      ─► ParallelFor fine-tune (masked) ─► sum masked updates ─► ParallelFor(survivors) reveal shares
+      ─► ParallelFor fine-tune (masked) ─► sum masked updates ─► ParallelFor(survivors) confirm survivors
+      ─► relay confirmations ─► ParallelFor(confirmers) reveal shares
       ─► unmask and aggregate ─► evaluate
 
 A round below its quorum under ``policy.below_quorum: retry`` draws fresh clients in its aggregate
@@ -163,14 +164,23 @@ def _secure_round(round_: _Round, selection: Any, global_adapter: Any, server_st
     summed = steps.secagg_sum(**common, run_id=run_id, global_adapter=global_adapter,
                               updates=dsl.Collected(finetune.outputs["update"]), keys_shared=keys_shared)
     summed.set_display_name(f"{label}: sum masked updates")
-    with round_.clients(summed.outputs["Output"], "reveal") as client:
+    survivors = summed.outputs["survivors"]
+    with round_.clients(summed.outputs["Output"], "confirm") as client:
+        confirm = _client_task(steps.secagg_confirm(**common, client=client, run_id=run_id, keys_shared=keys_shared,
+                                                    survivors=survivors), f"{label}: confirm survivors")
+    relay_confirmations = steps.secagg_relay_confirmations(**common, run_id=run_id, keys_shared=keys_shared,
+                                                           survivors=survivors,
+                                                           confirmed=dsl.Collected(confirm.outputs["confirmation"]))
+    relay_confirmations.set_display_name(f"{label}: relay confirmations")
+    confirmations = relay_confirmations.outputs["confirmations"]
+    with round_.clients(relay_confirmations.outputs["Output"], "reveal") as client:
         reveal = _client_task(steps.secagg_reveal(**common, client=client, run_id=run_id, keys_shared=keys_shared,
-                                                  inboxes=relay_shares.outputs["inboxes"],
-                                                  survivors=summed.outputs["survivors"]), f"{label}: reveal shares")
+                                                  inboxes=relay_shares.outputs["inboxes"], survivors=survivors,
+                                                  confirmations=confirmations), f"{label}: reveal shares")
     finish = steps.secagg_finish(**common, run_id=run_id, global_adapter=global_adapter, keys_shared=keys_shared,
-                                 survivors=summed.outputs["survivors"], masked_sum=summed.outputs["masked_sum"],
-                                 figures=summed.outputs["figures"], reveals=dsl.Collected(reveal.outputs["reveal"]),
-                                 server_state=server_state)
+                                 survivors=survivors, masked_sum=summed.outputs["masked_sum"],
+                                 figures=summed.outputs["figures"], confirmations=confirmations,
+                                 reveals=dsl.Collected(reveal.outputs["reveal"]), server_state=server_state)
     return finish.set_display_name(f"{label}: unmask and aggregate")
 
 

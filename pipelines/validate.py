@@ -34,8 +34,8 @@ class PipelineSummary:
 # A round ends in its aggregate step: ``aggregate``, or under secure aggregation ``secagg-finish``, whose round
 # has four client loops (advertise, share, fine-tune, reveal) and the protocol's relay and sum steps.
 _AGGREGATES = ("aggregate", "secagg-finish")
-_LOOPS_PER_ROUND = {"aggregate": 1, "secagg-finish": 4}
-_SECURE_ROUND_STEPS = ("secagg-relay-keys", "secagg-relay-shares", "secagg-sum")
+_LOOPS_PER_ROUND = {"aggregate": 1, "secagg-finish": 5}
+_SECURE_ROUND_STEPS = ("secagg-relay-keys", "secagg-relay-shares", "secagg-sum", "secagg-relay-confirmations")
 
 
 def validate_pipeline(path: str | Path, cfg: FederationConfig | None = None) -> PipelineSummary:

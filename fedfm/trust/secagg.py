@@ -6,15 +6,18 @@ fixed-point update that cancel in the sum, so a masked update seen alone is unif
 A round, per client ``u`` (every message is bytes or JSON-able, so it can travel through file storage):
 
 1. :func:`advertise` — two fresh X25519 key pairs: ``c`` encrypts the shares sent to peers, ``s`` agrees a
-   pairwise mask seed with each peer. The public halves go to the server; U1 is the set that advertised.
+   pairwise mask seed with each peer. The public halves go to the server, signed with the client's
+   registered signing key (:mod:`fedfm.trust.signing`); U1 is the set that advertised.
 2. :func:`share_keys` — a fresh self-mask seed ``b_u``; ``b_u`` and ``s_sk_u`` are Shamir-shared t-of-|U1|
    over GF(2^521 − 1), and each peer's shares go to it AES-GCM-encrypted (the server only relays them).
    U2 is the set that sent shares.
 3. :func:`mask` — ``y_u = x_u + PRG(b_u) + Σ_{v∈U2, v≠u} ±PRG(s_uv)`` mod 2^64 (``+`` when ``u < v``); the
    pairwise terms cancel in a sum over all of U2. U3 is the set whose masked input reached the server.
-4. :func:`reveal` — for each ``v`` in U2, the share of ``b_v`` if ``v`` survived (is in U3), else the share of
-   ``s_sk_v`` (``v`` dropped after sharing, so the server must remove the pairwise masks it left behind).
-5. Server: :func:`add_masked` sums the masked inputs as they arrive, :func:`unmask` reconstructs the seeds
+4. :func:`confirm` — the consistency check: the client signs the survivor set U3 the server announced.
+5. :func:`reveal` — given at least ``t`` confirmations of the same U3, signed by its members, for each ``v``
+   in U2 the share of ``b_v`` if ``v`` survived (is in U3), else the share of ``s_sk_v`` (``v`` dropped after
+   sharing, so the server must remove the pairwise masks it left behind).
+6. Server: :func:`add_masked` sums the masked inputs as they arrive, :func:`unmask` reconstructs the seeds
    from any ``t`` responders and removes the masks, giving ``Σ_{u∈U3} x_u`` mod 2^64.
 
 :func:`encode` and :func:`decode` move tensors in and out of the ring (signed fixed point, ``fraction_bits``).
@@ -22,19 +25,24 @@ A round, per client ``u`` (every message is bytes or JSON-able, so it can travel
 A ``context`` (e.g. ``b"federation/round-3"``) enters every key derivation and every ciphertext's associated
 data, so nothing from one round or federation is accepted in another.
 
-Threat model. Covered: an honest-but-curious server (it follows the protocol but reads everything it
-relays and stores), and up to t − 1 colluding clients, with or without the server: together they learn
-nothing about the other clients' inputs beyond the sum of the survivors' (U3) inputs. A client reveals,
-for each peer, either the share of its self-mask seed or the share of its mask key, never both, so no
-coalition below ``t`` can unmask a single input.
+Threat model. Covered: a server that reads everything it relays and stores, and up to t − 1 colluding
+clients, with or without the server: together they learn nothing about the other clients' inputs beyond
+the sum of the survivors' (U3) inputs. A client reveals, for each peer, either the share of its self-mask
+seed or the share of its mask key, never both, so no coalition below ``t`` can unmask a single input.
+Against a server that does not follow the protocol (the paper's active-adversary variant, its section 6):
+
+- every advertisement is signed with its client's registered key and verified by every peer, so the server
+  cannot substitute its own keys for a peer's (which would let it decrypt the shares sent to that peer);
+  the shares themselves are authenticated encryption under keys only the two signed parties can derive;
+- before revealing, a client needs ``t`` signatures of members of U3 over the very U3 it was given, and it
+  signs one survivor set per round (:func:`confirm`): a server that tells some clients ``v`` survived and
+  others that it dropped, to collect both kinds of shares of ``v``, cannot gather ``t`` confirmations of both
+  sets while ``2t`` exceeds |U2| plus the clients colluding with it (the default threshold, a majority of
+  the round's clients, guarantees that without collusion). The caller must still run :func:`reveal` at most
+  once per client and round, and the server must not accept a masked input after announcing U3.
 
 Not covered:
 
-- A malicious server that lies about who dropped (telling some clients ``v`` survived and others that it
-  dropped, to collect both kinds of shares of ``v``). The paper's active-adversary variant adds a
-  consistency-check round with signatures against that; this module has neither. Relatedly, the caller
-  must run :func:`reveal` at most once per client and round (a second call with another survivor list is
-  exactly that attack), and the server must not accept a masked input after announcing U3.
 - Malicious clients sending garbage: the sum is then garbage. Norm or sanity checks cannot see inside
   masked values; only the decoded aggregate can be checked.
 - Privacy of the sum itself: the server learns the exact sum of the survivors (with two survivors and
@@ -58,12 +66,14 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedfm.errors import SecureAggregationError
+from fedfm.trust import signing
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +83,8 @@ PRIME = 2**521 - 1  # a Mersenne prime above every 256-bit secret, so a secret i
 MAX_MAGNITUDE_BITS = 62  # |x|·2^bits stays below 2^62: the sum of two extreme values still decodes signed
 KEY_BYTES = 32
 NONCE_BYTES = 12
+_ADVERTISED = "advertised keys"  # what each signature is for (signing.sign's purpose)
+_CONFIRMED = "confirmation of the survivors"
 
 Layout = list[tuple[str, tuple[int, ...]]]
 Share = dict[str, Any]  # {"x": evaluation point (1-based index in sorted U1), "y": hex field element}
@@ -161,37 +173,48 @@ def _check_vector(vector: Any, what: str) -> np.ndarray:
 # --- client: the four rounds ---------------------------------------------------------------------------
 
 
-def advertise(client: str) -> tuple[bytes, dict]:
-    """Round 0: fresh key pairs for this round; returns (private state, public message for the server).
+def advertise(client: str, signing_key: Ed25519PrivateKey, context: bytes) -> tuple[bytes, dict]:
+    """Round 0: fresh key pairs for this round; returns (private state, public message for the server),
+    the message signed with the client's ``signing_key`` for ``context``.
 
     Keys are never reused across rounds, so a share revealed in one round says nothing about another.
     """
     _check_name(client)
+    _check_context(context)
     c_sk, s_sk = _new_private_key(), _new_private_key()
-    state = {"format": FORMAT, "client": client, "c_sk": c_sk.hex(), "s_sk": s_sk.hex()}
-    message = {"client": client, "c_pk": _public_of(c_sk).hex(), "s_pk": _public_of(s_sk).hex()}
+    c_pk, s_pk = _public_of(c_sk), _public_of(s_sk)
+    state = {"format": FORMAT, "client": client, "c_sk": c_sk.hex(), "s_sk": s_sk.hex(), "context": context.hex()}
+    message = {"client": client, "c_pk": c_pk.hex(), "s_pk": s_pk.hex(),
+               "signature": signing.sign(signing_key, _ADVERTISED, context, client, c_pk, s_pk)}
     return _dump_state(state), message
 
 
-def share_keys(client: str, private: bytes, public: dict[str, dict], threshold: int, context: bytes
-               ) -> tuple[bytes, dict[str, str]]:
+def share_keys(client: str, private: bytes, public: dict[str, dict], threshold: int, context: bytes,
+               registry: signing.Registry) -> tuple[bytes, dict[str, str]]:
     """Round 1: Shamir-share a fresh self-mask seed b_u and the mask key s_sk_u among U1 (``public``).
 
     Returns the private state (now holding b_u) and, for each other participant, the ciphertext addressed
     to it: AES-GCM under a key derived from X25519(c_sk_u, c_pk_v) and ``context``, holding
-    (u, v, share of b_u, share of s_sk_u).
+    (u, v, share of b_u, share of s_sk_u). Every advertisement must carry its client's signature under
+    ``registry`` (client → public key), or nothing is shared.
     """
     state = _load_state(client, private)
     if "b" in state:
         raise SecureAggregationError(f"client {client!r} has already shared its keys this round")
     _check_context(context)
-    keys = _parse_public(public)
+    if state["context"] != context.hex():
+        raise SecureAggregationError(f"the private state of {client!r} belongs to another round or federation")
+    keys = _parse_public(public, registry, context)
     _check_own_keys(client, state, keys)
     if not isinstance(threshold, int) or threshold < 2:
         raise SecureAggregationError(f"the threshold must be an integer of at least 2, not {threshold!r}")
     if len(keys) < threshold:
         raise SecureAggregationError(f"only {len(keys)} clients advertised keys, below the threshold of "
                                      f"{threshold}; client {client!r} shares nothing")
+    if 2 * threshold <= len(keys):
+        raise SecureAggregationError(f"a threshold of {threshold} among {len(keys)} clients is not a majority: the "
+                                     "server could collect both kinds of shares of one client from two halves; "
+                                     f"client {client!r} shares nothing")
     participants = sorted(keys)
     index = {name: position + 1 for position, name in enumerate(participants)}
     seed = _random_bytes(KEY_BYTES)
@@ -204,19 +227,19 @@ def share_keys(client: str, private: bytes, public: dict[str, dict], threshold: 
             payload = {"from": client, "to": peer, "b": _share(x, b_shares[x]), "s_sk": _share(x, s_shares[x])}
             ciphertexts[peer] = _encrypt(state, keys[peer], client, peer, payload, context).hex()
     own = index[client]
-    state.update(context=context.hex(), threshold=threshold, participants=participants, b=seed.hex(),
-                 own_b_share=_share(own, b_shares[own]))
+    state.update(threshold=threshold, participants=participants, b=seed.hex(), own_b_share=_share(own, b_shares[own]))
     return _dump_state(state), ciphertexts
 
 
-def mask(client: str, private: bytes, public: dict[str, dict], vector: np.ndarray, context: bytes) -> np.ndarray:
+def mask(client: str, private: bytes, public: dict[str, dict], vector: np.ndarray, context: bytes,
+         registry: signing.Registry) -> np.ndarray:
     """Round 2: ``y_u = x_u + PRG(b_u) + Σ_{v∈U2, v≠u} ±PRG(s_uv)`` mod 2^64 (``+`` when u < v).
 
     ``public`` is U2, the clients that sent shares: masks with clients that dropped earlier would never be
     removed, since nobody holds shares of their keys.
     """
     state = _load_shared_state(client, private, context)
-    keys = _parse_public(public)
+    keys = _parse_public(public, registry, context)
     _check_own_keys(client, state, keys)
     _check_within(keys, state["participants"], "sent shares (U2)", "advertised keys (U1)")
     if len(keys) < state["threshold"]:
@@ -234,28 +257,61 @@ def mask(client: str, private: bytes, public: dict[str, dict], vector: np.ndarra
     return masked
 
 
-def reveal(client: str, private: bytes, public: dict[str, dict], ciphertexts: dict[str, str],
-           survivors: list[str], threshold: int, context: bytes) -> dict[str, dict]:
-    """Round 3: for every v in U2 (``public``), the share of b_v if v is in U3 (``survivors``), else of s_sk_v.
+def confirm(client: str, private: bytes, public: dict[str, dict], survivors: list[str], context: bytes,
+            signing_key: Ed25519PrivateKey, registry: signing.Registry) -> tuple[bytes, str]:
+    """Round 3, the consistency check: sign the survivor set U3 the server announced, once per round.
 
-    ``ciphertexts`` maps each other member of U2 to the ciphertext it addressed to this client. Never both
-    kinds for one peer: both would unmask v's input. The caller must run this once per round (see the
-    module's threat model); it refuses a survivor set below the threshold or naming unknown clients.
+    Returns the private state (now recording U3) and the signature. A client confirms one survivor set only:
+    asked to confirm another (the server telling clients different stories about who dropped), it refuses.
     """
     state = _load_shared_state(client, private, context)
-    if threshold != state["threshold"]:
-        raise SecureAggregationError(f"the threshold of the reveal ({threshold}) is not the one the keys were "
-                                     f"shared under ({state['threshold']})")
-    keys = _parse_public(public)
-    _check_own_keys(client, state, keys)
-    _check_within(keys, state["participants"], "sent shares (U2)", "advertised keys (U1)")
-    alive = set(survivors)
-    _check_within(alive, keys, "survived (U3)", "sent shares (U2)")
-    if len(alive) < threshold:
-        raise SecureAggregationError(f"only {len(alive)} clients survived, below the threshold of {threshold}; "
-                                     f"client {client!r} reveals nothing")
-    if client not in alive:
-        raise SecureAggregationError(f"client {client!r} is not among the survivors it is asked to reveal for")
+    alive, _ = _check_survivors(client, state, public, survivors, context, registry)
+    if state.get("confirmed", alive) != alive:
+        raise SecureAggregationError(f"client {client!r} already confirmed the survivors {state['confirmed']} this "
+                                     f"round; it does not confirm {alive} too")
+    state["confirmed"] = alive
+    return _dump_state(state), signing.sign(signing_key, _CONFIRMED, context, client, _names(alive))
+
+
+def check_advertisement(client: str, message: Any, context: bytes, registry: signing.Registry) -> None:
+    """What the server checks of an advertisement before relaying it: well formed, ``client``'s, and signed by
+    its key in ``registry`` for ``context``."""
+    if not isinstance(message, dict) or message.get("client") != client:
+        raise SecureAggregationError(f"the keys advertised for client {client} are not its own")
+    _parse_public({client: message}, registry, context)
+
+
+def verify_confirmation(client: str, signature: Any, survivors: list[str], context: bytes,
+                        registry: signing.Registry) -> None:
+    """What the server checks of a confirmation before relaying it: ``client``'s signature over ``survivors``."""
+    signing.verify(registry, client, signature, _CONFIRMED, context, _names(survivors))
+
+
+def reveal(client: str, private: bytes, public: dict[str, dict], ciphertexts: dict[str, str],
+           survivors: list[str], confirmations: dict[str, str], context: bytes,
+           registry: signing.Registry) -> dict[str, dict]:
+    """Round 4: for every v in U2 (``public``), the share of b_v if v is in U3 (``survivors``), else of s_sk_v.
+
+    ``private`` is the state :func:`confirm` returned: the client reveals only for the survivor set it
+    confirmed, and only once ``confirmations`` holds at least the threshold of signatures over that same
+    set by its members (each verified under ``registry``; one that fails names its client). ``ciphertexts``
+    maps each other member of U2 to the ciphertext it addressed to this client. Never both kinds of share
+    for one peer: both would unmask v's input. The caller must run this once per round (see the module's
+    threat model).
+    """
+    state = _load_shared_state(client, private, context)
+    alive, keys = _check_survivors(client, state, public, survivors, context, registry)
+    if state.get("confirmed") != alive:
+        raise SecureAggregationError(f"client {client!r} reveals only for the survivor set it confirmed "
+                                     f"({state.get('confirmed')}), not for {alive}")
+    if not isinstance(confirmations, dict):
+        raise SecureAggregationError(f"the confirmations handed to {client!r} are not a map of client to signature")
+    _check_within(confirmations, alive, "confirmed the survivors", "survived (U3)")
+    for signer, signature in sorted(confirmations.items()):
+        signing.verify(registry, signer, signature, _CONFIRMED, context, _names(alive))
+    if len(confirmations) < state["threshold"]:
+        raise SecureAggregationError(f"only {len(confirmations)} survivors confirmed the survivor set, below the "
+                                     f"threshold of {state['threshold']}; client {client!r} reveals nothing")
     unknown = sorted(set(ciphertexts) - set(keys))
     if unknown:
         raise SecureAggregationError(f"ciphertexts from {unknown}, which are in neither U2 nor U3")
@@ -268,6 +324,29 @@ def reveal(client: str, private: bytes, public: dict[str, dict], ciphertexts: di
         payload = _decrypt(state, keys[peer], peer, client, ciphertexts[peer], context)
         revealed[peer] = {"b": payload["b"]} if peer in alive else {"s_sk": payload["s_sk"]}
     return revealed
+
+
+def _check_survivors(client: str, state: dict, public: dict[str, dict], survivors: list[str], context: bytes,
+                     registry: signing.Registry) -> tuple[list[str], dict[str, _PublicKeys]]:
+    """U3, sorted, once it is within U2 (``public``, signed), at least the threshold, and holds ``client``;
+    and U2's keys."""
+    keys = _parse_public(public, registry, context)
+    _check_own_keys(client, state, keys)
+    _check_within(keys, state["participants"], "sent shares (U2)", "advertised keys (U1)")
+    if not isinstance(survivors, list) or not all(isinstance(name, str) for name in survivors):
+        raise SecureAggregationError(f"the survivors handed to {client!r} are not a list of client names")
+    alive = sorted(set(survivors))
+    _check_within(alive, keys, "survived (U3)", "sent shares (U2)")
+    if len(alive) < state["threshold"]:
+        raise SecureAggregationError(f"only {len(alive)} clients survived, below the threshold of "
+                                     f"{state['threshold']}; client {client!r} reveals nothing")
+    if client not in alive:
+        raise SecureAggregationError(f"client {client!r} is not among the survivors it is asked to reveal for")
+    return alive, keys
+
+
+def _names(names: list[str]) -> bytes:
+    return json.dumps(sorted(names)).encode()
 
 
 # --- server ----------------------------------------------------------------------------------------------
@@ -287,7 +366,8 @@ def add_masked(acc: np.ndarray | None, vector: np.ndarray) -> np.ndarray:
 
 
 def unmask(masked_sum: np.ndarray, public: dict[str, dict], survivors: list[str],
-           revealed: dict[str, dict[str, dict]], threshold: int, context: bytes) -> np.ndarray:
+           revealed: dict[str, dict[str, dict]], threshold: int, context: bytes,
+           registry: signing.Registry) -> np.ndarray:
     """Remove the masks from ``Σ_{u∈U3} y_u`` and return ``Σ_{u∈U3} x_u`` mod 2^64.
 
     ``public`` is U2, ``survivors`` U3, ``revealed`` each responding client's :func:`reveal` output. Needs
@@ -298,7 +378,7 @@ def unmask(masked_sum: np.ndarray, public: dict[str, dict], survivors: list[str]
     """
     _check_context(context)
     total = _check_vector(masked_sum, "the masked sum").copy()
-    keys = _parse_public(public)
+    keys = _parse_public(public, registry, context)
     alive = set(survivors)
     _check_within(alive, keys, "survived (U3)", "sent shares (U2)")
     _check_within(revealed, alive, "revealed shares", "survived (U3)")
@@ -531,8 +611,9 @@ def _check_context(context: Any) -> None:
                                      f"not {context!r:.80}")
 
 
-def _parse_public(public: dict[str, dict]) -> dict[str, _PublicKeys]:
-    """Each advertise message, checked to carry its own name and two 32-byte public keys."""
+def _parse_public(public: dict[str, dict], registry: signing.Registry, context: bytes) -> dict[str, _PublicKeys]:
+    """Each advertise message, checked to carry its own name, two 32-byte public keys, and its client's
+    signature over them for ``context`` (a substituted key fails, naming the client)."""
     if not isinstance(public, dict):
         raise SecureAggregationError(f"the advertised keys must be a dict of client to message, not {type(public)}")
     keys = {}
@@ -546,6 +627,7 @@ def _parse_public(public: dict[str, dict]) -> dict[str, _PublicKeys]:
                 raise ValueError("a public key is not 32 bytes")
         except (TypeError, KeyError, ValueError) as exc:
             raise SecureAggregationError(f"the advertised keys of {name!r} are malformed ({exc})") from None
+        signing.verify(registry, name, message.get("signature"), _ADVERTISED, context, c_pk, s_pk)
         keys[name] = _PublicKeys(c_pk, s_pk)
     return keys
 

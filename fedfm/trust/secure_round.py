@@ -8,12 +8,18 @@ Client steps (each runs where the client's data is, and keeps its secrets in its
 2. :func:`share` — given every advertised key (U1), encrypted Shamir shares of its seeds for each peer.
 3. :func:`mask` — given who shared (U2), its update as a fixed-point vector with masks that cancel in
    the sum. The plain update stays in the client's state location; only the masked one is sent.
-4. :func:`reveal` — given who sent a masked update (U3), the shares that let the server remove the
-   masks: of each survivor's self-mask seed and of each dropped client's mask key, never both.
+4. :func:`confirm` — given who sent a masked update (U3), its signature over that set (the consistency check).
+5. :func:`reveal` — given U3 and at least the threshold of its members' confirmations of it, the shares
+   that let the server remove the masks: of each survivor's self-mask seed and of each dropped client's
+   mask key, never both.
+
+Every message a client sends is signed with its registered key (:mod:`fedfm.trust.signing`), and every
+receiver, peer or server, verifies it against the registry it trusts: a substituted key, a forged masked
+update or a forged share is refused and names the client.
 
 Server steps: :func:`relay_keys`, :func:`relay_shares` (which passes each client its inbox of ciphertexts),
-:func:`sum_masked`, and :func:`finish`, which unmasks the sum, turns it into the round's mean update,
-and runs the strategy on it (a rule that works from the mean: ``Strategy.from_mean``).
+:func:`sum_masked`, :func:`relay_confirmations` and :func:`finish`, which unmasks the sum, turns it into the
+round's mean update, and runs the strategy on it (a rule that works from the mean: ``Strategy.from_mean``).
 
 What a client contributes: without differential privacy, ``n·Δ`` and ``n`` (its sample count), so that
 the server learns ``Σ nΔ / Σ n`` and not who had how many samples. With differential privacy the noise
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -41,10 +48,11 @@ from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, QuorumError, SecureAggregationError
 from fedfm.server_state import read_server_state
 from fedfm.strategies import build_strategy
-from fedfm.trust import privacy, secagg
+from fedfm.trust import privacy, secagg, signing
 from fedfm.trust.admission import require_quorum
 
 MASKED_FORMAT = "fedfm-masked-update/1"
+_MASKED, _REVEALED = "masked update", "revealed shares"  # what a client's signature is for
 WEIGHT = "secagg.weight"  # the extra entries of a contribution, beside the adapter's tensors
 LOSS = "secagg.loss"
 UNCLIPPED = "secagg.unclipped"
@@ -54,9 +62,30 @@ _CLEAR_FIGURES = ("started_at", "finished_at", "seconds", "setup_seconds", "step
                   "world_size", "zero_stage", "bf16")
 
 
+def local_registry(cfg: FederationConfig) -> signing.Registry:
+    """The signing keys a process of this run trusts (:func:`fedfm.trust.signing.registered_keys`). In a
+    tenant's Job the operator relays them; never read from locations the federation config chose, which the
+    platform controls."""
+    if cfg.execution.mode == "kubernetes" and signing.REGISTRY_ENV not in os.environ:
+        raise SecureAggregationError(f"no signing keys were relayed to this Job (${signing.REGISTRY_ENV}): the "
+                                     "operator sets them from the FederatedClients' spec.signingKey")
+    return signing.registered_keys(cfg.client_names, {c: cfg.client_state_location(c) for c in cfg.client_names})
+
+
+def _identity(cfg: FederationConfig, client: str):
+    """The client's private signing key; a local run makes one on first use, a tenant in a cluster registers
+    its own (``fedfm keygen``)."""
+    return signing.load_identity(client, cfg.client_state_location(client),
+                                 create=cfg.execution.mode != "kubernetes")
+
+
 def context(cfg: FederationConfig, round_index: int) -> bytes:
-    """What binds every key and ciphertext to this federation and round."""
-    return f"{cfg.name}/round-{round_index}".encode()
+    """What binds every key, ciphertext and signature to this federation and round."""
+    return _context(cfg.name, round_index)
+
+
+def _context(federation: str, round_index: int) -> bytes:
+    return f"{federation}/round-{round_index}".encode()
 
 
 def _private(cfg: FederationConfig, client: str, round_index: int, name: str, *, new_instance: bool = False) -> str:
@@ -103,7 +132,7 @@ def _write_json(uri: str, value: Any) -> None:
 
 
 def advertise(cfg: FederationConfig, client: str, round_index: int, public_out: str) -> None:
-    private, public = secagg.advertise(client)
+    private, public = secagg.advertise(client, _identity(cfg, client), context(cfg, round_index))
     storage.write_bytes(_private(cfg, client, round_index, "keys.json", new_instance=True), private)
     _write_json(public_out, public)
 
@@ -112,7 +141,7 @@ def share(cfg: FederationConfig, client: str, round_index: int, keys_uri: str, s
     keys = _read_json(keys_uri, "the advertised keys")
     private = storage.read_bytes(_private(cfg, client, round_index, "keys.json"))
     shared, ciphertexts = secagg.share_keys(client, private, keys["public"], keys["threshold"],
-                                            context(cfg, round_index))
+                                            context(cfg, round_index), local_registry(cfg))
     storage.write_bytes(_private(cfg, client, round_index, "shared.json"), shared)
     _write_json(shares_out, ciphertexts)
 
@@ -127,14 +156,29 @@ def mask(cfg: FederationConfig, client: str, round_index: int, update_uri: str, 
                                  float(update.meta.metrics.get("train_loss", 0.0)), noise or {})
     vector, layout = secagg.encode(contribution, cfg.secure_aggregation.fraction_bits)
     private = storage.read_bytes(_private(cfg, client, round_index, "shared.json"))
-    masked = secagg.mask(client, private, keys["public"], vector, context(cfg, round_index))
+    masked = secagg.mask(client, private, keys["public"], vector, context(cfg, round_index), local_registry(cfg))
     header = {"format": MASKED_FORMAT, "client": client, "round": str(round_index),
               "base_model": update.meta.base_model, "layout": json.dumps(layout),
               "fraction_bits": str(cfg.secure_aggregation.fraction_bits),
               "metrics": json.dumps({key: value for key, value in update.meta.metrics.items()
                                      if key in _CLEAR_FIGURES}, sort_keys=True)}
+    header["signature"] = signing.sign(_identity(cfg, client), _MASKED, context(cfg, round_index), client,
+                                       *_masked_parts(masked, header))
     storage.write_bytes(masked_out, safetensors_save({"masked": torch.from_numpy(masked.view(np.int64))},
                                                      metadata=header))
+
+
+def _verify_masked(signed_for: bytes, client: str, vector: np.ndarray, header: dict[str, str],
+                   registry: signing.Registry) -> None:
+    signing.verify(registry, client, header.get("signature"), _MASKED, signed_for, *_masked_parts(vector, header))
+
+
+def _masked_parts(vector: np.ndarray, header: dict[str, str]) -> tuple[bytes, bytes]:
+    """What a masked update's signature covers: the masked vector and every header field but the signature."""
+    import hashlib
+
+    fields = json.dumps({key: value for key, value in header.items() if key != "signature"}, sort_keys=True)
+    return hashlib.sha256(secagg.vector_to_bytes(vector)).digest(), fields.encode()
 
 
 def train_inputs(cfg: FederationConfig, keys_uri: str, state_uri: str | None) -> dict[str, float]:
@@ -175,24 +219,49 @@ def _contribution(cfg: FederationConfig, round_index: int, client: str, tensors:
 
 
 
+def confirm(cfg: FederationConfig, client: str, round_index: int, keys_uri: str, survivors_uri: str,
+            confirm_out: str) -> None:
+    """The consistency check: sign the survivor set the server announced. The client's state then holds that
+    set, and it confirms no other this round (asked again for the same set, it signs the same)."""
+    keys = _read_json(keys_uri, "the keys of the clients that shared")
+    survivors = _read_json(survivors_uri, "the survivors")
+    confirmed = _private(cfg, client, round_index, "confirmed.json")
+    before = confirmed if storage.exists(confirmed) else _private(cfg, client, round_index, "shared.json")
+    state, signature = secagg.confirm(client, storage.read_bytes(before), keys["public"], survivors,
+                                      context(cfg, round_index), _identity(cfg, client), local_registry(cfg))
+    if before != confirmed:
+        storage.write_bytes(confirmed, state)
+    _write_json(confirm_out, {"client": client, "signature": signature})
+
+
 def reveal(cfg: FederationConfig, client: str, round_index: int, keys_uri: str, inbox_uri: str, survivors_uri: str,
-           reveal_out: str) -> None:
-    """The client's shares for the server, once per round: a second request (another survivor list) is the
-    attack the protocol's honest clients refuse."""
+           confirmations_uri: str, reveal_out: str) -> None:
+    """The client's shares for the server, once per round and only for the survivor set it confirmed, once the
+    threshold of survivors confirmed it too: a second request (another survivor list) is the attack the
+    protocol's honest clients refuse. The shares go out signed."""
     done = _private(cfg, client, round_index, "revealed")
     if storage.exists(done):
         raise SecureAggregationError(f"client {client} has already revealed its shares for round {round_index}; "
                                      "it does not answer twice")
     keys = _read_json(keys_uri, "the keys of the clients that shared")
     survivors = _read_json(survivors_uri, "the survivors")
-    private = storage.read_bytes(_private(cfg, client, round_index, "shared.json"))
-    shares = secagg.reveal(client, private, keys["public"], _read_json(inbox_uri, "the inbox"), survivors,
-                           keys["threshold"], context(cfg, round_index))
+    confirmed = _private(cfg, client, round_index, "confirmed.json")
+    if not storage.exists(confirmed):
+        raise SecureAggregationError(f"client {client} has confirmed no survivor set for round {round_index}; it "
+                                     "reveals nothing")
+    shares = secagg.reveal(client, storage.read_bytes(confirmed), keys["public"], _read_json(inbox_uri, "the inbox"),
+                           survivors, _read_json(confirmations_uri, "the confirmations"), context(cfg, round_index),
+                           local_registry(cfg))
     storage.write_bytes(done, b"")
-    _write_json(reveal_out, shares)
+    signature = signing.sign(_identity(cfg, client), _REVEALED, context(cfg, round_index), client, _canonical(shares))
+    _write_json(reveal_out, {"client": client, "shares": shares, "signature": signature})
 
 
-CLIENT_PHASES = ("advertise", "share", "train", "reveal")
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True).encode()
+
+
+CLIENT_PHASES = ("advertise", "share", "train", "confirm", "reveal")
 
 
 def client_step(cfg: FederationConfig, client: str, round_index: int, phase: str, inputs: dict[str, str],
@@ -200,7 +269,7 @@ def client_step(cfg: FederationConfig, client: str, round_index: int, phase: str
     """One of a client's steps, by name, with its inputs as URIs (what a pipeline step or a tenant's Job
     runs): ``advertise`` (no inputs), ``share`` (``keys``), ``train`` (``global``, ``keys``, and
     under privacy :func:`train_inputs`'s numbers: fine-tune, keep the plain update, send it masked) and
-    ``reveal`` (``keys``, ``inbox``, ``survivors``)."""
+    ``confirm`` (``keys``, ``survivors``) and ``reveal`` (``keys``, ``inbox``, ``survivors``, ``confirmations``)."""
     if phase == "advertise":
         advertise(cfg, client, round_index, output)
     elif phase == "share":
@@ -212,37 +281,54 @@ def client_step(cfg: FederationConfig, client: str, round_index: int, phase: str
         train_client(cfg, client, round_index, inputs["global"], plain)
         noise = {name: float(inputs[name]) for name in ("clip_norm", "noise_stddev", "count_stddev") if name in inputs}
         mask(cfg, client, round_index, plain, inputs["keys"], output, noise)
+    elif phase == "confirm":
+        confirm(cfg, client, round_index, inputs["keys"], inputs["survivors"], output)
     elif phase == "reveal":
-        reveal(cfg, client, round_index, inputs["keys"], inputs["inbox"], inputs["survivors"], output)
+        reveal(cfg, client, round_index, inputs["keys"], inputs["inbox"], inputs["survivors"], inputs["confirmations"],
+               output)
     else:
         raise SecureAggregationError(f"unknown secure aggregation step {phase!r} (one of {', '.join(CLIENT_PHASES)})")
 
 
-def check_secure_output(step: str, uri: str, client: str, round_index: int) -> None:
-    """What the operator checks of a client's protocol message: the masked update's header says it is
-    this client's for this round; any other message is non-empty JSON."""
+def check_secure_output(federation: str, step: str, uri: str, client: str, round_index: int,
+                        registry: signing.Registry) -> None:
+    """What the operator checks of a client's protocol message in ``federation``: signed by the client under
+    ``registry`` (its FederatedClient's key) for this federation and round, and for a masked update, a header
+    that says it is this client's for this round."""
+    signed_for = _context(federation, round_index)
     if step == "train":
-        _, header = _read_masked(uri, client)
+        vector, header = _read_masked(uri, client)
         if header.get("client") != client or header.get("round") != str(round_index):
             raise SecureAggregationError(f"the masked update at {uri} is {header.get('client')!r}'s for round "
                                          f"{header.get('round')}, not client {client}'s for round {round_index}")
+        _verify_masked(signed_for, client, vector, header, registry)
         return
-    if not _read_json(uri, f"client {client}'s {step} message"):
+    message = _read_json(uri, f"client {client}'s {step} message")
+    if not isinstance(message, dict) or not message:
         raise SecureAggregationError(f"client {client}'s {step} message at {uri} is empty")
+    if step == "advertise":  # the other messages' signatures cover what only the server steps hold (U3, U2)
+        secagg.check_advertisement(client, message, signed_for, registry)
 
 
 # --- server steps ----------------------------------------------------------------------------------------
 
 
 def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str], keys_out: str,
-               state_uri: str | None) -> list[str]:
+               state_uri: str | None, registry: signing.Registry, rejected: dict[str, str] | None = None) -> list[str]:
     """Collect the advertised keys (U1) into one file every client reads; returns U1. The threshold is of the
-    clients drawn for the round (under privacy, by the secret key of the server state at ``state_uri``)."""
+    clients drawn for the round (under privacy, by the secret key of the server state at ``state_uri``).
+    An advertisement not signed by its client's key in ``registry`` goes into ``rejected`` (client → why),
+    and the client is not in U1 (without ``rejected`` it raises)."""
     public = {}
     for client, uri in sorted(published.items()):
-        message = _read_json(uri, f"client {client}'s public keys")
-        if message.get("client") != client:
-            raise SecureAggregationError(f"the keys at {uri} are {message.get('client')!r}'s, not client {client}'s")
+        try:
+            message = _read_json(uri, f"client {client}'s public keys")
+            secagg.check_advertisement(client, message, context(cfg, round_index), registry)
+        except SecureAggregationError as exc:
+            if rejected is None:
+                raise
+            rejected[client] = f"rejected: {exc}"
+            continue
         public[client] = message
     from fedfm.federation import round_clients
 
@@ -272,22 +358,23 @@ def relay_shares(keys_uri: str, sent: dict[str, str], keys_out: str, inboxes: di
 
 
 def sum_masked(cfg: FederationConfig, round_index: int, global_uri: str, masked: dict[str, str], keys_uri: str,
-               survivors_out: str, sum_out: str, rejected: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+               survivors_out: str, sum_out: str, registry: signing.Registry,
+               rejected: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Add the masked updates that arrived (mod 2^64, one at a time) and announce who survived (U3).
 
-    Each is checked for what can be checked on a masked value: whose, which round, which base model,
-    and its layout (the global adapter's tensors, at the fraction bits configured). One that fails goes
-    into ``rejected`` (client → why) and its client counts as dropped, whose masks the survivors' shares
-    remove as for any dropout: one tenant's malformed message does not end the round (without ``rejected``
-    it raises SecureAggregationError). Returns each survivor's reported figures (its training metrics and
-    the bytes it sent)."""
+    Each is checked for what can be checked on a masked value: whose (its client's signature under
+    ``registry``), which round, which base model, and its layout (the global adapter's tensors, at the
+    fraction bits configured). One that fails goes into ``rejected`` (client → why) and its client counts as
+    dropped, whose masks the survivors' shares remove as for any dropout: one tenant's malformed or forged
+    message does not end the round (without ``rejected`` it raises SecureAggregationError). Returns each
+    survivor's reported figures (its training metrics and the bytes it sent)."""
     keys = _read_json(keys_uri, "the keys of the clients that shared")
     current = load_adapter(global_uri, who="the federation")
     expected = _layout(cfg, round_index, current.tensors)
     total, figures = None, {}
     for client, uri in sorted(masked.items()):
         try:
-            vector, header = _checked_masked(cfg, round_index, current, expected, keys, client, uri)
+            vector, header = _checked_masked(cfg, round_index, current, expected, keys, client, uri, registry)
         except SecureAggregationError as exc:
             if rejected is None:
                 raise
@@ -305,8 +392,35 @@ def sum_masked(cfg: FederationConfig, round_index: int, global_uri: str, masked:
     return figures
 
 
+def relay_confirmations(cfg: FederationConfig, round_index: int, keys_uri: str, survivors_uri: str,
+                        confirmed: dict[str, str], confirmations_out: str, registry: signing.Registry,
+                        rejected: dict[str, str]) -> list[str]:
+    """Collect the survivors' signatures over the survivor set into the file each of them checks before it
+    reveals; returns the clients that confirmed. One that is not its client's signature over that set goes
+    into ``rejected``; fewer than the threshold confirming ends the round (no client would reveal)."""
+    keys = _read_json(keys_uri, "the keys of the clients that shared")
+    survivors = _read_json(survivors_uri, "the survivors")
+    signatures = {}
+    for client, uri in sorted(confirmed.items()):
+        try:
+            message = _read_json(uri, f"client {client}'s confirmation")
+            if not isinstance(message, dict) or message.get("client") != client or client not in survivors:
+                raise SecureAggregationError(f"the confirmation at {uri} is not survivor {client}'s")
+            secagg.verify_confirmation(client, message.get("signature"), survivors, context(cfg, round_index),
+                                       registry)
+        except SecureAggregationError as exc:
+            rejected[client] = f"rejected: {exc}"
+            continue
+        signatures[client] = message["signature"]
+    if len(signatures) < keys["threshold"]:
+        raise QuorumError(f"round {round_index}: {len(signatures)} survivors confirmed the survivor set, below the "
+                          f"secure aggregation threshold of {keys['threshold']}; no client reveals anything")
+    _write_json(confirmations_out, signatures)
+    return sorted(signatures)
+
+
 def _checked_masked(cfg: FederationConfig, round_index: int, current, expected, keys: dict, client: str,
-                    uri: str) -> tuple[np.ndarray, dict[str, str]]:
+                    uri: str, registry: signing.Registry) -> tuple[np.ndarray, dict[str, str]]:
     """``client``'s masked update at ``uri`` and its header, once what can be checked of it holds."""
     if client not in keys["public"]:
         raise SecureAggregationError(f"client {client} sent a masked update but did not share keys (U2)")
@@ -314,6 +428,7 @@ def _checked_masked(cfg: FederationConfig, round_index: int, current, expected, 
     if header.get("round") != str(round_index) or header.get("client") != client:
         raise SecureAggregationError(f"client {client}'s masked update {uri} is for round {header.get('round')} "
                                      f"of {header.get('client')!r}, not round {round_index} of {client}")
+    _verify_masked(context(cfg, round_index), client, vector, header, registry)
     if header.get("base_model") != current.meta.base_model:
         raise SecureAggregationError(f"client {client} trained on another base model than the federation's")
     try:
@@ -335,10 +450,11 @@ def _checked_masked(cfg: FederationConfig, round_index: int, current, expected, 
 
 def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: str, survivors_uri: str,
            sum_uri: str, revealed: dict[str, str], figures: dict[str, dict[str, Any]], global_out: str,
-           missing: dict[str, str] | None = None, *, state_in: str | None = None,
+           registry: signing.Registry, missing: dict[str, str] | None = None, *, state_in: str | None = None,
            state_out: str | None = None) -> AdapterMeta:
-    """Unmask the sum, make it the round's mean update, and write the next global adapter as
-    :func:`fedfm.federation.aggregate_round` does (same record, server state chained)."""
+    """Unmask the sum with the revealed shares (each signed by its client under ``registry``; one that is
+    not is left out, its client named in ``missing``), make it the round's mean update, and write the next
+    global adapter as :func:`fedfm.federation.aggregate_round` does (same record, server state chained)."""
     from fedfm.federation import _mean_update, refuse_overwrite, write_round
 
     started = time.time()
@@ -347,9 +463,20 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
     keys = _read_json(keys_uri, "the keys of the clients that shared")
     survivors = _read_json(survivors_uri, "the survivors")
     require_quorum(cfg, round_index, len(survivors), missing)
-    shares = {client: _read_json(uri, f"client {client}'s revealed shares") for client, uri in revealed.items()}
+    shares = {}
+    for client, uri in sorted(revealed.items()):
+        message = _read_json(uri, f"client {client}'s revealed shares")
+        try:
+            if not isinstance(message, dict) or message.get("client") != client:
+                raise SecureAggregationError(f"the revealed shares at {uri} are not client {client}'s")
+            signing.verify(registry, client, message.get("signature"), _REVEALED, context(cfg, round_index),
+                           _canonical(message.get("shares")))
+        except SecureAggregationError as exc:
+            missing[client] = f"rejected: {exc}"
+            continue
+        shares[client] = message["shares"]
     total = secagg.unmask(secagg.vector_from_bytes(storage.read_bytes(sum_uri)), keys["public"], survivors, shares,
-                          keys["threshold"], context(cfg, round_index))
+                          keys["threshold"], context(cfg, round_index), registry)
     current = load_adapter(global_uri, who="the federation")
     summed = secagg.decode(total, _layout(cfg, round_index, current.tensors), cfg.secure_aggregation.fraction_bits)
 

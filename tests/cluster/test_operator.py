@@ -37,6 +37,7 @@ from fedfm.config import FederationConfig
 from fedfm.operators import rbac
 from fedfm.operators.api import CLIENT_ROUNDS, FEDERATED_CLIENTS, FEDERATIONS, GROUP, VERSION
 from fedfm.simulation import simulate
+from fedfm.trust import signing
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -307,6 +308,12 @@ def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None
             key = f"{name}/tenant-data/{tenant}/train.csv"
             cluster.store.s3.upload_file(str(data[tenant]), BUCKET, key)
             sources[tenant] = {"uri": f"s3://{BUCKET}/{key}"}
+    keys = {}
+    for tenant in clients:
+        if keep_state:  # the tenant's signing key, made where only it reads (`fedfm keygen`); its public half is
+            # registered below
+            identity, keys[tenant] = signing.new_identity(tenant)
+            cluster.store.s3.put_object(Bucket=BUCKET, Key=f"{name}-tenant-state/{tenant}/identity.json", Body=identity)
     for tenant in clients:
         # memory only: a CPU limit would throttle each Pod to a share of the machine's 2 cores; one thread, as
         # every process of the suite (tests/conftest.py), so that Pods running at once do not wait on each other
@@ -315,8 +322,8 @@ def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None
                      "metadata": {"name": tenant, "namespace": namespaces[tenant], "labels": ENROLLED},
                      "spec": {"federationRef": {"name": name, "namespace": PLATFORM},
                               "data": {**sources[tenant], "secretRef": {"name": "store"}},
-                              **({"state": {"uri": f"s3://{BUCKET}/{name}-tenant-state/{tenant}"}} if keep_state
-                                 else {}),
+                              **({"state": {"uri": f"s3://{BUCKET}/{name}-tenant-state/{tenant}"},
+                                  "signingKey": keys[tenant]} if keep_state else {}),
                               "image": plane.images["fedfm"], "serviceAccountName": TENANT_SA,
                               "resources": resources, "env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}})
     config_file = workdir / "federation.json"
@@ -455,7 +462,7 @@ def test_secure_aggregation_runs_its_steps_as_jobs_in_the_tenants_namespaces(clu
     for tenant, namespace in federation.namespaces.items():
         rounds = cluster.rounds(namespace)
         steps = sorted(r["spec"].get("secureStep", r["spec"]["purpose"]) for r in rounds)
-        assert steps == ["Evaluate", "Evaluate", "advertise", "reveal", "share", "train"]
+        assert steps == ["Evaluate", "Evaluate", "advertise", "confirm", "reveal", "share", "train"]
         assert {r["status"]["phase"] for r in rounds} == {"Succeeded"}
         assert all(job.spec.template.spec.service_account_name == TENANT_SA for job in cluster.jobs(namespace))
         assert f"fed-sa-tenant-state/{tenant}/secagg/round-0001/update.safetensors" in kept

@@ -136,8 +136,8 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(uninterrupt
 
 
 def _check_a_secure_pipeline_round(run: Path, seen: list[dict], round_index: int) -> None:
-    """kfp.local ran each client step of the round as its own task (advertise, share, fine-tune, reveal) and the
-    server's relays between them; the server's tasks held masked updates only, and the plain updates stayed in
+    """kfp.local ran each client step of the round as its own task (advertise, share, fine-tune, confirm, reveal)
+    and the server's relays between them; the server's tasks held masked updates only, and the plain updates stayed in
     each client's own state location."""
     from fedfm.adapters import load_adapter
 
@@ -156,10 +156,10 @@ def _check_a_secure_pipeline_round(run: Path, seen: list[dict], round_index: int
     assert len(plain) == 3  # they stay in each client's own state location
     finished = {(e["step"], e.get("client")) for e in seen
                 if e["event"] == "finished" and e.get("round") == round_index}
-    for step in ("secagg_advertise", "secagg_share", "client_finetune", "secagg_reveal"):
+    for step in ("secagg_advertise", "secagg_share", "client_finetune", "secagg_confirm", "secagg_reveal"):
         assert {client for name, client in finished if name == step} == set(clients), step
     assert {("secagg_relay_keys", None), ("secagg_relay_shares", None), ("secagg_sum", None),
-            ("aggregate", None), ("evaluate", None)} <= finished
+            ("secagg_relay_confirmations", None), ("aggregate", None), ("evaluate", None)} <= finished
 
 
 def test_resume_refuses_new_config_flags_and_a_directory_that_is_not_a_run(tmp_path):

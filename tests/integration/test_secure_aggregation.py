@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,6 +104,42 @@ def test_a_tenants_malformed_masked_update_drops_that_tenant_not_the_round(tiny_
     assert meta.metrics["secure_aggregation"]["dropped"] == ["tenant-1"]
 
 
+def test_a_masked_update_forged_in_another_tenants_name_is_refused_naming_it(tiny_config, tmp_path, monkeypatch):
+    """Issue 17, finding 3: a masked update's ``client`` header was free text, so tenant-0, with write access to
+    the round's storage, could replace tenant-1's masked update with one of its own making. Each masked update
+    is now signed with its client's registered key: the forgery (signed with tenant-0's key, which is all it
+    has) is refused naming tenant-1, whose masks the survivors remove as for a dropout."""
+    from safetensors.torch import load as safetensors_load
+    from safetensors.torch import save as safetensors_save
+
+    from fedfm import storage
+    from fedfm.adapters import header_of
+    from fedfm.simulation import simulate
+    from fedfm.trust import secure_round, signing
+
+    honest_mask = secure_round.mask
+
+    def forging(cfg, client, round_index, update_uri, keys_uri, masked_out, noise=None):
+        honest_mask(cfg, client, round_index, update_uri, keys_uri, masked_out, noise)
+        if client == "tenant-1":
+            data = storage.read_bytes(masked_out)
+            vector = safetensors_load(data)["masked"].numpy().view(np.uint64) + np.uint64(1 << 40)
+            header = {key: value for key, value in header_of(data).items() if key != "signature"}
+            mallory = signing.load_identity("tenant-0", cfg.client_state_location("tenant-0"))
+            header["signature"] = signing.sign(mallory, "masked update", secure_round.context(cfg, round_index),
+                                               "tenant-1", *secure_round._masked_parts(vector, header))
+            storage.write_bytes(masked_out, safetensors_save({"masked": torch.from_numpy(vector.view(np.int64))},
+                                                             metadata=header), overwrite=True)
+
+    monkeypatch.setattr(secure_round, "mask", forging)
+    cfg = tiny_config(rounds=1, clients=4, **{"policy.min_clients": 3, "secure_aggregation.enabled": True,
+                                              "secure_aggregation.threshold": 3})
+    record = simulate(cfg, tmp_path / "secure").history[1]
+    assert sorted(record["clients"]) == ["tenant-0", "tenant-2", "tenant-3"]
+    assert record["missing"]["tenant-1"] == ("rejected: the masked update of client tenant-1 does not carry its "
+                                             "registered key's signature: substituted or forged, and refused")
+
+
 def test_an_impossible_masked_weight_is_caught_in_the_unmasked_sum(tiny_config, tmp_path, monkeypatch):
     """Issue 17, finding 8: a tenant that puts a weight of −10⁶ into the masked sum once flipped the round's
     mean update (or divided it by 0); the unmasked sum is now checked and no aggregate is written."""
@@ -192,7 +229,8 @@ def test_under_privacy_a_quarantined_client_does_not_thin_the_noise_of_the_clien
     from fedfm.trust.update_checks import Quarantine
 
     cfg = tiny_config(rounds=2, clients=4, **{"secure_aggregation.enabled": True, "privacy.noise_multiplier": 0.5,
-                                              "privacy.clip_norm": 0.5, "policy.quarantine_after_failures": 1})
+                                              "privacy.clip_norm": 0.5, "policy.quarantine_after_failures": 1,
+                                              "execution.client_state_uri": str(tmp_path / "client-state")})
     state = tmp_path / "server_state"
     quarantine = Quarantine(since={"tenant-3": (1, "no usable update in round 1")})
     save_server_state(str(state), "fedavg", 1, {**privacy.PrivacyState(sampling_key="ab" * 32).as_state(),
@@ -200,9 +238,10 @@ def test_under_privacy_a_quarantined_client_does_not_thin_the_noise_of_the_clien
     published = {}
     for client in ("tenant-0", "tenant-1", "tenant-2"):
         published[client] = tmp_path / f"{client}.json"
-        published[client].write_text(json.dumps({"client": client, "c_pk": "00", "s_pk": "00"}))
+        secure_round.advertise(cfg, client, 2, str(published[client]))
     keys = tmp_path / "keys.json"
-    secure_round.relay_keys(cfg, 2, {c: str(path) for c, path in published.items()}, str(keys), str(state))
+    secure_round.relay_keys(cfg, 2, {c: str(path) for c, path in published.items()}, str(keys), str(state),
+                            secure_round.local_registry(cfg))
 
     noise = secure_round.train_inputs(cfg, str(keys), str(state))
     fewest_survivors = cfg.quorum(3)
@@ -247,12 +286,16 @@ def test_cli_compiles_a_secure_pipeline_that_validates(tiny_config, tmp_path):
     tasks = yaml.safe_load((tmp_path / "p.yaml").read_text())["root"]["dag"]["tasks"]
     names = {task["taskInfo"]["name"] for task in tasks.values()}
     for round_index in (1, 2):
-        assert {f"round-{round_index}-{loop}" for loop in ("advertise", "share", "clients", "reveal")} <= names
+        assert {f"round-{round_index}-{loop}" for loop in ("advertise", "share", "clients", "confirm",
+                                                           "reveal")} <= names
         assert {f"round {round_index}: {step}" for step in ("relay keys", "relay shares", "sum masked updates",
-                                                              "unmask and aggregate")} <= names
+                                                              "relay confirmations", "unmask and aggregate")} <= names
     assert not any(name.startswith("aggregate") for name in tasks)  # the plain aggregate step is not there
-    reveal = next(task for task in tasks.values() if task["taskInfo"]["name"] == "round-1-reveal")
-    assert reveal["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--secagg-sum-Output"
+    loops = {task["taskInfo"]["name"]: task["parameterIterator"]["items"]["inputParameter"]
+             for task in tasks.values() if "parameterIterator" in task}
+    # the survivors confirm, and those that confirmed reveal
+    assert loops["round-1-confirm"] == "pipelinechannel--secagg-sum-Output"
+    assert loops["round-1-reveal"] == "pipelinechannel--secagg-relay-confirmations-Output"
 
     result = runner.invoke(app, ["validate", "--config", str(config_file), "--pipeline", str(tmp_path / "p.yaml")])
     assert result.exit_code == 0, result.output
@@ -321,11 +364,16 @@ def _pipeline_round_here(cfg, work: Path) -> _Artifact:
     survivors, masked_sum, figures = artifact("survivors"), artifact("masked_sum"), artifact("figures")
     answering = steps.secagg_sum(config, 1, start, run_id, global_adapter, updates, keys_shared, survivors, masked_sum,
                                  figures)
-    reveals = each("reveal", steps.secagg_reveal, answering, keys_shared=keys_shared, inboxes=inboxes,
-                   survivors=survivors)
+    confirmations = artifact("confirmations")
+    confirmers = steps.secagg_relay_confirmations(
+        config, 1, start, run_id, keys_shared, survivors,
+        each("confirmation", steps.secagg_confirm, answering, keys_shared=keys_shared, survivors=survivors),
+        confirmations)
+    reveals = each("reveal", steps.secagg_reveal, confirmers, keys_shared=keys_shared, inboxes=inboxes,
+                   survivors=survivors, confirmations=confirmations)
     new_global = artifact("new_global_adapter")
-    steps.secagg_finish(config, 1, start, run_id, global_adapter, keys_shared, survivors, masked_sum, figures, reveals,
-                        server_state, new_global, artifact("new_server_state"))
+    steps.secagg_finish(config, 1, start, run_id, global_adapter, keys_shared, survivors, masked_sum, figures,
+                        confirmations, reveals, server_state, new_global, artifact("new_server_state"))
     return new_global
 
 

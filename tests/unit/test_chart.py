@@ -28,7 +28,7 @@ TWO_TENANTS = {
          "labels": {"fedfm.dev/enrolled": "true"}},
         {"name": "bank-b", "namespace": "tenant-b", "federation": {"name": "support", "namespace": "kubeflow-user"},
          "data": {"pvc": {"claimName": "b-data", "path": "train.parquet"}},
-         "state": {"pvc": {"claimName": "b-state", "path": "fedfm"}},
+         "state": {"pvc": {"claimName": "b-state", "path": "fedfm"}}, "signingKey": "0b" * 32,
          "modelPolicy": {"allowedModels": ["meta-llama/Llama-3.2-1B@4e20de36"], "allowRemoteCode": False},
          "env": [{"name": "HTTPS_PROXY", "value": "http://proxy.b:3128"}],
          "serviceAccount": {"create": False, "name": "b-jobs"}, "image": "registry.example/fedfm:gpu",
@@ -145,6 +145,7 @@ def test_two_tenants_with_a_gpu_tenant_and_monitoring_on():
     assert b["spec"]["data"] == {"pvc": {"claimName": "b-data", "path": "train.parquet"}}
     # where b keeps its secrets and which models may run next to its data: b's to say, in its FederatedClient
     assert b["spec"]["state"] == {"pvc": {"claimName": "b-state", "path": "fedfm"}}
+    assert b["spec"]["signingKey"] == "0b" * 32 and "signingKey" not in a["spec"]
     assert b["spec"]["modelPolicy"] == {"allowedModels": ["meta-llama/Llama-3.2-1B@4e20de36"],
                                         "allowRemoteCode": False}
     assert b["spec"]["env"] == [{"name": "HTTPS_PROXY", "value": "http://proxy.b:3128"}]

@@ -7,7 +7,8 @@ import sys
 
 CORE = ["adapters", "cli", "config", "data", "evaluation", "events", "executors", "federation",
         "modeling", "pushgateway", "report", "server_state", "storage", "strategies", "tasks", "training",
-        "trust.admission", "trust.privacy", "trust.secagg", "trust.secure_round", "trust.update_checks"]
+        "trust.admission", "trust.privacy", "trust.secagg", "trust.secure_round", "trust.signing",
+        "trust.update_checks"]
 
 
 def test_the_core_imports_neither_kfp_nor_kubernetes():

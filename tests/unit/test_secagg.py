@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from scipy import stats
 
 from fedfm.errors import FedFMError, SecureAggregationError
-from fedfm.trust import secagg
+from fedfm.trust import secagg, signing
 
 CONTEXT = b"federation-a/round-3"
 BITS = 20
@@ -28,14 +30,17 @@ def random_ring_vector(seed: int, size: int) -> np.ndarray:
 
 
 class Round:
-    """One round run in-process, phase by phase, every message passed through JSON."""
+    """One round run in-process, phase by phase, every message passed through JSON, each client with a
+    registered signing key."""
 
     def __init__(self, clients: list[str], threshold: int, context: bytes = CONTEXT):
         self.threshold, self.context = threshold, context
+        self.identities = {name: Ed25519PrivateKey.generate() for name in clients}
+        self.registry = {name: signing.public_key(key) for name, key in self.identities.items()}
         self.states: dict[str, bytes] = {}
         self.u1: dict[str, dict] = {}
         for name in clients:
-            self.states[name], message = secagg.advertise(name)
+            self.states[name], message = secagg.advertise(name, self.identities[name], context)
             self.u1[name] = wire(message)
         self.sent: dict[str, dict[str, str]] = {}
         self.u2: dict[str, dict] = {}
@@ -44,27 +49,44 @@ class Round:
         for name in self.u1:
             if name not in drop:
                 self.states[name], ciphertexts = secagg.share_keys(name, self.states[name], self.u1, self.threshold,
-                                                                   self.context)
+                                                                   self.context, self.registry)
                 self.sent[name] = wire(ciphertexts)
         self.u2 = {name: self.u1[name] for name in self.sent}
+        self.shared = dict(self.states)  # each client's state before it confirmed anything
 
     def masked(self, inputs: dict[str, np.ndarray], survivors: list[str]) -> np.ndarray:
         acc = None
         for name in survivors:
-            masked = secagg.mask(name, self.states[name], self.u2, inputs[name], self.context)
+            masked = secagg.mask(name, self.states[name], self.u2, inputs[name], self.context, self.registry)
             acc = secagg.add_masked(acc, secagg.vector_from_bytes(secagg.vector_to_bytes(masked)))
         return acc
 
     def inbox(self, name: str) -> dict[str, str]:
         return {sender: ciphertexts[name] for sender, ciphertexts in self.sent.items() if sender != name}
 
-    def reveal(self, name: str, survivors: list[str]) -> dict[str, dict]:
-        return wire(secagg.reveal(name, self.states[name], self.u2, self.inbox(name), survivors, self.threshold,
-                                  self.context))
+    def confirm(self, survivors: list[str], signers: list[str] | None = None) -> dict[str, str]:
+        """The consistency check: ``signers`` (default every survivor) sign ``survivors``."""
+        confirmations = {}
+        for name in survivors if signers is None else signers:
+            self.states[name], confirmations[name] = secagg.confirm(name, self.states[name], self.u2, survivors,
+                                                                    self.context, self.identities[name], self.registry)
+        return wire(confirmations)
+
+    def reveal(self, name: str, survivors: list[str], confirmations: dict[str, str] | None = None) -> dict[str, dict]:
+        confirmations = self.confirm(survivors) if confirmations is None else confirmations
+        return wire(secagg.reveal(name, self.states[name], self.u2, self.inbox(name), survivors, confirmations,
+                                  self.context, self.registry))
 
     def unmask(self, masked_sum: np.ndarray, survivors: list[str], responders: list[str]) -> np.ndarray:
         revealed = {name: self.reveal(name, survivors) for name in responders}
-        return secagg.unmask(masked_sum, self.u2, survivors, revealed, self.threshold, self.context)
+        return secagg.unmask(masked_sum, self.u2, survivors, revealed, self.threshold, self.context, self.registry)
+
+    def forgetting(self) -> "Round":
+        """The same round with every client back at its state before confirming: what colluding clients that
+        ignore their own confirmations can do."""
+        other = copy.copy(self)
+        other.states = dict(self.shared)
+        return other
 
 
 def run_round(inputs: dict[str, np.ndarray], threshold: int, *, drop_before_shares: tuple[str, ...] = (),
@@ -179,7 +201,7 @@ def test_a_masked_input_alone_is_indistinguishable_from_uniform(seeded, kind):
     protocol.share()
 
     for name in protocol.u2:
-        masked = secagg.mask(name, protocol.states[name], protocol.u2, x, CONTEXT)
+        masked = secagg.mask(name, protocol.states[name], protocol.u2, x, CONTEXT, protocol.registry)
         byte_p, bit_p, joint_p = _uniformity_p_values(masked)
         assert byte_p > P_MIN, (name, byte_p)
         assert joint_p > P_MIN, (name, joint_p)
@@ -236,7 +258,7 @@ def test_too_few_survivors_fails_loudly():
     with pytest.raises(SecureAggregationError, match="below the threshold"):
         protocol.reveal("c0", survivors)
     with pytest.raises(SecureAggregationError, match="below threshold.*no aggregate is produced"):
-        secagg.unmask(masked_sum, protocol.u2, survivors, {}, 4, CONTEXT)
+        secagg.unmask(masked_sum, protocol.u2, survivors, {}, 4, CONTEXT, protocol.registry)
 
 
 def test_too_few_responders_fails_loudly():
@@ -257,7 +279,7 @@ def test_too_few_clients_sending_shares_stops_masking():
     protocol = Round(["a", "b", "c", "d"], threshold=3)
     protocol.share(drop=("a", "b"))
     with pytest.raises(SecureAggregationError, match="below the threshold"):
-        secagg.mask("c", protocol.states["c"], protocol.u2, np.zeros(4, dtype=np.uint64), CONTEXT)
+        secagg.mask("c", protocol.states["c"], protocol.u2, np.zeros(4, dtype=np.uint64), CONTEXT, protocol.registry)
 
 
 @pytest.mark.parametrize("threshold", [1, 5])
@@ -281,17 +303,16 @@ def test_a_tampered_ciphertext_fails_naming_the_sender():
 
 def test_a_ciphertext_from_another_round_fails():
     names = ["alice", "bob", "carol"]
-    advertised = {name: secagg.advertise(name) for name in names}
-    public = {name: message for name, (_, message) in advertised.items()}
-    this_round = {name: secagg.share_keys(name, state, public, 2, CONTEXT) for name, (state, _) in advertised.items()}
-    other_round = {name: secagg.share_keys(name, state, public, 2, b"federation-a/round-2")
-                   for name, (state, _) in advertised.items()}
-    replayed = {"bob": other_round["bob"][1]["alice"], "carol": this_round["carol"][1]["alice"]}
+    this_round, other_round = Round(names, 2), Round(names, 2, b"federation-a/round-2")
+    this_round.share()
+    other_round.share()
+    this_round.sent["bob"]["alice"] = other_round.sent["bob"]["alice"]
 
     with pytest.raises(SecureAggregationError, match="from 'bob' to 'alice' fails authentication"):
-        secagg.reveal("alice", this_round["alice"][0], public, replayed, names, 2, CONTEXT)
+        this_round.reveal("alice", names)
     with pytest.raises(SecureAggregationError, match="another round"):
-        secagg.mask("alice", other_round["alice"][0], public, np.zeros(3, dtype=np.uint64), CONTEXT)
+        secagg.mask("alice", other_round.states["alice"], this_round.u2, np.zeros(3, dtype=np.uint64), CONTEXT,
+                    this_round.registry)
 
 
 def test_a_ciphertext_cannot_be_reflected_back_to_its_sender():
@@ -331,8 +352,11 @@ def test_reveal_refuses_a_ciphertext_from_a_client_in_neither_set():
     protocol = Round([f"c{i}" for i in range(4)], threshold=3)
     protocol.share(drop=("c3",))
     inbox = protocol.inbox("c0") | {"c3": protocol.sent["c1"]["c0"]}
+    survivors = ["c0", "c1", "c2"]
+    confirmations = protocol.confirm(survivors)
     with pytest.raises(SecureAggregationError, match="neither"):
-        secagg.reveal("c0", protocol.states["c0"], protocol.u2, inbox, ["c0", "c1", "c2"], 3, CONTEXT)
+        secagg.reveal("c0", protocol.states["c0"], protocol.u2, inbox, survivors, confirmations, CONTEXT,
+                      protocol.registry)
 
 
 def test_unmask_refuses_an_s_sk_share_of_a_survivor():
@@ -343,10 +367,11 @@ def test_unmask_refuses_an_s_sk_share_of_a_survivor():
     survivors = names[:3]
     masked_sum = protocol.masked(inputs, survivors)
     revealed = {name: protocol.reveal(name, survivors) for name in survivors}
-    revealed["c1"]["c2"] = protocol.reveal("c1", ["c0", "c1", "c3"])["c2"]  # the s_sk share of a survivor
+    # c1 ignores its confirmation and, with c0 and c3, confirms a set without c2: the s_sk share of a survivor
+    revealed["c1"]["c2"] = protocol.forgetting().reveal("c1", ["c0", "c1", "c3"])["c2"]
 
     with pytest.raises(SecureAggregationError, match="'c1' revealed.*'c2'"):
-        secagg.unmask(masked_sum, protocol.u2, survivors, revealed, 3, CONTEXT)
+        secagg.unmask(masked_sum, protocol.u2, survivors, revealed, 3, CONTEXT, protocol.registry)
 
 
 @pytest.mark.parametrize("owner, kind", [("c3", "s_sk"), ("c0", "b")])
@@ -362,7 +387,7 @@ def test_inconsistent_shares_fail_naming_the_client(owner, kind):
     share["y"] = format(int(share["y"], 16) ^ 1, "x")
 
     with pytest.raises(SecureAggregationError, match=f"'{owner}'.*inconsistent"):
-        secagg.unmask(masked_sum, protocol.u2, survivors, revealed, 3, CONTEXT)
+        secagg.unmask(masked_sum, protocol.u2, survivors, revealed, 3, CONTEXT, protocol.registry)
 
 
 def test_a_mask_key_not_matching_its_public_key_fails_naming_the_client():
@@ -377,16 +402,16 @@ def test_a_mask_key_not_matching_its_public_key_fails_naming_the_client():
     share["y"] = format(int(share["y"], 16) ^ 1 << 8, "x")
 
     with pytest.raises(SecureAggregationError, match="'c3'.*(advertised public key|inconsistent)"):
-        secagg.unmask(masked_sum, protocol.u2, survivors, revealed, 3, CONTEXT)
+        secagg.unmask(masked_sum, protocol.u2, survivors, revealed, 3, CONTEXT, protocol.registry)
 
 
 def test_a_state_of_another_client_or_a_mixed_up_key_set_is_refused():
     protocol = Round(["alice", "bob"], threshold=2)
     with pytest.raises(SecureAggregationError, match="belongs to 'bob'"):
-        secagg.share_keys("alice", protocol.states["bob"], protocol.u1, 2, CONTEXT)
+        secagg.share_keys("alice", protocol.states["bob"], protocol.u1, 2, CONTEXT, protocol.registry)
     swapped = dict(protocol.u1, alice=dict(protocol.u1["bob"], client="alice"))
-    with pytest.raises(SecureAggregationError, match="not the ones in its private state"):
-        secagg.share_keys("alice", protocol.states["alice"], swapped, 2, CONTEXT)
+    with pytest.raises(SecureAggregationError, match="alice does not carry its registered key's signature"):
+        secagg.share_keys("alice", protocol.states["alice"], swapped, 2, CONTEXT, protocol.registry)
 
 
 def test_add_masked_refuses_vectors_of_another_length_or_type():
@@ -417,28 +442,115 @@ def test_a_round_started_again_runs_a_new_protocol_instance_and_keeps_the_first(
         for client in clients:
             secure_round.advertise(cfg, client, 1, f"{box}/keys/{client}.json")
         secure_round.relay_keys(cfg, 1, {client: f"{box}/keys/{client}.json" for client in clients}, f"{box}/keys.json",
-                                None)
+                                None, secure_round.local_registry(cfg))
         for client in clients:
             secure_round.share(cfg, client, 1, f"{box}/keys.json", f"{box}/shares/{client}.json")
         shares = {client: f"{box}/shares/{client}.json" for client in clients}
         inboxes = {client: f"{box}/inbox/{client}.json" for client in clients}
         secure_round.relay_shares(f"{box}/keys.json", shares, f"{box}/keys-shared.json", inboxes)
         (box / "survivors.json").write_text(json.dumps(clients))
+        for client in clients:
+            secure_round.confirm(cfg, client, 1, f"{box}/keys-shared.json", str(box / "survivors.json"),
+                                 f"{box}/confirm/{client}.json")
+        secure_round.relay_confirmations(cfg, 1, f"{box}/keys-shared.json", str(box / "survivors.json"),
+                                         {client: f"{box}/confirm/{client}.json" for client in clients},
+                                         f"{box}/confirmations.json", secure_round.local_registry(cfg), {})
         secure_round.reveal(cfg, clients[0], 1, f"{box}/keys-shared.json", f"{box}/inbox/{clients[0]}.json",
-                            str(box / "survivors.json"), f"{box}/reveal.json")
+                            str(box / "survivors.json"), f"{box}/confirmations.json", f"{box}/reveal.json")
 
     first = tmp_path / "first"
     run_instance(first)
     with pytest.raises(SecureAggregationError, match="already revealed its shares for round 1"):
         secure_round.reveal(cfg, clients[0], 1, f"{first}/keys-shared.json", f"{first}/inbox/{clients[0]}.json",
-                            str(first / "survivors.json"), f"{first}/again.json")
+                            str(first / "survivors.json"), f"{first}/confirmations.json", f"{first}/again.json")
     kept = {path: path.read_bytes() for path in sorted(state.rglob("*")) if path.is_file()}
 
     second = tmp_path / "second"
     run_instance(second)  # fresh keys, and a reveal again: a new instance
     assert {path: path.read_bytes() for path in kept} == kept  # the first instance's files are untouched
     folder = state / clients[0] / "secagg" / "round-0001"
-    assert sorted(path.name for path in (folder / "attempt-2").iterdir()) == ["keys.json", "revealed", "shared.json"]
+    assert sorted(path.name for path in (folder / "attempt-2").iterdir()) == ["confirmed.json", "keys.json", "revealed",
+                                                                              "shared.json"]
     advertised = [json.loads((box / "keys" / f"{clients[0]}.json").read_text()) for box in (first, second)]
     assert advertised[0] != advertised[1]
     assert secure_round.private_update_uri(cfg, clients[0], 1) == f"{folder}/attempt-2/update.safetensors"
+
+
+# --- an active server, a forging tenant (the paper's section 6) --------------------------------------------
+
+
+def test_a_server_that_substitutes_a_peers_keys_is_caught_and_the_peer_named():
+    """The server hands alice its own key pairs in bob's name: with them it could decrypt what alice sends
+    bob and recompute their pairwise mask, and so unmask alice's input. Bob's registered key did not sign
+    them, so alice shares nothing."""
+    protocol = Round(["alice", "bob", "carol"], threshold=2)
+    server_state, server_message = secagg.advertise("bob", Ed25519PrivateKey.generate(), CONTEXT)
+    substituted = dict(protocol.u1, bob=wire(server_message))
+
+    with pytest.raises(SecureAggregationError, match="advertised keys of client bob does not carry its registered"):
+        secagg.share_keys("alice", protocol.states["alice"], substituted, 2, CONTEXT, protocol.registry)
+    # the genuine advertisement, and one replayed from another round, are told apart too
+    secagg.share_keys("alice", protocol.states["alice"], protocol.u1, 2, CONTEXT, protocol.registry)
+    other_round = {name: wire(secagg.advertise(name, protocol.identities[name], b"federation-a/round-2")[1])
+                   for name in protocol.u1}
+    with pytest.raises(SecureAggregationError, match="of client (alice|bob|carol) does not carry"):
+        secagg.share_keys("alice", protocol.states["alice"], dict(protocol.u1, bob=other_round["bob"]), 2, CONTEXT,
+                          protocol.registry)
+
+
+def test_a_server_that_tells_clients_different_survivor_sets_gets_no_reveal():
+    """The server claims to some clients that c2 survived (to collect shares of its self-mask seed) and to
+    others that it dropped (to collect shares of its mask key): both kinds would unmask c2's input. With the
+    threshold above half the clients, no survivor set it tells gathers the confirmations a reveal needs."""
+    names = [f"c{i}" for i in range(5)]
+    protocol = Round(names, threshold=3)
+    protocol.share()
+    everyone, without_c2 = names, [name for name in names if name != "c2"]
+    told_all = protocol.confirm(everyone, signers=["c0", "c1", "c2"])
+    told_dropped = protocol.confirm(without_c2, signers=["c3", "c4"])
+
+    with pytest.raises(SecureAggregationError, match="only 2 survivors confirmed"):
+        protocol.reveal("c3", without_c2, told_dropped)
+    # c0's confirmation is of the other set: reused for this one it does not verify, naming c0
+    with pytest.raises(SecureAggregationError, match="confirmation of the survivors of client c0 does not carry"):
+        protocol.reveal("c3", without_c2, {**told_dropped, "c0": told_all["c0"]})
+    # and a client asked to confirm a second set refuses
+    with pytest.raises(SecureAggregationError, match="c0' already confirmed the survivors"):
+        protocol.confirm(without_c2, signers=["c0"])
+    # the honest round still works: three confirmations of the set c0, c1, c2 were told
+    assert sorted(protocol.reveal("c0", everyone, told_all)) == names
+
+
+def test_keygen_writes_the_private_half_into_the_tenants_state_and_prints_the_public_half(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+    from fedfm.errors import StorageError
+
+    state = tmp_path / "tenant-a-state"
+    result = CliRunner().invoke(app, ["keygen", "--client", "a", "--state", str(state)])
+    assert result.exit_code == 0, result.output
+    public = result.output.split("signingKey:")[1].split()[0]
+    assert signing.valid_public_key(public)
+    assert signing.public_key(signing.load_identity("a", str(state))) == public
+    # the key is the tenant's: another client's name on it, or a second keygen over it, is refused
+    with pytest.raises(SecureAggregationError, match="not a fedfm-identity/1 identity of client b"):
+        signing.load_identity("b", str(state))
+    again = CliRunner().invoke(app, ["keygen", "--client", "a", "--state", str(state)])
+    assert again.exit_code != 0 and isinstance(again.exception, StorageError)
+    assert signing.public_key(signing.load_identity("a", str(state))) == public
+    # a tenant in a cluster that has none is told how to make one (never one made for it)
+    with pytest.raises(SecureAggregationError, match="fedfm keygen --client c --state"):
+        signing.load_identity("c", str(tmp_path / "empty"))
+
+
+def test_a_client_refuses_to_share_under_a_threshold_that_is_not_a_majority():
+    """With t at most half the clients, the server could tell two disjoint halves different survivor sets and
+    still gather t confirmations of each: the consistency check needs 2t above the clients that shared."""
+    from fedfm.config import FederationConfig
+
+    protocol = Round([f"c{i}" for i in range(4)], threshold=2)
+    with pytest.raises(SecureAggregationError, match="threshold of 2 among 4 clients is not a majority"):
+        protocol.share()
+    cfg = FederationConfig.parse({"clients": 5, "secure_aggregation": {"enabled": True, "threshold": 2}})
+    assert [cfg.secagg_threshold(n) for n in (3, 4, 5)] == [2, 3, 3]

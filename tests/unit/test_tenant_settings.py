@@ -1,7 +1,8 @@
 """What a tenant decides for itself in its FederatedClient (issue 17): where it keeps its secrets (finding 2:
 the federation config once chose each client's state_uri, so the platform could point a tenant's keys and
-plain update at storage the platform reads) and which models may run next to its data (finding 10: whoever
-edits the Federation chose the model and trust_remote_code for every tenant's Jobs).
+plain update at storage the platform reads), which models may run next to its data (finding 10: whoever
+edits the Federation chose the model and trust_remote_code for every tenant's Jobs) and the signing keys its
+peers' messages are verified with (finding 3).
 
 Each attack is a ClientRound as a hostile platform would write it, put through the operator's handler against
 an in-memory apiserver (tests/cluster runs the handlers for real)."""
@@ -17,8 +18,9 @@ import pytest
 from fedfm.config import FederationConfig
 from fedfm.errors import ConfigError
 from fedfm.operators import handlers, kube
-from fedfm.operators.api import FAILED, PENDING, TRAIN
+from fedfm.operators.api import FAILED, PENDING, SECURE, TRAIN
 from fedfm.operators.jobs import job_manifest
+from fedfm.trust import signing
 
 MODEL = {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "revision": "c9745ed1"}
 STOLEN = "s3://platform-bucket/collected/a"
@@ -187,3 +189,45 @@ def test_without_a_model_policy_any_model_runs_but_never_its_remote_code(monkeyp
     remote = Apiserver(monkeypatch, _round(_config(model={"name_or_path": "Qwen/Qwen2.5-0.5B",
                                                           "trust_remote_code": True})), _client())
     assert remote.start()["reason"] == "RemoteCodeNotAllowed"
+
+
+# --- finding 3: the keys secure aggregation's messages are verified with are the tenants' own ---------------------
+
+
+def _secure_round(step: str) -> dict:
+    client_round = _round(_config(secure_aggregation={"enabled": True}))
+    client_round["spec"].update(purpose=SECURE, secureStep=step, inputs={"keys": "s3://fed/keys.json"})
+    return client_round
+
+
+def test_a_secure_step_of_a_tenant_with_no_registered_signing_key_is_refused(monkeypatch):
+    apiserver = Apiserver(monkeypatch, _secure_round("advertise"),
+                          _client(state={"uri": "s3://tenant-a-private/fedfm"}))
+    status = apiserver.start()
+    assert status["phase"] == FAILED and status["reason"] == "NoSigningKey" and not apiserver.jobs
+    assert "registers no signing key (spec.signingKey)" in status["message"]
+
+
+def test_a_secure_steps_job_verifies_its_peers_with_the_keys_their_federated_clients_register(monkeypatch):
+    """The registry a tenant's Job verifies its peers' advertisements with comes from the FederatedClients of
+    its federation, never from the round's config: a platform that writes keys of its own into the config
+    (to substitute a peer's) reaches nothing."""
+    keys = {name: signing.new_identity(name)[1] for name in ("a", "b", "intruder")}
+    members = [{"metadata": {"name": name, "namespace": f"tenant-{name}"},
+                "spec": {"federationRef": {"name": "fed" if name != "intruder" else "other", "namespace": "platform"},
+                         "signingKey": keys[name]}} for name in ("a", "b", "intruder")]
+    members.append({"metadata": {"name": "unkeyed", "namespace": "tenant-u"},
+                    "spec": {"federationRef": {"name": "fed", "namespace": "platform"}}})
+    monkeypatch.setattr(kube, "list_objects", lambda plural, namespace=None, selector="": copy.deepcopy(members))
+    hostile = _secure_round("share")
+    hostile["spec"]["config"]["signing_keys"] = {"b": keys["intruder"]}
+    apiserver = Apiserver(monkeypatch, hostile, _client(state={"uri": "s3://tenant-a-private/fedfm"},
+                                                        signingKey=keys["a"]))
+    assert apiserver.start()["phase"] == PENDING
+    container = apiserver.jobs[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert json.loads(env[signing.REGISTRY_ENV]) == {"a": keys["a"], "b": keys["b"]}
+    # and a plain fine-tune's Job gets no registry: it signs nothing
+    plain = Apiserver(monkeypatch, _round(_config()), _client(signingKey=keys["a"]))
+    plain.start()
+    assert signing.REGISTRY_ENV not in json.dumps(plain.jobs[0])
