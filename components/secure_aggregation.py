@@ -34,10 +34,10 @@ def secagg_advertise(config: dict, client: str, round_index: int, start_round: i
     public_keys.metadata.update(metadata)
 
 
-def secagg_relay_keys(config: dict, round_index: int, start_round: int, run_id: str,
-                      public_keys: Input[List[Artifact]], server_state: Input[Artifact], keys: Output[Artifact]):
+def secagg_relay_keys(config: dict, round_index: int, start_round: int, run_id: str, clients: list,
+                      public_keys: Input[List[Artifact]], keys: Output[Artifact]):
     """Collect the advertised keys (U1) into the file every client reads next; below the protocol's
-    threshold (of the clients ``server_state`` drew) the round ends here."""
+    threshold (of the ``clients`` the select step drew) the round ends here."""
     from fedfm import events, storage
     from fedfm.errors import QuorumError
     from fedfm.executors import build_executor
@@ -54,7 +54,7 @@ def secagg_relay_keys(config: dict, round_index: int, start_round: int, run_id: 
         published, missing = split(public_keys, "advertise")
         executor = build_executor(cfg, run_id)
         try:
-            advertised = secure_round.relay_keys(cfg, round_index, published, keys.path, server_state.path,
+            advertised = secure_round.relay_keys(cfg, round_index, published, keys.path, clients,
                                                  executor.signing_keys(cfg), rejected=missing)
         except QuorumError as exc:
             executor.round_failed(cfg, round_index, str(exc))

@@ -244,11 +244,12 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
     def at(kind: str, client: str = "") -> str:
         return str(box / kind / f"{client}.json") if client else str(box / f"{kind}.json")
 
-    advertised = each(round_clients(cfg, round_index, read_server_state(cfg, state_uri)), "advertise",
+    drawn = round_clients(cfg, round_index, read_server_state(cfg, state_uri))
+    advertised = each(drawn, "advertise",
                       lambda client: secure_round.advertise(cfg, client, round_index, at("keys", client)))
     registry = secure_round.local_registry(cfg)  # what the server verifies every client's messages with
     advertisers = secure_round.relay_keys(cfg, round_index, {c: at("keys", c) for c in advertised}, at("keys"),
-                                          state_uri, registry, rejected=missing)
+                                          drawn, registry, rejected=missing)
     shared = each(advertisers, "share", lambda client: secure_round.share(cfg, client, round_index, at("keys"),
                                                                            at("shares", client)))
     secure_round.relay_shares(at("keys"), {c: at("shares", c) for c in shared}, at("keys-shared"),

@@ -145,9 +145,8 @@ def _secure_round(round_: _Round, selection: Any, global_adapter: Any, server_st
     with round_.clients(selection.output, "advertise") as client:
         advertise = _client_task(steps.secagg_advertise(**common, client=client, run_id=run_id),
                                  f"{label}: advertise keys")
-    relay_keys = steps.secagg_relay_keys(**common, run_id=run_id,
-                                         public_keys=dsl.Collected(advertise.outputs["public_keys"]),
-                                         server_state=server_state)
+    relay_keys = steps.secagg_relay_keys(**common, run_id=run_id, clients=selection.output,
+                                         public_keys=dsl.Collected(advertise.outputs["public_keys"]))
     relay_keys.set_display_name(f"{label}: relay keys")
     keys = relay_keys.outputs["keys"]
     with round_.clients(selection.output, "share") as client:

@@ -1,7 +1,7 @@
 """Check a compiled FedFM pipeline without a cluster (``fedfm validate --pipeline``).
 
 KFP's own loader must read it; it must be the DAG ``fedfm compile`` writes (init, per round a client
-selection, a fine-tune loop and an aggregation — under secure aggregation, the protocol's four client
+selection, a fine-tune loop and an aggregation — under secure aggregation, the protocol's five client
 loops and its steps, ending in ``secagg-finish`` — evaluations, the export); its ``config`` parameter's
 default must be a valid federation config compiled for as many rounds as the DAG unrolls, with or
 without secure aggregation as the DAG is; and every step must run in one image. A config given next to
@@ -32,7 +32,7 @@ class PipelineSummary:
 
 
 # A round ends in its aggregate step: ``aggregate``, or under secure aggregation ``secagg-finish``, whose round
-# has four client loops (advertise, share, fine-tune, reveal) and the protocol's relay and sum steps.
+# has five client loops (advertise, share, fine-tune, confirm, reveal) and the protocol's relay and sum steps.
 _AGGREGATES = ("aggregate", "secagg-finish")
 _LOOPS_PER_ROUND = {"aggregate": 1, "secagg-finish": 5}
 _SECURE_ROUND_STEPS = ("secagg-relay-keys", "secagg-relay-shares", "secagg-sum", "secagg-relay-confirmations")

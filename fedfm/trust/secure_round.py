@@ -314,11 +314,11 @@ def check_secure_output(federation: str, step: str, uri: str, client: str, round
 
 
 def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str], keys_out: str,
-               state_uri: str | None, registry: signing.Registry, rejected: dict[str, str] | None = None) -> list[str]:
+               drawn: list[str], registry: signing.Registry, rejected: dict[str, str] | None = None) -> list[str]:
     """Collect the advertised keys (U1) into one file every client reads; returns U1. The threshold is of the
-    clients drawn for the round (under privacy, by the secret key of the server state at ``state_uri``).
-    An advertisement not signed by its client's key in ``registry`` goes into ``rejected`` (client → why),
-    and the client is not in U1 (without ``rejected`` it raises)."""
+    clients ``drawn`` for the round (the select step's, without the quarantined ones). An advertisement not
+    signed by its client's key in ``registry`` goes into ``rejected`` (client → why), and the client is not in
+    U1 (without ``rejected`` it raises)."""
     public = {}
     for client, uri in sorted(published.items()):
         try:
@@ -330,17 +330,14 @@ def relay_keys(cfg: FederationConfig, round_index: int, published: dict[str, str
             rejected[client] = f"rejected: {exc}"
             continue
         public[client] = message
-    from fedfm.federation import round_clients
-
     # How many clients the round drew (the quarantined ones are not): what the threshold, and under privacy each
     # client's share of the noise, are of; recorded here once, read by the steps after. Every drawn client
     # survives or is missing, so the quorum of survivors that finish requires is the m of that share.
-    drawn = len(round_clients(cfg, round_index, read_server_state(cfg, state_uri)))
-    threshold = cfg.secagg_threshold(drawn)
+    threshold = cfg.secagg_threshold(len(drawn))
     if len(public) < threshold:
         raise QuorumError(f"round {round_index}: {len(public)} clients advertised keys, below the secure "
                           f"aggregation threshold of {threshold}; no client masks anything")
-    _write_json(keys_out, {"public": public, "threshold": threshold, "drawn": drawn})
+    _write_json(keys_out, {"public": public, "threshold": threshold, "drawn": len(drawn)})
     return sorted(public)
 
 

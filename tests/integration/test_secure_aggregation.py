@@ -224,7 +224,8 @@ def test_under_privacy_a_quarantined_client_does_not_thin_the_noise_of_the_clien
     """Each client adds σ·C/√m of noise, m the quorum of the round's clients, so that the fewest survivors the
     round accepts add up to σ·C. A quarantined client is never drawn: counted in m anyway (as it was), the quorum
     of the clients actually drawn (3 of 4) survived with σ·C·√(3/4) of noise, below what ε was spent for."""
-    from fedfm.server_state import save_server_state
+    from fedfm.federation import round_clients
+    from fedfm.server_state import read_server_state, save_server_state
     from fedfm.trust import privacy, secure_round
     from fedfm.trust.update_checks import Quarantine
 
@@ -240,7 +241,10 @@ def test_under_privacy_a_quarantined_client_does_not_thin_the_noise_of_the_clien
         published[client] = tmp_path / f"{client}.json"
         secure_round.advertise(cfg, client, 2, str(published[client]))
     keys = tmp_path / "keys.json"
-    secure_round.relay_keys(cfg, 2, {c: str(path) for c, path in published.items()}, str(keys), str(state),
+    # the round's clients as the select step draws them (the quarantined one is not), which relay_keys counts
+    drawn = round_clients(cfg, 2, read_server_state(cfg, str(state)))
+    assert drawn == ["tenant-0", "tenant-1", "tenant-2"]
+    secure_round.relay_keys(cfg, 2, {c: str(path) for c, path in published.items()}, str(keys), drawn,
                             secure_round.local_registry(cfg))
 
     noise = secure_round.train_inputs(cfg, str(keys), str(state))
@@ -355,8 +359,8 @@ def _pipeline_round_here(cfg, work: Path) -> _Artifact:
     write_initial_server_state(cfg, server_state.path)
     clients = round_clients(cfg, 1, read_server_state(cfg, server_state.path))
     keys, keys_shared, inboxes = artifact("keys"), artifact("keys_shared"), artifact("inboxes")
-    steps.secagg_relay_keys(config, 1, start, run_id, each("public_keys", steps.secagg_advertise, clients),
-                            server_state, keys)
+    steps.secagg_relay_keys(config, 1, start, run_id, clients, each("public_keys", steps.secagg_advertise, clients),
+                            keys)
     steps.secagg_relay_shares(config, 1, start, keys, each("shares", steps.secagg_share, clients, keys=keys),
                               keys_shared, inboxes)
     updates = each("update", steps.secagg_finetune, clients, global_adapter=global_adapter, keys_shared=keys_shared,

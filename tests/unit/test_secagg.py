@@ -442,7 +442,7 @@ def test_a_round_started_again_runs_a_new_protocol_instance_and_keeps_the_first(
         for client in clients:
             secure_round.advertise(cfg, client, 1, f"{box}/keys/{client}.json")
         secure_round.relay_keys(cfg, 1, {client: f"{box}/keys/{client}.json" for client in clients}, f"{box}/keys.json",
-                                None, secure_round.local_registry(cfg))
+                                clients, secure_round.local_registry(cfg))
         for client in clients:
             secure_round.share(cfg, client, 1, f"{box}/keys.json", f"{box}/shares/{client}.json")
         shares = {client: f"{box}/shares/{client}.json" for client in clients}
