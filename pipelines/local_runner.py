@@ -107,6 +107,7 @@ def run_local(cfg: FederationConfig | None, output: Path,
 
     started = time.time()
     with open(log_path, "a") as log, _kfp_output_to(log), environ(environment), _loop_concurrency(cfg), \
+            _arguments_kept_verbatim(), \
             _follow(events_path, on_event, from_end=resume):
         try:
             task = pipeline(config=cfg.as_dict(), start_round=1 if resumed_from is None else resumed_from + 1)
@@ -222,6 +223,32 @@ def _step_values(cfg: FederationConfig, events_path: Path) -> dict[str, str]:
     threads = max(1, (os.cpu_count() or 1) // (concurrent * cfg.training.world_size))
     return {events.ENV: str(events_path.absolute()), "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+
+
+@contextlib.contextmanager
+def _arguments_kept_verbatim():
+    """Keep kfp.local from rewriting the steps' arguments.
+
+    To run a step with this Python, kfp.local replaces the text ``python3`` with its path in every element of
+    the step's command line, the executor input included, and so in the config: a model or dataset path such
+    as ``.venv/lib/python3.11/site-packages/...`` reached the step corrupted. Only the command before the
+    executor input (the bootstrap that starts Python) needs the replacement."""
+    from kfp.local import subprocess_task_handler as handler
+
+    original = handler.replace_python_executable
+
+    def replace_in_the_command_only(full_command: list[str], new_executable: str) -> list[str]:
+        cut = full_command.index(_EXECUTOR_INPUT) if _EXECUTOR_INPUT in full_command else len(full_command)
+        return original(full_command[:cut], new_executable) + list(full_command[cut:])
+
+    handler.replace_python_executable = replace_in_the_command_only
+    try:
+        yield
+    finally:
+        handler.replace_python_executable = original
+
+
+_EXECUTOR_INPUT = "--executor_input"  # the argument after which kfp.local's command line is the step's input
 
 
 @contextlib.contextmanager

@@ -106,11 +106,14 @@ def build_tiny_tokenizer(directory: Path):
 
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> str:
-    """A 2-layer BERT (hidden 32) saved with save_pretrained, as a user's local checkpoint would be."""
+    """A 2-layer BERT (hidden 32) saved with save_pretrained, as a user's local checkpoint would be: inside a
+    virtual environment's site-packages, where a package that ships a model keeps it (kfp.local once rewrote
+    the ``python3`` in such a path in every step's config; the pipeline runs on this model check it arrives)."""
     import torch
     from transformers import BertConfig, BertModel
 
-    directory = tmp_path_factory.mktemp("tiny-bert")
+    directory = tmp_path_factory.mktemp("venv") / "lib" / "python3.11" / "site-packages" / "tiny-bert"
+    directory.mkdir(parents=True)
     tokenizer = build_tiny_tokenizer(directory)
     torch.manual_seed(1)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

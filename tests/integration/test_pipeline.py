@@ -77,6 +77,8 @@ def test_two_rounds_three_clients_under_kfp_local(task, tiny_config, tmp_path, r
 
     if task == "classification":  # the run test_simulate compares with (tests/conftest.py)
         cfg, run, seen = request.getfixturevalue("classification_pipeline_run")
+        # its model lies under .../lib/python3.11/site-packages/: every step loaded it from the path as given
+        assert "/python3.11/" in cfg.model.name_or_path
     else:  # the causal-LM run also draws 2 of the 3 clients per round (policy.sample_fraction)
         cfg = tiny_config(task, rounds=2, clients=3, **{"training.local_steps": 6, "policy.sample_fraction": 0.5})
         seen = []
