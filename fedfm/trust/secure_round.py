@@ -462,8 +462,8 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
     require_quorum(cfg, round_index, len(survivors), missing)
     shares = {}
     for client, uri in sorted(revealed.items()):
-        message = _read_json(uri, f"client {client}'s revealed shares")
         try:
+            message = _read_json(uri, f"client {client}'s revealed shares")
             if not isinstance(message, dict) or message.get("client") != client:
                 raise SecureAggregationError(f"the revealed shares at {uri} are not client {client}'s")
             signing.verify(registry, client, message.get("signature"), _REVEALED, context(cfg, round_index),

@@ -104,11 +104,12 @@ def test_a_tenants_malformed_masked_update_drops_that_tenant_not_the_round(tiny_
     assert meta.metrics["secure_aggregation"]["dropped"] == ["tenant-1"]
 
 
-def test_a_masked_update_forged_in_another_tenants_name_is_refused_naming_it(tiny_config, tmp_path, monkeypatch):
+def test_messages_forged_in_another_tenants_name_are_refused_naming_it(tiny_config, tmp_path, monkeypatch):
     """Issue 17, finding 3: a masked update's ``client`` header was free text, so tenant-0, with write access to
-    the round's storage, could replace tenant-1's masked update with one of its own making. Each masked update
-    is now signed with its client's registered key: the forgery (signed with tenant-0's key, which is all it
-    has) is refused naming tenant-1, whose masks the survivors remove as for a dropout."""
+    the round's storage, could replace tenant-1's masked update with one of its own making (and tenant-2's
+    revealed shares). Each message is now signed with its client's registered key: the forgeries (signed with
+    tenant-0's key, which is all it has) are refused naming tenant-1 and tenant-2. Tenant-1's masks are removed
+    as a dropout's; tenant-2's seeds come from the other survivors' shares."""
     from safetensors.torch import load as safetensors_load
     from safetensors.torch import save as safetensors_save
 
@@ -131,12 +132,27 @@ def test_a_masked_update_forged_in_another_tenants_name_is_refused_naming_it(tin
             storage.write_bytes(masked_out, safetensors_save({"masked": torch.from_numpy(vector.view(np.int64))},
                                                              metadata=header), overwrite=True)
 
+    honest_reveal = secure_round.reveal
+
+    def forging_shares(cfg, client, round_index, *uris):
+        honest_reveal(cfg, client, round_index, *uris)
+        if client == "tenant-2":
+            message = json.loads(Path(uris[-1]).read_text())
+            share = message["shares"]["tenant-3"]["b"]
+            share["y"] = format(int(share["y"], 16) ^ 1, "x")  # what would make tenant-3's seed come out wrong
+            mallory = signing.load_identity("tenant-0", cfg.client_state_location("tenant-0"))
+            message["signature"] = signing.sign(mallory, "revealed shares", secure_round.context(cfg, round_index),
+                                                "tenant-2", json.dumps(message["shares"], sort_keys=True).encode())
+            Path(uris[-1]).write_text(json.dumps(message))
+
     monkeypatch.setattr(secure_round, "mask", forging)
-    cfg = tiny_config(rounds=1, clients=4, **{"policy.min_clients": 3, "secure_aggregation.enabled": True,
+    monkeypatch.setattr(secure_round, "reveal", forging_shares)
+    cfg = tiny_config(rounds=1, clients=5, **{"policy.min_clients": 3, "secure_aggregation.enabled": True,
                                               "secure_aggregation.threshold": 3})
     record = simulate(cfg, tmp_path / "secure").history[1]
-    assert sorted(record["clients"]) == ["tenant-0", "tenant-2", "tenant-3"]
-    assert record["missing"]["tenant-1"] == ("rejected: the masked update of client tenant-1 does not carry its "
+    assert sorted(record["clients"]) == ["tenant-0", "tenant-2", "tenant-3", "tenant-4"]
+    for client, message in (("tenant-1", "masked update"), ("tenant-2", "revealed shares")):
+        assert record["missing"][client] == (f"rejected: the {message} of client {client} does not carry its "
                                              "registered key's signature: substituted or forged, and refused")
 
 
