@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -140,6 +141,18 @@ class Adapter:
     meta: AdapterMeta
 
 
+_CONTENT_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
+
+
+def check_content_name(uri: str | os.PathLike, data: bytes, where: str) -> None:
+    """A file named by its sha256 (as the cluster executor publishes global adapters, written once) must hash
+    to its name: one with other bytes was replaced after it was published, by whoever could write there."""
+    name = os.fspath(uri).rstrip("/").rsplit("/", 1)[-1]
+    if _CONTENT_NAME.fullmatch(name) and hashlib.sha256(data).hexdigest() != name.split(".")[0]:
+        raise AdapterError(f"{where} does not hash to its name: it is not the adapter published under it (replaced "
+                           "after it was published); refused")
+
+
 def content_sha256(tensors: Tensors) -> str:
     """A digest of names, dtypes, shapes and values, independent of file layout."""
     digest = hashlib.sha256()
@@ -208,6 +221,7 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None,
         data = storage.read_bytes(uri)
     except StorageError as exc:
         raise AdapterError(f"cannot read {where}: {exc}") from None
+    check_content_name(uri, data, where)
     try:
         tensors = safetensors_load(data)
         header = header_of(data)

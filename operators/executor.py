@@ -17,12 +17,12 @@ from pathlib import Path
 from kubernetes.client.exceptions import ApiException
 
 from fedfm import storage
-from fedfm.adapters import AdapterMeta, public_copy
+from fedfm.adapters import AdapterMeta, header_of, public_copy
 from fedfm.config import ClientConfig, ExecutionConfig, FederationConfig, PolicyConfig
 from fedfm.errors import ConfigError, FedFMError
 from fedfm.executors import ClientOutcome, Executor
 from fedfm.operators import kube
-from fedfm.operators.api import (API_VERSION, CLIENT_ROUNDS, EVALUATE, FEDERATIONS, FINAL_PHASES, GROUP,
+from fedfm.operators.api import (API_VERSION, CLIENT_ROUNDS, EVALUATE, FAILED, FEDERATIONS, FINAL_PHASES, GROUP,
                                  LABEL_CLIENT, LABEL_FEDERATION, LABEL_PURPOSE, LABEL_ROUND, LABEL_RUN, SUCCEEDED,
                                  SECURE, TIMED_OUT, TRAIN, VERSION, client_round_name)
 from fedfm.tasks import LossSums
@@ -47,7 +47,18 @@ class KubernetesExecutor(Executor):
         status = self._wait({key: client})[client]
         if status.get("phase") != SUCCEEDED:
             return ClientOutcome(client, status.get("phase", TIMED_OUT), status.get("message", ""))
-        storage.write_bytes(update_out, storage.read_bytes(output), overwrite=True)
+        data = storage.read_bytes(output)
+        # only the update the operator checked and accepted (its content sha256 in the ClientRound's status):
+        # one written over it since, by anyone who can write to the round's storage, is not this client's
+        try:
+            written = header_of(data).get("sha256")
+        except ValueError:
+            written = None
+        if not written or written != status.get("sha256"):
+            return ClientOutcome(client, FAILED, f"the update in storage (sha256 {written}) is not the one the "
+                                                 f"operator accepted (sha256 {status.get('sha256')}): replaced after "
+                                                 "it was checked; refused")
+        storage.write_bytes(update_out, data, overwrite=True)
         return ClientOutcome(client)
 
     def evaluate(self, cfg, round_index, adapter_uri, clients):

@@ -136,3 +136,51 @@ def test_the_global_adapter_tenants_receive_carries_no_other_tenants_figures(tmp
     assert all(torch.equal(public.tensors[name], TENSORS[name]) for name in TENSORS)
     header = (tmp_path / "store").rglob("*.safetensors").__next__().read_bytes()[:4096]
     assert b"5000" not in header and b"TimedOut" not in header and b"update_norm" not in header
+
+
+def test_a_published_adapter_replaced_after_publication_is_refused(tmp_path):
+    """Issue 17, finding 1 (integrity): anyone who can write to the federation's storage could replace the
+    published global adapter with a valid adapter of their own, and every tenant's Job (and the operator) would
+    load it. The executor publishes it under its sha256; whoever loads it checks the bytes against the name."""
+    from fedfm.adapters import load_adapter
+    from fedfm.errors import AdapterError
+    from fedfm.operators.executor import KubernetesExecutor
+
+    meta = AdapterMeta(kind="global", base_model=FINGERPRINT, peft_config={"r": 2}, round=1, samples=10)
+    save_adapter(tmp_path / "global.safetensors", TENSORS, meta)
+    executor = KubernetesExecutor.__new__(KubernetesExecutor)
+    executor.root = str(tmp_path / "store")
+    published = executor._publish(str(tmp_path / "global.safetensors"))
+    assert torch.equal(load_adapter(published).tensors["layer.lora_B.weight"], TENSORS["layer.lora_B.weight"])
+    save_adapter(tmp_path / "theirs.safetensors", {**TENSORS, "layer.lora_B.weight": torch.full((5, 2), 9.0)}, meta)
+    (tmp_path / "store").joinpath(*published.split("/store/")[1].split("/")).write_bytes(
+        (tmp_path / "theirs.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match="does not hash to its name: it is not the adapter published under it"):
+        load_adapter(published)
+
+
+def test_the_aggregator_takes_only_the_update_the_operator_accepted(tmp_path, monkeypatch):
+    """Issue 17, finding 1 (integrity): between the operator's checks of a tenant's update and the pipeline
+    reading it, another tenant with write access to the round's storage could put its own update there (the
+    ``client`` header is free text). The pipeline takes the update only if it is the one whose sha256 the
+    operator recorded in the ClientRound's status."""
+    from fedfm.config import FederationConfig
+    from fedfm.operators.executor import KubernetesExecutor
+
+    meta = AdapterMeta(kind="update", base_model=FINGERPRINT, peft_config={"r": 2}, round=1, samples=10)
+    accepted = save_adapter(tmp_path / "accepted.safetensors", TENSORS, meta)
+    executor = KubernetesExecutor.__new__(KubernetesExecutor)
+    executor.cfg, executor.root, executor.run = FederationConfig.parse({"clients": 3}), str(tmp_path / "store"), "r1"
+    monkeypatch.setattr(executor, "_publish", lambda uri: uri)
+    monkeypatch.setattr(executor, "_create", lambda *args, **kwargs: ("tenant-a", "round"))
+    monkeypatch.setattr(executor, "_wait", lambda waiting: {"tenant-0": {"phase": SUCCEEDED, "sha256": accepted}})
+    output = tmp_path / "store" / "runs" / "r1" / "round-1" / "tenant-0.update.safetensors"
+    output.parent.mkdir(parents=True)
+    output.write_bytes((tmp_path / "accepted.safetensors").read_bytes())
+
+    outcome = executor.train(executor.cfg, "tenant-0", 1, "global", str(tmp_path / "taken.safetensors"))
+    assert outcome.succeeded and (tmp_path / "taken.safetensors").read_bytes() == output.read_bytes()
+    save_adapter(output, {**TENSORS, "layer.lora_B.weight": torch.full((5, 2), 9.0)}, meta, overwrite=True)
+    outcome = executor.train(executor.cfg, "tenant-0", 1, "global", str(tmp_path / "forged.safetensors"))
+    assert not outcome.succeeded and not (tmp_path / "forged.safetensors").exists()
+    assert "is not the one the operator accepted" in outcome.reason and accepted in outcome.reason
