@@ -327,13 +327,16 @@ def submit_command(
     start_round: int = typer.Option(1, "--start-round", min=1, help="Resume: the first round to run; the rounds "
                                                                     "before are restored from the checkpoints at "
                                                                     "execution.checkpoint_uri."),
+    connect_timeout: float = typer.Option(10.0, "--connect-timeout", min=0.1,
+                                          help="Seconds the endpoint has to answer KFP's health check."),
 ) -> None:
     """Compile the federation and start a run of it on a Kubeflow Pipelines endpoint."""
     from fedfm.components import DEFAULT_IMAGE
     from fedfm.pipelines.submit import submit
 
     run = submit(cfg, host, image=image or DEFAULT_IMAGE, pipeline_name=pipeline_name, experiment=experiment,
-                 namespace=namespace, run_name=run_name, token=token, start_round=start_round)
+                 namespace=namespace, run_name=run_name, token=token, start_round=start_round,
+                 connect_timeout=connect_timeout)
     _console().print(f"run {run.run_id} of pipeline {run.pipeline_id} (version {run.version_id}) started: {run.url}")
 
 

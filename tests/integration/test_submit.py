@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,57 @@ def test_submit_says_why_kfp_refused(tmp_path):
     assert f"KFP at {stub.host} refused the submission: 403" in " ".join(result.stderr.split())
     unreachable = fedfm("submit", "--rounds", "1", "--host", "http://127.0.0.1:9", cwd=tmp_path)
     assert unreachable.returncode == 2 and "cannot reach KFP at http://127.0.0.1:9" in unreachable.stderr
+
+
+def test_submit_says_in_one_line_what_is_wrong_with_the_endpoint_and_uses_a_pods_kfp_token(tmp_path):
+    """Issue 18, item 6: an address that is not KFP's API (the UI, a login page) once had its HTML dumped into
+    the error, and one that accepted the connection but never answered kept the command waiting for minutes.
+    In a Kubeflow Pod the projected KFP token is used when no --token is given."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    class LoginPage(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = b"<!DOCTYPE html><html><body><form>Sign in to Kubeflow</form></body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    page = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts the connection (in the backlog) and never answers
+    stub = KFPStub()
+    try:
+        html = fedfm("submit", "--rounds", "1", "--host", f"http://127.0.0.1:{page.server_port}", cwd=tmp_path)
+        started = time.monotonic()
+        hung = fedfm("submit", "--rounds", "1", "--host", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                     "--connect-timeout", "1", cwd=tmp_path)
+        waited = time.monotonic() - started
+        token = tmp_path / "token"
+        token.write_text("pod-token\n")
+        in_pod = subprocess.run([FEDFM, "submit", "--rounds", "1", "--host", stub.host], cwd=tmp_path, timeout=300,
+                                capture_output=True, text=True,
+                                env={**os.environ, "KF_PIPELINES_SA_TOKEN_PATH": str(token)})
+    finally:
+        page.shutdown()
+        silent.close()
+        stub.close()
+    said = " ".join(html.stderr.split())
+    assert html.returncode == 2 and "is not the KFP API: its /apis/v2beta1/healthz answered an HTML page" in said
+    assert "<html" not in (html.stdout + html.stderr).lower()
+    assert hung.returncode == 2 and "did not answer within 1 s (--connect-timeout)" in " ".join(hung.stderr.split())
+    assert waited < 60  # the command's start-up and the one second, not urllib's minutes
+    assert in_pod.returncode == 0, in_pod.stderr
+    assert stub.authorizations == {"Bearer pod-token"}
 
 
 def test_validate_checks_a_config_and_a_compiled_pipeline(tmp_path):
