@@ -219,7 +219,7 @@ def _run_locally(cfg: Optional[FederationConfig], output: Optional[Path], pushga
         claim_output(output)
     mode = "centralized baseline" if cfg.centralized else f"{len(cfg.clients)} tenants"
     console.print(f"[bold]FedFM{' simulation' if simulated else ''}[/] {cfg.task} · {cfg.model.name_or_path} · "
-                  f"{cfg.data.source} ({cfg.data.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
+                  f"{cfg.data.source} ({cfg.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
     console.print(_tenant_table(cfg, describe_clients(cfg)))
     if cfg.privacy.enabled:
         console.print(_privacy_summary(cfg))

@@ -100,7 +100,9 @@ class DataConfig(_Section):
     prompt_column: str = "prompt"
     response_column: str = "response"
     labels: list[str] | None = Field(None, description="label vocabulary; read from the data when absent")
-    partition: str = "dirichlet:0.5"
+    partition: str | None = Field(None, description="how simulated tenants split data.source: iid, "
+                                                       "dirichlet:ALPHA (label skew) or column:NAME (default: "
+                                                       "dirichlet:0.5 for classification, iid for causal-lm)")
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     max_samples: int | None = Field(None, ge=1, description="use at most this many rows of the source")
 
@@ -125,8 +127,9 @@ class DataConfig(_Section):
 
     @field_validator("partition")
     @classmethod
-    def _check_partition(cls, value: str) -> str:
-        parse_partition(value)
+    def _check_partition(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_partition(value)
         return value
 
 
@@ -474,6 +477,10 @@ class FederationConfig(_Section):
             raise ValueError(f"{', '.join(chosen)}: in kubernetes mode each tenant keeps its state where its "
                              "FederatedClient's spec.state says (storage only the tenant can read); the federation "
                              "config cannot choose it, so remove it")
+        simulated = any(client.train is None for client in self.clients)  # tenants dealt a share of data.source
+        if self.task == "causal-lm" and simulated and parse_partition(self.partition)[0] == "dirichlet":
+            raise ValueError(f"data.partition {self.partition!r} skews tenants by label, and a causal-lm task has no "
+                             "labels: use iid or column:NAME")
         if self.strategy.name == "fedprox" and self.training.zero_stage == 3:
             raise ValueError("strategy fedprox needs training.zero_stage 0-2: its proximal term compares the "
                              "whole adapter, which ZeRO-3 partitions")
@@ -526,6 +533,12 @@ class FederationConfig(_Section):
             if client.name == name:
                 return client
         raise ConfigError(f"client {name!r} is not in this federation (clients: {', '.join(self.client_names)})")
+
+    @property
+    def partition(self) -> str:
+        """How simulated tenants split ``data.source``: ``data.partition``, else the task's default (label skew
+        for classification; iid for causal-lm, whose rows have no label)."""
+        return self.data.partition or ("iid" if self.task == "causal-lm" else "dirichlet:0.5")
 
     def client_state_location(self, name: str) -> str | None:
         """Where ``name`` keeps its personal state, if anywhere is configured."""

@@ -515,7 +515,7 @@ class _Loader:
         cfg, clients = self.cfg, self.simulated_clients
         source = cfg.data.source
         where = f"data.source {source}"
-        scheme = cfg.data.partition
+        scheme = cfg.partition
         column = scheme.removeprefix("column:") if scheme.startswith("column:") else None
         if column is not None:
             _require_columns(self.table(source), {column: "data.partition"}, where)

@@ -151,3 +151,21 @@ def test_validate_warns_about_a_config_that_weakens_the_threat_model(tmp_path):
                                   "privacy.noise_seed": 0, "model.trust_remote_code": False})
     strong = strong.model_copy(update={"privacy": strong.privacy.model_copy(update={"noise_seed": None})})
     assert strong.trust_warnings() == []
+
+
+def test_the_default_partition_fits_the_task_and_a_label_skew_without_labels_is_refused():
+    """Issue 18, item 4: the first causal-LM run on the defaults failed on the default dirichlet partition, which
+    skews tenants by label; a causal-LM dataset has none. The default is now the task's (and survives the
+    round trips a config makes through the CLI's overrides and the pipeline's parameter)."""
+    causal = FederationConfig.parse({"task": "causal-lm", "data": {"source": "builtin:topics-instructions"}})
+    assert causal.partition == "iid" and causal.data.partition is None
+    assert causal.with_overrides({"rounds": 2}).partition == "iid"
+    assert FederationConfig.parse(causal.as_dict()).partition == "iid"
+    assert FederationConfig().partition == "dirichlet:0.5"
+    assert FederationConfig().with_overrides({"task": "causal-lm"}).partition == "iid"
+    with pytest.raises(ConfigError, match="data.partition 'dirichlet:0.3' skews tenants by label, and a causal-lm "
+                                          "task has no labels: use iid or column:NAME"):
+        causal.with_overrides({"data.partition": "dirichlet:0.3"})
+    # tenants with data of their own split nothing: no partition applies
+    own = {"task": "causal-lm", "data": {"partition": "dirichlet:0.3"}, "clients": [{"name": "a", "train": "a.csv"}]}
+    assert FederationConfig.parse(own).partition == "dirichlet:0.3"

@@ -442,10 +442,10 @@ def test_unknown_client_and_builtin():
 
 
 def test_dirichlet_on_causal_lm_is_refused():
-    cfg = FederationConfig(task="causal-lm", data={"source": "builtin:topics-instructions",
-                                                   "partition": "dirichlet:0.5"})
-    with pytest.raises(DataError, match="iid or column"):
-        load_client_data(cfg, "tenant-0")
+    with pytest.raises(ValueError, match="iid or column"):  # by the config, before any data is read
+        FederationConfig(task="causal-lm", data={"source": "builtin:topics-instructions", "partition": "dirichlet:0.5"})
+    with pytest.raises(DataError, match="iid or column"):  # and by the partition itself, given no labels
+        partition_indices(None, 10, "dirichlet:0.5", ["a", "b"], 0)
 
 
 # --------------------------------------------------------------------------------------------------
