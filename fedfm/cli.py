@@ -279,15 +279,26 @@ def validate_command(
     cfg: FederationConfig,
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", "-p", help="A compiled pipeline YAML to check too."),
 ) -> None:
-    """Check a config (and a compiled pipeline) without a cluster; exit 2 with the reason if anything is wrong."""
+    """Check a config (and a compiled pipeline) without a cluster: the model, its tokenizer and LoRA's target
+    modules, and (run locally) every tenant's data; exit 2 with the reason if anything is wrong."""
     from fedfm.pipelines.local_runner import with_client_state_here
+    from fedfm.preflight import check_data, check_inputs, check_model, cluster_warnings
     from fedfm.strategies import check_federation
 
     console = _console()
     # a local run keeps clients' own state in its run directory; any directory checks the same way
     check_federation(with_client_state_here(cfg, Path("run")))
+    check_inputs(cfg)
+    if cfg.execution.mode == "local" or Path(cfg.model.name_or_path).expanduser().is_dir():
+        check_model(cfg)  # in a cluster the tenants' Pods load the model; here only if this machine has it
+    rows = check_data(cfg) if cfg.execution.mode == "local" else None  # a cluster's data is in the tenants' Pods
     console.print(f"config: valid — {cfg.task}, {cfg.model.name_or_path}, {len(cfg.training_clients)} client(s), "
                   f"{cfg.rounds} round(s), {cfg.strategy.name}, execution {cfg.execution.mode}")
+    if rows is not None:
+        console.print("data: " + ", ".join(f"{client} {entry['train']}+{entry['eval']} rows"
+                                           for client, entry in rows.items()) + " (train+eval)")
+    for warning in cluster_warnings(cfg):
+        console.print(f"warning: {warning}", markup=False, highlight=False)
     if cfg.privacy.enabled:
         console.print(_privacy_summary(cfg))
     for warning in cfg.trust_warnings():

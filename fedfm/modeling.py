@@ -63,7 +63,7 @@ def load_tokenizer(cfg: FederationConfig):
             source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(_load_failure("tokenizer", cfg.model.name_or_path, exc)) from None
+        raise ModelError(load_failure("tokenizer", cfg.model.name_or_path, exc)) from None
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; padding positions are masked out of every loss.
         if tokenizer.eos_token is None:
@@ -142,7 +142,7 @@ def _load_base_model(cfg: FederationConfig) -> tuple[Any, Any, str]:
         else:
             model, info = AutoModelForCausalLM.from_pretrained(source, **common)
     except (OSError, ValueError) as exc:
-        raise ModelError(_load_failure("model", cfg.model.name_or_path, exc)) from None
+        raise ModelError(load_failure("model", cfg.model.name_or_path, exc)) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     _align(model)
     fingerprint = base_fingerprint(model, skip=info.get("missing_keys", ()))
@@ -282,7 +282,7 @@ def export_peft_directory(directory: str | os.PathLike, tensors: Tensors, peft_c
     storage.write_bytes(directory / "fedfm.json", json.dumps(info, indent=2, sort_keys=True).encode(), overwrite=True)
 
 
-def _load_failure(what: str, name: str, exc: Exception) -> str:
+def load_failure(what: str, name: str, exc: Exception) -> str:
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         return f"cannot load {what} {name!r}: no such directory"
     hint = (

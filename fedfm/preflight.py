@@ -8,6 +8,10 @@ written.
 
 It only looks: nothing is created, written or downloaded. Hub ids (models and datasets) and remote
 objects are left to load time, since checking them needs the network.
+
+:func:`check_model` and :func:`check_data` go further, for ``fedfm validate``: they load the tokenizer, the
+model's skeleton (its config, no weights) with LoRA applied, and every tenant's data, so what a run would
+refuse minutes in is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -38,6 +42,70 @@ def check_inputs(cfg: FederationConfig, *, local: bool | None = None) -> None:
         _check_data_source(field, source, local)
     for field, uri in _storage_uris(cfg):
         _check_storage(field, uri, local)
+
+
+def check_model(cfg: FederationConfig) -> None:
+    """Raise :class:`~fedfm.errors.ModelError` unless the model resolves (a local directory, the Hugging Face
+    cache offline, or the hub), its tokenizer loads, and LoRA finds ``lora.target_modules`` in it. The model is
+    built on the meta device: no weights are read or allocated."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedfm.modeling import load_failure, load_tokenizer, lora_config, resolve_model_source
+
+    name = cfg.model.name_or_path
+    load_tokenizer(cfg)
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_source(name), revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(load_failure("model", name, exc)) from None
+    if cfg.task == "classification":
+        config.num_labels = max(2, len(cfg.data.labels or []))
+    auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        try:
+            model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model {name!r} ({config.model_type}) cannot be built for task {cfg.task}: {exc}") \
+                from None
+        try:
+            get_peft_model(model, lora_config(cfg, cfg.global_rank))
+        except ValueError as exc:
+            targets = cfg.lora.target_modules or "PEFT's default for the model type"
+            linear = sorted({module_name.rsplit(".", 1)[-1] for module_name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            raise ModelError(f"lora.target_modules {targets} cannot be applied to model {name!r} "
+                             f"({config.model_type}): {str(exc).split('. ')[0].strip()}; its linear layers are "
+                             f"named {', '.join(linear)}") from None
+
+
+def check_data(cfg: FederationConfig) -> dict[str, dict]:
+    """Every tenant's rows, as a run reads them: raises :class:`~fedfm.errors.DataError` for a dataset that is
+    missing, a column the config names that it lacks, or a partition that leaves a tenant without rows;
+    returns :func:`fedfm.data.describe_clients`' summary."""
+    from fedfm.data import describe_clients
+
+    return describe_clients(cfg)
+
+
+def cluster_warnings(cfg: FederationConfig) -> list[str]:
+    """What a config meant for a cluster names that will not work there, or not as expected."""
+    if cfg.execution.mode != "kubernetes":
+        return []
+    warnings = []
+    if _looks_like_local_model(cfg.model.name_or_path) and "://" not in cfg.model.name_or_path:
+        warnings.append(f"model.name_or_path {cfg.model.name_or_path!r} is a local path: the tenants' Jobs load the "
+                        "model in their own Pods, where it exists only if their image or a volume holds it there")
+    if "://" not in cfg.data.source and not cfg.data.source.startswith(("builtin:", "hf:")) \
+            and (cfg.data.source.startswith(("/", ".", "~")) or Path(cfg.data.source).suffix):
+        warnings.append(f"data.source {cfg.data.source!r} is a local path: in kubernetes mode each tenant's data is "
+                        "its FederatedClient's spec.data, in its own namespace")
+    if not cfg.execution.checkpoint_uri:
+        warnings.append("execution.checkpoint_uri is not set: a run that stops cannot be resumed (start_round needs "
+                        "the checkpoints)")
+    return warnings
 
 
 # --- the model -----------------------------------------------------------------------------------

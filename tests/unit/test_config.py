@@ -137,7 +137,8 @@ def test_validate_warns_about_a_config_that_weakens_the_threat_model(tmp_path):
     weak = FederationConfig.parse({"clients": [{"name": "a", "namespace": "tenant-a"},
                                                {"name": "b", "namespace": "tenant-b"}],
                                    "data": {"labels": ["no", "yes"]},
-                                   "execution": {"mode": "kubernetes", "storage_uri": "file:///shared/fedfm"},
+                                   "execution": {"mode": "kubernetes", "storage_uri": "file:///shared/fedfm",
+                                                 "checkpoint_uri": "s3://fedfm/checkpoints"},
                                    "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "noise_seed": 3},
                                    "model": {"trust_remote_code": True}})
     config = tmp_path / "weak.yaml"

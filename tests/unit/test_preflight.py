@@ -225,3 +225,42 @@ def test_errors_are_fedfm_errors_with_one_line_messages(tmp_path):
         with pytest.raises(FedFMError) as info:
             check_inputs(cfg)
         assert "\n" not in str(info.value)
+
+
+# --- fedfm validate's deeper checks (issue 18, item 3): what a run would refuse minutes in ---------------------
+
+
+def test_lora_target_modules_the_model_lacks_are_refused_naming_the_ones_it_has(tiny_config):
+    """`[query, value]` (BERT's names) on a Llama once passed validation and failed the first fine-tune."""
+    llama = tiny_config("causal-lm", **{"lora.target_modules": ["query", "value"]})
+    with pytest.raises(ModelError, match=r"lora.target_modules \['query', 'value'\] cannot be applied to model .* "
+                                         r"\(llama\): .*its linear layers are named .*q_proj.*v_proj"):
+        preflight.check_model(llama)
+    preflight.check_model(tiny_config("causal-lm", **{"lora.target_modules": ["q_proj", "v_proj"]}))
+    preflight.check_model(tiny_config())  # PEFT's default for BERT
+
+
+def test_a_model_that_does_not_load_is_refused(tiny_config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="cannot load tokenizer"):
+        preflight.check_model(tiny_config(**{"model.name_or_path": str(tmp_path / "empty")}))
+
+
+def test_a_named_column_the_dataset_lacks_is_refused(tiny_config):
+    with pytest.raises(DataError, match="has no column 'body'.*set by data.text_column"):
+        preflight.check_data(tiny_config(**{"data.text_column": ["body"]}))
+    rows = preflight.check_data(tiny_config())
+    assert sorted(rows) == ["tenant-0", "tenant-1", "tenant-2"] and all(entry["train"] > 0 for entry in rows.values())
+
+
+def test_a_cluster_config_is_warned_about_local_paths_and_no_checkpoints(tiny_config):
+    cluster = tiny_config(**{"execution.mode": "kubernetes", "execution.storage_uri": "s3://fed",
+                             "data.source": "./tickets.csv", "data.labels": ["billing", "outage"]})
+    warnings = " | ".join(preflight.cluster_warnings(cluster))
+    assert "model.name_or_path" in warnings and "is a local path" in warnings
+    assert "data.source './tickets.csv' is a local path" in warnings
+    assert "execution.checkpoint_uri is not set: a run that stops cannot be resumed" in warnings
+    resumable = cluster.with_overrides({"execution.checkpoint_uri": "s3://fed/checkpoints",
+                                        "model.name_or_path": "meta-llama/Llama-3.2-1B", "data.source": "hf:org/set"})
+    assert preflight.cluster_warnings(resumable) == []
+    assert preflight.cluster_warnings(tiny_config()) == []  # a local run
