@@ -282,7 +282,8 @@ def validate_command(
     """Check a config (and a compiled pipeline) without a cluster: the model, its tokenizer and LoRA's target
     modules, and (run locally) every tenant's data; exit 2 with the reason if anything is wrong."""
     from fedfm.pipelines.local_runner import with_client_state_here
-    from fedfm.preflight import check_data, check_inputs, check_model, cluster_warnings
+    from fedfm.data import describe_clients
+    from fedfm.preflight import check_inputs, check_model, cluster_warnings
     from fedfm.strategies import check_federation
 
     console = _console()
@@ -291,7 +292,9 @@ def validate_command(
     check_inputs(cfg)
     if cfg.execution.mode == "local" or Path(cfg.model.name_or_path).expanduser().is_dir():
         check_model(cfg)  # in a cluster the tenants' Pods load the model; here only if this machine has it
-    rows = check_data(cfg) if cfg.execution.mode == "local" else None  # a cluster's data is in the tenants' Pods
+    # every tenant's rows as a run reads them (a dataset, a column or a tenant's share missing fails here); a
+    # cluster's data is in the tenants' Pods
+    rows = describe_clients(cfg) if cfg.execution.mode == "local" else None
     console.print(f"config: valid — {cfg.task}, {cfg.model.name_or_path}, {len(cfg.training_clients)} client(s), "
                   f"{cfg.rounds} round(s), {cfg.strategy.name}, execution {cfg.execution.mode}")
     if rows is not None:

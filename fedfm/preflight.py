@@ -9,9 +9,9 @@ written.
 It only looks: nothing is created, written or downloaded. Hub ids (models and datasets) and remote
 objects are left to load time, since checking them needs the network.
 
-:func:`check_model` and :func:`check_data` go further, for ``fedfm validate``: they load the tokenizer, the
-model's skeleton (its config, no weights) with LoRA applied, and every tenant's data, so what a run would
-refuse minutes in is refused before anything runs.
+:func:`check_model` goes further, for ``fedfm validate``: it loads the tokenizer and the model's skeleton (its
+config, no weights) with LoRA applied, so what a run would refuse minutes in is refused before anything runs
+(``fedfm validate`` also reads every tenant's data, with :func:`fedfm.data.describe_clients`).
 """
 
 from __future__ import annotations
@@ -81,15 +81,6 @@ def check_model(cfg: FederationConfig) -> None:
                              f"named {', '.join(linear)}") from None
 
 
-def check_data(cfg: FederationConfig) -> dict[str, dict]:
-    """Every tenant's rows, as a run reads them: raises :class:`~fedfm.errors.DataError` for a dataset that is
-    missing, a column the config names that it lacks, or a partition that leaves a tenant without rows;
-    returns :func:`fedfm.data.describe_clients`' summary."""
-    from fedfm.data import describe_clients
-
-    return describe_clients(cfg)
-
-
 def cluster_warnings(cfg: FederationConfig) -> list[str]:
     """What a config meant for a cluster names that will not work there, or not as expected."""
     if cfg.execution.mode != "kubernetes":
@@ -98,8 +89,11 @@ def cluster_warnings(cfg: FederationConfig) -> list[str]:
     if _looks_like_local_model(cfg.model.name_or_path) and "://" not in cfg.model.name_or_path:
         warnings.append(f"model.name_or_path {cfg.model.name_or_path!r} is a local path: the tenants' Jobs load the "
                         "model in their own Pods, where it exists only if their image or a volume holds it there")
-    if "://" not in cfg.data.source and not cfg.data.source.startswith(("builtin:", "hf:")) \
-            and (cfg.data.source.startswith(("/", ".", "~")) or Path(cfg.data.source).suffix):
+    from fedfm.data import _URI, _looks_like_path
+
+    source = cfg.data.source
+    if source.startswith("file://") or (not _URI.match(source) and not source.startswith(("builtin:", "hf:"))
+                                        and _looks_like_path(source)):
         warnings.append(f"data.source {cfg.data.source!r} is a local path: in kubernetes mode each tenant's data is "
                         "its FederatedClient's spec.data, in its own namespace")
     if not cfg.execution.checkpoint_uri:

@@ -89,7 +89,7 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
         reason, message = refusal
         _finish(client_round, FAILED, reason, message)
         return
-    keys = _signing_keys(spec["federation"]["name"], spec["federation"]["namespace"]) \
+    keys = _signing_keys(_enrolled(spec["federation"]["name"], spec["federation"]["namespace"])) \
         if spec["purpose"] == SECURE else None
     try:
         kube.batch().create_namespaced_job(namespace, job_manifest(client_round, federated_client, keys))
@@ -109,13 +109,17 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
         patch.status["deadline"] = kube.iso(deadline)
 
 
-def _signing_keys(federation: str, namespace: str) -> dict[str, str]:
+def _enrolled(federation: str, namespace: str) -> list[dict]:
+    """The FederatedClients that name the federation ``namespace``/``federation``."""
+    return [c for c in kube.list_objects(FEDERATED_CLIENTS)
+            if (c["spec"]["federationRef"]["name"], c["spec"]["federationRef"]["namespace"]) == (federation, namespace)]
+
+
+def _signing_keys(enrolled: list[dict]) -> dict[str, str]:
     """Each member's registered public signing key (FederatedClient ``spec.signingKey``), by client name: what
     the members' secure-aggregation Jobs and the pipeline verify each other's messages with. The tenants
     register them; neither the pipeline nor the federation config can."""
-    return {c["metadata"]["name"]: c["spec"]["signingKey"] for c in kube.list_objects(FEDERATED_CLIENTS)
-            if c["spec"].get("signingKey") and (c["spec"]["federationRef"]["name"],
-                                                c["spec"]["federationRef"]["namespace"]) == (federation, namespace)}
+    return {c["metadata"]["name"]: c["spec"]["signingKey"] for c in enrolled if c["spec"].get("signingKey")}
 
 
 def _refusal(spec: dict, federated_client: dict | None, namespace: str) -> tuple[str, str] | None:
@@ -200,7 +204,8 @@ def _complete(client_round: dict) -> None:
         if spec["purpose"] == SECURE:  # what can be checked of a protocol message: that it is there and whose
             federated_client = kube.get_federated_client(client_round["metadata"]["namespace"], spec["client"]) or {}
             registry = {spec["client"]: federated_client.get("spec", {}).get("signingKey", "")}
-            check_secure_output(spec["config"].get("name", "fedfm"), spec["secureStep"], spec["outputURI"],
+            check_secure_output(spec["config"].get("name", FederationConfig.model_fields["name"].default),
+                                spec["secureStep"], spec["outputURI"],
                                 spec["client"], spec["round"], registry)
             _finish(client_round, SUCCEEDED, "SecureStepDone", f"secure aggregation step {spec['secureStep']} done",
                     bytesUp=storage.size(spec["outputURI"]))
@@ -347,10 +352,9 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
     problem = _config_problem(spec, name)
     conditions = set_condition(conditions, condition("ConfigValid", problem is None, "Invalid" if problem else "Valid",
                                                      problem or "spec.config is a valid FederationConfig", now))
+    enrolled = _enrolled(name, namespace)
     members = [{"name": c["metadata"]["name"], "namespace": c["metadata"]["namespace"],
-                "phase": (c.get("status") or {}).get("phase", PENDING)}
-               for c in kube.list_objects(FEDERATED_CLIENTS)
-               if (c["spec"]["federationRef"]["name"], c["spec"]["federationRef"]["namespace"]) == (name, namespace)]
+                "phase": (c.get("status") or {}).get("phase", PENDING)} for c in enrolled]
     ready = sum(member["phase"] in (READY, TRAINING) for member in members)
     rounds = [r for r in kube.list_objects(CLIENT_ROUNDS, None, f"{LABEL_FEDERATION}={name}")
               if r["spec"]["federation"]["namespace"] == namespace]
@@ -369,7 +373,7 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
              else "Ready" if ready else "Waiting")
     new = {"phase": phase, "membersReady": ready, "members": members, "conditions": conditions,
            "currentRound": max([r["spec"]["round"] for r in rounds if r["spec"]["purpose"] == TRAIN], default=0),
-           "signingKeys": _signing_keys(name, namespace)}
+           "signingKeys": _signing_keys(enrolled)}
     if aggregate and aggregate.get("time") != status.get("observedAggregateTime"):
         # Each aggregate the pipeline reports is counted once, across operator restarts too.
         if aggregate.get("seconds"):

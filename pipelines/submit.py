@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -106,11 +105,9 @@ def check_endpoint(host: str, token: str | None, timeout: float) -> None:
                               "needs --token or KFP_TOKEN, or a Pod with KFP's ServiceAccount token)") from None
         raise SubmitError(f"{host} is not a KFP v2 API endpoint: {HEALTHZ} answered {exc.code} {exc.reason} (give "
                           "the API's address, e.g. http://ml-pipeline.kubeflow:8888)") from None
-    except (socket.timeout, TimeoutError):
-        raise SubmitError(f"KFP at {host} did not answer within {timeout:g} s (--connect-timeout)") from None
-    except (OSError, ValueError) as exc:  # refused, DNS, TLS; ValueError: not a URL
+    except (OSError, ValueError) as exc:  # refused, DNS, TLS, a timeout (URLError wraps it); ValueError: not a URL
         reason = getattr(exc, "reason", exc)
-        if isinstance(reason, (socket.timeout, TimeoutError)):
+        if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
             raise SubmitError(f"KFP at {host} did not answer within {timeout:g} s (--connect-timeout)") from None
         raise SubmitError(f"cannot reach KFP at {host}: {reason}") from None
     try:

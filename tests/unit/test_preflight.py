@@ -247,9 +247,11 @@ def test_a_model_that_does_not_load_is_refused(tiny_config, tmp_path):
 
 
 def test_a_named_column_the_dataset_lacks_is_refused(tiny_config):
+    from fedfm.data import describe_clients  # what fedfm validate reads every tenant's data with
+
     with pytest.raises(DataError, match="has no column 'body'.*set by data.text_column"):
-        preflight.check_data(tiny_config(**{"data.text_column": ["body"]}))
-    rows = preflight.check_data(tiny_config())
+        describe_clients(tiny_config(**{"data.text_column": ["body"]}))
+    rows = describe_clients(tiny_config())
     assert sorted(rows) == ["tenant-0", "tenant-1", "tenant-2"] and all(entry["train"] > 0 for entry in rows.values())
 
 
