@@ -443,6 +443,27 @@ def keygen(
                      f"public half in the FederatedClient:\n  spec:\n    signingKey: {public}")
 
 
+@app.command("storage-policy")
+def storage_policy(
+    config: Path = typer.Option(..., "--config", "-c", help="The federation's config (YAML or JSON).",
+                                exists=True, dir_okay=False),
+    client: str = typer.Option(..., help="The tenant's client name in the federation."),
+) -> None:
+    """Print the IAM policy of a tenant's own credential to the federation's S3-compatible storage (run by the
+    platform admin): read the published adapters, read and write the tenant's prefix, nothing else. Give it to
+    a user of the store (AWS IAM, `mc admin policy create` for MinIO), put that user's keys in a Secret in the
+    tenant's namespace, and name the Secret in the FederatedClient's spec.federationStorage.secretRef."""
+    from fedfm.errors import ConfigError
+    from fedfm.trust.grants import tenant_policy
+
+    cfg = load_config(config)
+    if not cfg.execution.storage_uri:
+        raise ConfigError(f"{config} names no execution.storage_uri: the federation's storage is what the policy "
+                          "is about")
+    cfg.client(client)  # a client the federation has
+    typer.echo(json.dumps(tenant_policy(cfg.execution.storage_uri, cfg.name, client), indent=2))
+
+
 @app.command("client-evaluate")
 def client_evaluate(
     client: str = typer.Option(..., help="This client's name."),

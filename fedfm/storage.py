@@ -14,6 +14,7 @@ from pathlib import Path
 import fsspec
 
 from fedfm.errors import StorageError
+from fedfm.trust.grants import granted_options
 
 
 def _is_local(uri: str) -> bool:
@@ -24,12 +25,23 @@ def _local_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
+def _filesystem(uri: str):
+    """(filesystem, path) for a remote ``uri``: with the tenant's credential to the federation's storage where
+    the URI is in it (:mod:`fedfm.trust.grants`), else with the process's own settings."""
+    options = granted_options(uri)
+    if options is None:
+        return fsspec.core.url_to_fs(uri)
+    protocol = uri.split("://", 1)[0]
+    fs = fsspec.filesystem(protocol, **options)
+    return fs, fs._strip_protocol(uri)
+
+
 def _at(uri: str, verb: str, local, remote):
     """``local(path)`` for a local file, ``remote(fs, path)`` through fsspec; errors become StorageError."""
     try:
         if _is_local(uri):
             return local(_local_path(uri))
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = _filesystem(uri)
         return remote(fs, path)
     except FileNotFoundError:
         raise StorageError(f"{uri} does not exist") from None
@@ -66,7 +78,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes, *, overwrite: bool = False)
         _write_local(_local_path(uri), data, overwrite)
         return
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = _filesystem(uri)
         if not overwrite and fs.exists(path):
             raise StorageError(f"{uri} already exists; refusing to overwrite it")
         fs.pipe_file(path, data)

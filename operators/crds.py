@@ -220,6 +220,16 @@ def federated_client_crd() -> dict:
             "description": "the public half (hex Ed25519) of the tenant's signing key, whose private half `fedfm "
                            "keygen` wrote into the tenant's state: what every secure-aggregation message of the "
                            "tenant is verified with"},
+        "federationStorage": _object({
+            "secretRef": _object({"name": _STRING}, required=["name"], description=(
+                "a Secret in this namespace with the tenant's own key to the federation's storage "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; optionally AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, "
+                "AWS_SESSION_TOKEN)")),
+        }, required=["secretRef"], description=(
+            "the tenant's credential to the federation's storage, made by the platform admin and allowed only "
+            "what `fedfm storage-policy` prints for this client: read the published adapters, read and write its "
+            "own prefix. The Jobs use it for the federation's objects only, and it is required when that storage "
+            "is remote: no tenant holds the platform's credential")),
     }, required=["federationRef", "data", "image"])
     status = _object({
         "phase": {"type": "string", "enum": [PENDING, READY, TRAINING, QUARANTINED, EVICTED]},

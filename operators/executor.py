@@ -26,6 +26,7 @@ from fedfm.operators.api import (API_VERSION, CLIENT_ROUNDS, EVALUATE, FAILED, F
                                  LABEL_CLIENT, LABEL_FEDERATION, LABEL_PURPOSE, LABEL_ROUND, LABEL_RUN, SUCCEEDED,
                                  SECURE, TIMED_OUT, TRAIN, VERSION, client_round_name)
 from fedfm.tasks import LossSums
+from fedfm.trust import grants
 
 # Beyond a round's deadline, how long a step waits for the operator to say so before it stops waiting.
 _OPERATOR_GRACE_SECONDS = 120.0
@@ -36,13 +37,13 @@ class KubernetesExecutor(Executor):
         self.cfg = cfg
         self.run_id = run_id or "unnamed-run"
         self.run = hashlib.sha256(self.run_id.encode()).hexdigest()[:8]
-        self.root = f"{cfg.execution.storage_uri.rstrip('/')}/{cfg.name}"
+        self.root = grants.federation_root(cfg.execution.storage_uri, cfg.name)
         self.federation_namespace = cfg.execution.federation_namespace or _own_namespace()
 
     # --- the Executor interface ------------------------------------------------------------------
 
     def train(self, cfg, client, round_index, global_uri, update_out):
-        output = f"{self.root}/runs/{self.run}/round-{round_index}/{client}.update.safetensors"
+        output = f"{self._folder(client, round_index)}/update.safetensors"
         key = self._create(client, round_index, TRAIN, self._publish(global_uri), output)
         status = self._wait({key: client})[client]
         if status.get("phase") != SUCCEEDED:
@@ -65,7 +66,7 @@ class KubernetesExecutor(Executor):
         adapter = self._publish(adapter_uri)
         outputs, waiting = {}, {}
         for client in clients:
-            outputs[client] = f"{self.root}/runs/{self.run}/round-{round_index}/{client}.evaluation.json"
+            outputs[client] = f"{self._folder(client, round_index)}/evaluation.json"
             waiting[self._create(client, round_index, EVALUATE, adapter, outputs[client])] = client
         sums, missing = {}, {}
         for client, status in self._wait(waiting).items():
@@ -82,7 +83,7 @@ class KubernetesExecutor(Executor):
     def secure_step(self, cfg, client, round_index, phase, inputs, output):
         """The step as a ClientRound (purpose SecureAggregation) in the tenant's namespace: its file inputs
         are published to the federation's storage, its message copied back to ``output``."""
-        folder = f"{self.root}/runs/{self.run}/round-{round_index}/secagg/{client}"
+        folder = f"{self._folder(client, round_index)}/secagg"
         published = {}
         for name, value in inputs.items():
             if name == "global":
@@ -133,11 +134,16 @@ class KubernetesExecutor(Executor):
 
     # --- helpers ---------------------------------------------------------------------------------
 
+    def _folder(self, client: str, round_index: int) -> str:
+        """Where ``client``'s inputs and outputs of a round are: under its own prefix, the only place its
+        credential to the federation's storage may write (:mod:`fedfm.trust.grants`)."""
+        return f"{grants.tenant_prefix(self.root, client)}/runs/{self.run}/round-{round_index}"
+
     def _publish(self, path: str) -> str:
         """The global adapter at ``path`` in the federation's storage, as tenants may see it (its header without
         the per-client figures: ``fedfm.adapters.public_copy``), named by its content (written once)."""
         data = public_copy(storage.read_bytes(path), where=f"global adapter {path}")
-        uri = f"{self.root}/adapters/{hashlib.sha256(data).hexdigest()}.safetensors"
+        uri = f"{grants.adapter_store(self.root)}/{hashlib.sha256(data).hexdigest()}.safetensors"
         if not storage.exists(uri):
             storage.write_bytes(uri, data, overwrite=True)  # same name, same bytes: a concurrent writer is harmless
         return uri

@@ -33,6 +33,7 @@ from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDER
                                  SECURE, TRAIN, TRAINING, VERSION, condition, set_condition)
 from fedfm.operators import tenant
 from fedfm.operators.jobs import job_manifest
+from fedfm.trust import grants
 from fedfm.trust.secure_round import check_secure_output
 
 STATUS_INTERVAL = 2.0  # seconds between derivations of FederatedClient and Federation status
@@ -84,7 +85,10 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
         return
     client_round = copy.deepcopy(dict(body))
     federated_client = kube.get_federated_client(namespace, spec["client"])
-    refusal = _refusal(spec, federated_client, namespace) or tenant.refusal(client_round, federated_client)
+    federation = kube.get_federation(spec["federation"]["namespace"], spec["federation"]["name"])
+    root = _storage_root(federation)
+    refusal = _refusal(spec, federated_client, federation, namespace) \
+        or tenant.refusal(client_round, federated_client, root)
     if refusal:
         reason, message = refusal
         _finish(client_round, FAILED, reason, message)
@@ -92,7 +96,7 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
     keys = _signing_keys(_enrolled(spec["federation"]["name"], spec["federation"]["namespace"])) \
         if spec["purpose"] == SECURE else None
     try:
-        kube.batch().create_namespaced_job(namespace, job_manifest(client_round, federated_client, keys))
+        kube.batch().create_namespaced_job(namespace, job_manifest(client_round, federated_client, keys, root))
         _event(body, True, "JobCreated", f"Job {name} runs the {spec['purpose'].lower()} of round "
                                          f"{spec['round']} for client {spec['client']}")
     except ApiException as exc:
@@ -122,7 +126,15 @@ def _signing_keys(enrolled: list[dict]) -> dict[str, str]:
     return {c["metadata"]["name"]: c["spec"]["signingKey"] for c in enrolled if c["spec"].get("signingKey")}
 
 
-def _refusal(spec: dict, federated_client: dict | None, namespace: str) -> tuple[str, str] | None:
+def _storage_root(federation: dict | None) -> str | None:
+    """Where the federation's objects are (``execution.storage_uri``/NAME of its config), or None."""
+    config = ((federation or {}).get("spec") or {}).get("config") or {}
+    storage_uri = (config.get("execution") or {}).get("storage_uri")
+    return grants.federation_root(storage_uri, config.get("name") or FederationConfig().name) if storage_uri else None
+
+
+def _refusal(spec: dict, federated_client: dict | None, federation: dict | None,
+             namespace: str) -> tuple[str, str] | None:
     """Why this round may not run at all, or None."""
     client = spec["client"]
     if federated_client is None:
@@ -135,7 +147,6 @@ def _refusal(spec: dict, federated_client: dict | None, namespace: str) -> tuple
     if (reference["name"], reference["namespace"]) != (spec["federation"]["name"], spec["federation"]["namespace"]):
         return "WrongFederation", (f"client {client} is enrolled in {reference['namespace']}/{reference['name']}, "
                                    f"not {spec['federation']['namespace']}/{spec['federation']['name']}")
-    federation = kube.get_federation(spec["federation"]["namespace"], spec["federation"]["name"])
     if federation is None:
         return "FederationNotFound", f"federation {spec['federation']['namespace']}/{spec['federation']['name']} " \
                                      "does not exist"

@@ -7,7 +7,8 @@ from typing import Any
 
 from fedfm.operators.api import (API_VERSION, EVALUATE, LABEL_CLIENT, LABEL_CLIENT_ROUND, LABEL_FEDERATION,
                                  LABEL_PURPOSE, LABEL_ROUND, SECURE)
-from fedfm.operators.tenant import job_config, state_volume
+from fedfm.operators.tenant import job_config, state_volume, storage_grant
+from fedfm.trust import grants
 from fedfm.trust.signing import REGISTRY_ENV
 
 DATA_MOUNT = "/data"
@@ -73,12 +74,13 @@ def command(client_round: dict, federated_client: dict) -> list[str]:
 TERMINATION_GRACE_SECONDS = 5
 
 
-def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[str, str] | None = None
-                 ) -> dict[str, Any]:
+def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[str, str] | None = None,
+                 storage_root: str | None = None) -> dict[str, Any]:
     """The Job that does ``client_round``'s work with ``federated_client``'s image, data, resources and
     service account; owned by the ClientRound, so deleting the round deletes the Job. A secure-aggregation
     step also gets the federation's ``signing_keys`` (client → public key, from the FederatedClients), which
-    it verifies its peers' messages with."""
+    it verifies its peers' messages with. ``storage_root``: where the federation's objects are, which the Job
+    reaches with the tenant's own credential to them (``spec.federationStorage``), never the platform's."""
     meta, spec = client_round["metadata"], client_round["spec"]
     client_spec = federated_client["spec"]
     labels = {
@@ -105,6 +107,8 @@ def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[
     }
     if signing_keys is not None:
         container["env"].append({"name": REGISTRY_ENV, "value": json.dumps(signing_keys, sort_keys=True)})
+    if storage_root and storage_grant(federated_client):
+        container["env"] += _storage_grant_env(storage_root, storage_grant(federated_client))
     # the tenant's own variables, but none of the above: the config the Job runs is the operator's
     own = {item["name"] for item in container["env"]}
     container["env"] += [{"name": item["name"], "value": str(item["value"])}
@@ -151,6 +155,16 @@ def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[
         },
         "spec": job_spec,
     }
+
+
+def _storage_grant_env(root: str, secret: str) -> list[dict[str, Any]]:
+    """The federation's storage location and the tenant's credential to it, from its Secret, under names of
+    their own (``fedfm.trust.grants``): beside the tenant's own storage credentials, never mixed with them."""
+    env: list[dict[str, Any]] = [{"name": grants.ROOT_ENV, "value": root}]
+    for key, variable in grants.CREDENTIAL_ENV.items():
+        env.append({"name": variable, "valueFrom": {"secretKeyRef": {
+            "name": secret, "key": key, "optional": key not in grants.REQUIRED_KEYS}}})
+    return env
 
 
 def _resources(resources: dict) -> dict:

@@ -18,6 +18,7 @@ from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError
 from fedfm.operators.api import SECURE
 from fedfm.strategies import client_keeps
+from fedfm.trust import grants
 
 # Where a tenant's state PersistentVolumeClaim is mounted (read-write) in its Jobs.
 STATE_MOUNT = "/state"
@@ -51,8 +52,14 @@ def _allows(entry: str, name: str, revision: str | None) -> bool:
     return fnmatch.fnmatchcase(name, pattern) and (not pinned or revision == pinned)
 
 
-def refusal(client_round: dict, federated_client: dict) -> tuple[str, str] | None:
-    """Why the tenant's own settings refuse this round (reason, message), or None."""
+def storage_grant(federated_client: dict) -> str | None:
+    """The Secret (in the tenant's namespace) holding the tenant's own credential to the federation's storage."""
+    return ((federated_client["spec"].get("federationStorage") or {}).get("secretRef") or {}).get("name")
+
+
+def refusal(client_round: dict, federated_client: dict, storage_root: str | None = None) -> tuple[str, str] | None:
+    """Why the tenant's own settings refuse this round (reason, message), or None. ``storage_root``: where the
+    federation's objects are."""
     config = client_round["spec"].get("config") or {}
     client = client_round["spec"]["client"]
     where = f"FederatedClient {federated_client['metadata'].get('namespace', '')}/{client}"
@@ -69,6 +76,11 @@ def refusal(client_round: dict, federated_client: dict) -> tuple[str, str] | Non
         shown = f"{name}@{revision}" if revision else f"{name} (no revision pinned)"
         return "ModelNotAllowed", (f"model {shown} is not in {where}'s spec.modelPolicy.allowedModels "
                                    f"({', '.join(allowed) or 'empty'})")
+    if storage_root and grants.is_remote(storage_root) and not storage_grant(federated_client):
+        return "NoStorageGrant", (f"the federation's storage {storage_root} is reached with a credential per tenant, "
+                                  f"and {where} names none (spec.federationStorage.secretRef): the platform admin "
+                                  f"makes one allowed `fedfm storage-policy --client {client}` and puts it in a "
+                                  "Secret in this namespace")
     if client_round["spec"].get("purpose") == SECURE and not federated_client["spec"].get("signingKey"):
         return "NoSigningKey", (f"client {client} takes part in secure aggregation but {where} registers no signing "
                                 "key (spec.signingKey): create one with `fedfm keygen` and register its public half")

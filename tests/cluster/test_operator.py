@@ -4,15 +4,17 @@ component image on a real kubelet, RBAC, monitoring.
 The operator runs from its image, installed by the chart, and Prometheus scrapes its Pod, found behind its
 metrics Service; the pipeline runs as `fedfm run` under the pipeline's service account, and each tenant's Jobs run
 `fedfm client-*` in containers, as the tenant's ServiceAccount, with its data on a read-only
-PersistentVolumeClaim and the object store's keys from its own Secret. Adapters and updates move through an
-S3 API (moto's server, reached as a MinIO would be: an endpoint and keys) that Pods reach at the host's
-address. The model is all-MiniLM-L6-v2, packaged in the image and in the test environment alike.
+PersistentVolumeClaim. Adapters and updates move through an S3 API that enforces signatures and policies
+(moto's server in its authenticated mode, ``tests/enforcing_s3.py``, reached as a MinIO would be: an endpoint
+and keys) that Pods reach at the host's address. The platform (operator, pipeline) holds the store's admin
+key; each tenant holds two of its own, in Secrets in its namespace: one to its own data and state, one to the
+federation's storage allowed only what ``fedfm storage-policy`` prints for it. The model is
+all-MiniLM-L6-v2, packaged in the image and in the test environment alike.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -28,7 +30,8 @@ from kubernetes.client.exceptions import ApiException
 from safetensors import safe_open
 
 import helm_python as helm
-from kube import CRD_DIR, api_client_from_kubeconfig, free_ports, service_account_token, wait_for
+from enforcing_s3 import EnforcingS3
+from kube import CRD_DIR, api_client_from_kubeconfig, service_account_token, wait_for
 from prometheus_server import Prometheus
 
 from fedfm.adapters import load_adapter
@@ -37,7 +40,7 @@ from fedfm.config import FederationConfig
 from fedfm.operators import rbac
 from fedfm.operators.api import CLIENT_ROUNDS, FEDERATED_CLIENTS, FEDERATIONS, GROUP, VERSION
 from fedfm.simulation import simulate
-from fedfm.trust import signing
+from fedfm.trust import grants, signing
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -72,6 +75,41 @@ HOSTILE_SITECUSTOMIZE = textwrap.dedent('''
     fedfm.adapters.save_adapter = save_adapter
 ''')
 
+
+# Tenant a's own code in its own Pods, trying in round 2 what a credential to the whole store allowed: read and
+# replace B's update of round 1, replace the global adapter it was given, write a checkpoint. It prints what the
+# store answered, and then does its work honestly.
+PROBING_SITECUSTOMIZE = textwrap.dedent('''
+    import sys
+
+    import fedfm.adapters
+    from fedfm import storage
+
+    honest_save = fedfm.adapters.save_adapter
+
+    def attempt(what, act):
+        try:
+            act()
+        except Exception as exc:
+            print(f"PROBE {what}: refused: {exc}", flush=True)
+        else:
+            print(f"PROBE {what}: ALLOWED", flush=True)
+
+    def save_adapter(uri, tensors, meta, **kwargs):
+        if meta.kind == "update" and meta.round == 2:
+            root, _, mine = uri.rpartition("/tenants/")
+            run = mine.split("/")[2]
+            theirs = f"{root}/tenants/b/runs/{run}/round-1/update.safetensors"
+            adapter = sys.argv[sys.argv.index("--global-adapter") + 1]
+            attempt("read b's update", lambda: storage.read_bytes(theirs))
+            attempt("replace b's update", lambda: storage.write_bytes(theirs, b"forged", overwrite=True))
+            attempt("replace the global adapter", lambda: storage.write_bytes(adapter, b"forged", overwrite=True))
+            attempt("write a checkpoint", lambda: storage.write_bytes(
+                f"{root}/runs/{run}/checkpoints/round-0002/privacy.json", b"{}", overwrite=True))
+        return honest_save(uri, tensors, meta, **kwargs)
+
+    fedfm.adapters.save_adapter = save_adapter
+''')
 
 class Operator:
     """The operator as charts/fedfm installs it (Helm's Go SDK): a Deployment of the operator image in
@@ -155,32 +193,6 @@ class Operator:
             self.helm.close()
 
 
-class ObjectStore:
-    """An S3 API (moto's server) on every address of the host: the host reaches it as Pods do, at the
-    node's address. ``env`` is what a MinIO user sets: endpoint and keys."""
-
-    def __init__(self, host: str):
-        import boto3
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in the test's report
-        port = free_ports(1)[0]
-        self.server = ThreadedMotoServer(ip_address="0.0.0.0", port=port, verbose=False)
-        self.server.start()
-        self.env = {"AWS_ACCESS_KEY_ID": "fedfm", "AWS_SECRET_ACCESS_KEY": "fedfm-secret",
-                    "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}"}
-        self.s3 = boto3.client("s3", endpoint_url=self.env["FSSPEC_S3_ENDPOINT_URL"], region_name="us-east-1",
-                               aws_access_key_id="fedfm", aws_secret_access_key="fedfm-secret")
-        self.s3.create_bucket(Bucket=BUCKET)
-
-    def keys(self, prefix: str) -> list[str]:
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return [item["Key"] for page in pages for item in page.get("Contents", [])]
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
 @dataclass
 class Cluster:
     plane: object  # the node (tests/cluster/node.py)
@@ -188,7 +200,7 @@ class Cluster:
     operator: Operator
     prometheus: Prometheus  # scrapes the operator every second
     pipeline_kubeconfig: str
-    store: ObjectStore
+    store: EnforcingS3
 
     @property
     def custom(self) -> client.CustomObjectsApi:
@@ -217,7 +229,7 @@ def cluster(node, tmp_path_factory):
         node.create_namespace(namespace)
     node.apply({"apiVersion": "v1", "kind": "ServiceAccount",
                 "metadata": {"name": PIPELINE_SA, "namespace": PLATFORM}})
-    store = ObjectStore(node.ip)
+    store = EnforcingS3(BUCKET, host=node.ip, bind="0.0.0.0")  # Pods reach it at the node's address
     pipeline_kubeconfig = node.service_account_kubeconfig(PLATFORM, PIPELINE_SA, workdir / "pipeline.kubeconfig")
     operator = Operator(node, workdir, store.env)
     prometheus = Prometheus(workdir / "prometheus", targets_file=operator.targets_file)
@@ -263,13 +275,16 @@ def federation_config(name: str, settings: dict | None = None, **policy) -> Fede
 
 
 def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None, stranded: tuple[str, ...] = (),
-                    hostile: tuple[str, ...] = (), in_store: tuple[str, ...] = (), keep_state: bool = False,
-                    **policy) -> Federation:
+                    hostile: tuple[str, ...] = (), probing: tuple[str, ...] = (), in_store: tuple[str, ...] = (),
+                    keep_state: bool = False, **policy) -> Federation:
     """A Federation in the platform namespace and three enrolled tenants a, b, c, each with its data on a
-    claim, the store's keys in its Secret and a ServiceAccount (``settings``: dotted config overrides;
-    ``stranded``: tenants whose Pods have no node to run on; ``hostile``: tenants whose Pods send NaN updates;
-    ``in_store``: tenants whose Jobs fetch their rows from the object store instead, with their Secret's keys;
-    ``keep_state``: each tenant's FederatedClient keeps its state under NAME-tenant-state/TENANT/ in the store)."""
+    claim, a ServiceAccount and two keys to the store in Secrets: its own (``store``: its data and state) and
+    its key to the federation's storage (``federation-storage``, allowed what `fedfm storage-policy` prints).
+    ``settings``: dotted config overrides; ``stranded``: tenants whose Pods have no node to run on; ``hostile``:
+    tenants whose Pods send NaN updates; ``probing``: tenants whose Pods try the federation's storage beyond
+    their grant (PROBING_SITECUSTOMIZE); ``in_store``: tenants whose Jobs fetch their rows from the object store
+    instead, with their own key; ``keep_state``: each tenant's FederatedClient keeps its state under
+    NAME-tenant-state/TENANT/ in the store)."""
     plane, workdir = cluster.plane, cluster.workdir / name
     workdir.mkdir(mode=0o755)
     cfg = federation_config(name, settings, **policy)
@@ -286,16 +301,27 @@ def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None
         volume.mkdir(mode=0o755)
         data[tenant] = volume / "train.csv"
         rows.iloc[index::3].to_csv(data[tenant], index=False)
-        secret = dict(cluster.store.env)
-        if tenant in hostile:
-            (volume / "hostile").mkdir(mode=0o755)
-            (volume / "hostile" / "sitecustomize.py").write_text(HOSTILE_SITECUSTOMIZE)
-            secret["PYTHONPATH"] = "/data/hostile"
+        store = cluster.store
+        own = store.user(f"{name}-{tenant}-own", {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:ListBucket"],
+             "Resource": [f"arn:aws:s3:::{BUCKET}/{name}/tenant-data/{tenant}/*",
+                          f"arn:aws:s3:::{BUCKET}/{name}-tenant-state/{tenant}/*", f"arn:aws:s3:::{BUCKET}"]}]})
+        secret = {**own, "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": store.endpoint}
+        granted = store.user(f"{name}-{tenant}-federation",
+                             grants.tenant_policy(cfg.execution.storage_uri, name, tenant))
+        for script, folder in ((HOSTILE_SITECUSTOMIZE, hostile), (PROBING_SITECUSTOMIZE, probing)):
+            if tenant in folder:
+                (volume / "custom").mkdir(mode=0o755)
+                (volume / "custom" / "sitecustomize.py").write_text(script)
+                secret["PYTHONPATH"] = "/data/custom"
         for path in volume.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         plane.local_volume(namespace, volume)
         core.create_namespaced_secret(namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="store"),
                                                                  string_data=secret))
+        core.create_namespaced_secret(namespace, client.V1Secret(
+            metadata=client.V1ObjectMeta(name="federation-storage"),
+            string_data={**granted, "AWS_ENDPOINT_URL": store.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}))
         service_account_token(plane.admin, namespace, TENANT_SA)  # v1.20 admits its Pods once the token exists
     plane.apply_all(rbac.pipeline_manifests(PLATFORM, PIPELINE_SA, list(namespaces.values())))
     plane.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "Federation",
@@ -322,6 +348,7 @@ def make_federation(cluster: Cluster, name: str, *, settings: dict | None = None
                      "metadata": {"name": tenant, "namespace": namespaces[tenant], "labels": ENROLLED},
                      "spec": {"federationRef": {"name": name, "namespace": PLATFORM},
                               "data": {**sources[tenant], "secretRef": {"name": "store"}},
+                              "federationStorage": {"secretRef": {"name": "federation-storage"}},
                               **({"state": {"uri": f"s3://{BUCKET}/{name}-tenant-state/{tenant}"},
                                   "signingKey": keys[tenant]} if keep_state else {}),
                               "image": plane.images["fedfm"], "serviceAccountName": TENANT_SA,
@@ -347,9 +374,17 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
 
 
 def test_two_rounds_on_three_tenants(cluster, tmp_path):
-    federation = make_federation(cluster, "fed-e2e", in_store=("c",))  # a and b read a claim, c the store
+    # a and b read a claim, c the store; a tries the federation's storage beyond its grant
+    federation = make_federation(cluster, "fed-e2e", in_store=("c",), probing=("a",))
     code, output = finish(fedfm_run(cluster, federation, tmp_path / "run"))
     assert code == 0, output + cluster.operator.log()
+    # tenant a's Job, with everything it has, was refused by the store each time (issue 17, finding 1)
+    train_a = next(r["metadata"]["name"] for r in cluster.rounds(federation.namespaces["a"])
+                   if (r["spec"]["purpose"], r["spec"]["round"]) == ("Train", 2))
+    probes = [line for line in cluster.pod_log(federation.namespaces["a"], train_a).splitlines()
+              if line.startswith("PROBE ")]
+    assert len(probes) == 4 and all(": refused: " in line for line in probes), probes
+    assert all(line.endswith((": Access Denied", ": Forbidden")) for line in probes), probes
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     assert [record["round"] for record in history] == [0, 1, 2]
     for record in history[1:]:
@@ -468,7 +503,7 @@ def test_secure_aggregation_runs_its_steps_as_jobs_in_the_tenants_namespaces(clu
         assert f"fed-sa-tenant-state/{tenant}/secagg/round-0001/update.safetensors" in kept
     sent = cluster.store.keys("fed-sa/")
     masked = [key for key in sent if key.endswith("train.out")]
-    assert len(masked) == 3 and not [key for key in sent if key.endswith(".update.safetensors")]
+    assert len(masked) == 3 and not [key for key in sent if key.endswith("update.safetensors")]
     for key in masked:
         header = cluster.store.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         (tmp_path / "masked").write_bytes(header)

@@ -4,6 +4,7 @@ global accuracy to 0.99999996, and an extra JSON key crashed the evaluate step."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_forged_and_malformed_answers_from_tenant_jobs_move_the_global_figure_on
                                                               "examples": 10**9},
                "d": {"loss_sum": 70.0, "count": 100, "correct": 70, "examples": 100}}
     for client, answer in answers.items():
-        path = tmp_path / "runs" / "run" / "round-1" / f"{client}.evaluation.json"
+        path = Path(executor._folder(client, 1)) / "evaluation.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(answer))
     cfg = FederationConfig(clients=["a", "b", "c", "d"])

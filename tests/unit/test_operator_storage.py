@@ -8,6 +8,7 @@ tests/cluster runs them for real."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,7 +175,7 @@ def test_the_aggregator_takes_only_the_update_the_operator_accepted(tmp_path, mo
     monkeypatch.setattr(executor, "_publish", lambda uri: uri)
     monkeypatch.setattr(executor, "_create", lambda *args, **kwargs: ("tenant-a", "round"))
     monkeypatch.setattr(executor, "_wait", lambda waiting: {"tenant-0": {"phase": SUCCEEDED, "sha256": accepted}})
-    output = tmp_path / "store" / "runs" / "r1" / "round-1" / "tenant-0.update.safetensors"
+    output = Path(executor._folder("tenant-0", 1)) / "update.safetensors"
     output.parent.mkdir(parents=True)
     output.write_bytes((tmp_path / "accepted.safetensors").read_bytes())
 

@@ -1,8 +1,9 @@
 """What a tenant decides for itself in its FederatedClient (issue 17): where it keeps its secrets (finding 2:
 the federation config once chose each client's state_uri, so the platform could point a tenant's keys and
 plain update at storage the platform reads), which models may run next to its data (finding 10: whoever
-edits the Federation chose the model and trust_remote_code for every tenant's Jobs) and the signing keys its
-peers' messages are verified with (finding 3).
+edits the Federation chose the model and trust_remote_code for every tenant's Jobs), the signing keys its
+peers' messages are verified with (finding 3) and its own key to the federation's storage (finding 1: every
+tenant's Jobs once had the platform's).
 
 Each attack is a ClientRound as a hostile platform would write it, put through the operator's handler against
 an in-memory apiserver (tests/cluster runs the handlers for real)."""
@@ -20,7 +21,7 @@ from fedfm.errors import ConfigError
 from fedfm.operators import handlers, kube
 from fedfm.operators.api import FAILED, PENDING, SECURE, TRAIN
 from fedfm.operators.jobs import job_manifest
-from fedfm.trust import signing
+from fedfm.trust import grants, signing
 
 MODEL = {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "revision": "c9745ed1"}
 STOLEN = "s3://platform-bucket/collected/a"
@@ -55,11 +56,13 @@ def _job_config(job: dict) -> dict:
 class Apiserver:
     """The objects ``handlers.start_client_round`` reads, and the Jobs it creates."""
 
-    def __init__(self, monkeypatch, client_round: dict, federated_client: dict):
+    def __init__(self, monkeypatch, client_round: dict, federated_client: dict, storage_uri: str | None = None):
         self.round, self.jobs, self.events = client_round, [], []
         federation = {"metadata": {"name": "fed", "namespace": "platform"},
                       "spec": {"config": {key: client_round["spec"]["config"].get(key)
                                           for key in handlers._MUST_MATCH}}}
+        if storage_uri:
+            federation["spec"]["config"].update(name="fed", execution={"storage_uri": storage_uri})
         monkeypatch.setattr(kube, "get_federated_client", lambda namespace, name: copy.deepcopy(federated_client))
         monkeypatch.setattr(kube, "get_federation", lambda namespace, name: copy.deepcopy(federation))
         monkeypatch.setattr(kube, "get_client_round", lambda namespace, name: copy.deepcopy(self.round))
@@ -231,3 +234,47 @@ def test_a_secure_steps_job_verifies_its_peers_with_the_keys_their_federated_cli
     plain = Apiserver(monkeypatch, _round(_config()), _client(signingKey=keys["a"]))
     plain.start()
     assert signing.REGISTRY_ENV not in json.dumps(plain.jobs[0])
+
+
+# --- finding 1: each tenant reaches the federation's storage with its own key ----------------------------------
+
+PLATFORM_STORE = "s3://platform-bucket/federations"
+
+
+def test_a_tenants_job_reaches_the_federations_storage_with_its_own_key_and_never_the_platforms(monkeypatch):
+    """The operator holds the platform's key (its environment); a tenant's Job gets the federation's location
+    and, from the tenant's own Secret, the tenant's key, under names the tenant's env cannot replace."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "the-platforms-secret")
+    tenant = _client(federationStorage={"secretRef": {"name": "a-federation"}},
+                     env=[{"name": grants.ROOT_ENV, "value": "s3://elsewhere"},
+                          {"name": grants.CREDENTIAL_ENV["AWS_ACCESS_KEY_ID"], "value": "mine"}])
+    apiserver = Apiserver(monkeypatch, _round(_config()), tenant, storage_uri=PLATFORM_STORE)
+    assert apiserver.start()["phase"] == PENDING
+    job = apiserver.jobs[0]
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    values = {item["name"]: item.get("value") for item in env}
+    assert values[grants.ROOT_ENV] == f"{PLATFORM_STORE}/fed"
+    references = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in env if "valueFrom" in item}
+    assert references == {variable: {"name": "a-federation", "key": key, "optional": key not in grants.REQUIRED_KEYS}
+                          for key, variable in grants.CREDENTIAL_ENV.items()}
+    assert [item["name"] for item in env].count(grants.ROOT_ENV) == 1 and "s3://elsewhere" not in json.dumps(job)
+    assert "the-platforms-secret" not in json.dumps(job) and "mine" not in json.dumps(job)
+
+
+def test_a_tenant_with_no_key_of_its_own_to_remote_federation_storage_is_refused(monkeypatch):
+    apiserver = Apiserver(monkeypatch, _round(_config()), _client(), storage_uri=PLATFORM_STORE)
+    status = apiserver.start()
+    assert status["phase"] == FAILED and status["reason"] == "NoStorageGrant" and not apiserver.jobs
+    assert "spec.federationStorage.secretRef" in status["message"] and "--client a" in status["message"]
+    # storage every Pod mounts (a shared volume) has no keys to hand out
+    local = Apiserver(monkeypatch, _round(_config()), _client(), storage_uri="file:///mnt/federation")
+    assert local.start()["phase"] == PENDING and grants.ROOT_ENV not in json.dumps(local.jobs[0])
+
+
+def test_the_tenants_key_is_used_under_the_federations_location_only():
+    env = {grants.ROOT_ENV: "s3://bucket/store/fed", grants.CREDENTIAL_ENV["AWS_ACCESS_KEY_ID"]: "id",
+           grants.CREDENTIAL_ENV["AWS_SECRET_ACCESS_KEY"]: "secret"}
+    assert grants.granted_options("s3://bucket/store/fed/tenants/a/x", env)["key"] == "id"
+    assert grants.granted_options("s3://bucket/store/fed2/x", env) is None  # a sibling that shares the prefix
+    assert grants.granted_options("s3://tenant-a-private/state", env) is None  # the tenant's own storage
+    assert grants.granted_options("s3://bucket/store/fed/x", {grants.ROOT_ENV: "s3://bucket/store/fed"}) is None
