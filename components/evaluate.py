@@ -22,6 +22,7 @@ def evaluate(
     passes on unchanged.
     """
     import json
+    import tempfile
     import time
 
     from fedfm import checkpoint, events, storage
@@ -37,11 +38,21 @@ def evaluate(
         cfg = step_config(config)
         started = time.time()
         executor = build_executor(cfg, run_id)
-        sums, unanswered = executor.evaluate(cfg, round_index, global_adapter.path, cfg.client_names)
-        result = summarize(cfg.task, bounded(sums, cfg.policy))
+        note = None
+        if cfg.secure_aggregation.enabled:  # the survivors' counts, summed under masks: no tenant's in the clear
+            from fedfm.secure_pipeline import evaluate_round
+
+            with tempfile.TemporaryDirectory() as scratch:
+                result, unanswered, note = evaluate_round(cfg, executor, round_index, global_adapter.path,
+                                                          server_state.path, scratch)
+        else:
+            sums, unanswered = executor.evaluate(cfg, round_index, global_adapter.path, cfg.client_names)
+            result = summarize(cfg.task, bounded(sums, cfg.policy))
         executor.round_evaluated(cfg, round_index, result["global"])
         record = round_record(global_adapter.path, result, time.time() - started)
         record["eval_missing"] = unanswered
+        if note:
+            record["eval_note"] = note
         append_history(history_in.path, record, history.path)
         figures.update(record["eval"]["global"])
     root = checkpoint.checkpoint_root(cfg, run_id)

@@ -306,7 +306,7 @@ def secagg_finish(
             meta = secure_round.finish(cfg, round_index, global_adapter.path, keys_shared.path, survivors.path,
                                        masked_sum.path, revealed, reported["clients"], new_global_adapter.path,
                                        executor.signing_keys(cfg), missing, state_in=server_state.path,
-                                       state_out=new_server_state.path)
+                                       state_out=new_server_state.path, confirmations_uri=confirmations.path)
         except (QuorumError, SecureAggregationError) as exc:
             executor.round_failed(cfg, round_index, str(exc))
             raise

@@ -19,8 +19,9 @@ checkpoints are never touched again.
 The sampler needs no saved generator: the clients of round ``r`` are drawn by a generator seeded with
 ``(seed, r)`` (:meth:`fedfm.config.FederationConfig.sampled_clients`; under differential privacy, by the
 secret key the server state keeps), and every client seeds its training from ``(seed, client, r)``, so the
-state to resume the draws is ``(seed, next round)`` and the server state, which the checkpoint records. Resuming from round ``r``'s checkpoint therefore gives bit-for-bit the
-rounds an uninterrupted run would have computed (differential-privacy noise aside, which comes from
+state to resume the draws is ``(seed, next round)`` and the server state, which the checkpoint records.
+Resuming from round ``r``'s checkpoint therefore gives bit-for-bit the rounds an uninterrupted run would have
+computed (differential-privacy noise aside, which comes from
 the OS unless ``privacy.noise_seed`` is set).
 """
 

@@ -12,6 +12,7 @@ import enum
 import functools
 import inspect
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -243,9 +244,14 @@ def _run_locally(cfg: Optional[FederationConfig], output: Optional[Path], pushga
         live.update(progress.render())
     metric = quality_metric(cfg.task)
     console.print(_summary_table(cfg, result.history))
-    first, last = result.history[0]["eval"]["global"][metric], result.history[-1]["eval"]["global"][metric]
+    # from the first round evaluated (under secure aggregation, round 0 is not: no round's masks hide it yet)
+    measured = [record for record in result.history if math.isfinite(record["eval"]["global"][metric])] \
+        or result.history
+    first, last = measured[0], result.history[-1]["eval"]["global"][metric]
+    since = f" (from round {first['round']})" if first["round"] else ""
     chance = f" (chance {1 / len(cfg.data.labels):.3f})" if cfg.task == "classification" else ""
-    console.print(f"global {metric}: {first:.4f} → {last:.4f}{chance} in {result.seconds:.0f} s")
+    console.print(f"global {metric}: {first['eval']['global'][metric]:.4f} → {last:.4f}{since}{chance} in "
+                  f"{result.seconds:.0f} s")
     console.print(f"results in {output}/: metrics.json, report.png, adapter/ (PeftModel.from_pretrained), run.log"
                   + (", work/ (every round's adapters)" if simulated else ""))
     if reporter:

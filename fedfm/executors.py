@@ -59,6 +59,18 @@ class Executor(ABC):
         """One of ``client``'s secure-aggregation steps (:func:`fedfm.trust.secure_round.client_step`), its inputs
         by URI; on success its message is at ``output``."""
 
+    def secure_steps(self, cfg: FederationConfig, round_index: int, phase: str,
+                     requests: dict[str, tuple[dict[str, str], str]]) -> dict[str, ClientOutcome]:
+        """Several clients' step ``phase`` (``client: (inputs, output)``), each client's failure its own; the
+        cluster runs them at once."""
+        outcomes = {}
+        for client, (inputs, output) in sorted(requests.items()):
+            try:
+                outcomes[client] = self.secure_step(cfg, client, round_index, phase, inputs, output)
+            except Exception as exc:  # the client's step failed, not the round
+                outcomes[client] = ClientOutcome(client, FAILED, f"{type(exc).__name__}: {exc}")
+        return outcomes
+
     @abstractmethod
     def signing_keys(self, cfg: FederationConfig) -> dict[str, str]:
         """The clients' registered public signing keys (client → hex), which the server steps verify every

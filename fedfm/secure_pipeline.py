@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from fedfm import storage
 from fedfm.config import FederationConfig
-from fedfm.executors import SUCCEEDED, ClientOutcome, build_executor
+from fedfm.executors import SUCCEEDED, ClientOutcome, Executor, build_executor
 
 SKIPPED = "Skipped"  # a client step not run because the client left the round at an earlier step
 RESTORED = "Restored"  # a step of a round before the pipeline's start_round: restored from a checkpoint
@@ -103,6 +103,42 @@ def split(artifacts: Iterable[Any], step: str) -> tuple[dict[str, str], dict[str
             missing[client] = artifact.metadata.get("missing") or missing_line(
                 step, phase, artifact.metadata.get("reason", ""))
     return succeeded, missing
+
+
+def evaluate_round(cfg: FederationConfig, executor: Executor, round_index: int, adapter_uri: str,
+                   state_uri: str | None, scratch: str) -> tuple[dict[str, Any], dict[str, str], str]:
+    """A round's evaluation under secure aggregation (the evaluate step's and ``fedfm simulate``'s): the
+    round's survivors, as its finish step recorded them in the server state at ``state_uri``, each score the
+    adapter and send their counts masked among them (client step ``evaluate``, through ``executor``); the
+    server reads only the sum. Returns the figures (:func:`fedfm.evaluation.summarize`'s shape, with no
+    client's), the survivors that gave no answer and why, and a note for the round's record.
+
+    Round 0's adapter (before any secure round) is not evaluated: no pairwise keys exist yet to mask its
+    counts, and in the clear they would be a tenant's own."""
+    from fedfm.adapters import read_meta
+    from fedfm.server_state import read_server_state
+    from fedfm.tasks import LossSums
+    from fedfm.trust import secure_round
+
+    empty = {"global": LossSums().metrics(cfg.task), "clients": {}}
+    recorded = read_server_state(cfg, state_uri).secure.get(secure_round.EVALUATION_STATE) if state_uri else None
+    if not recorded or recorded.get("round") != round_index:
+        return empty, {}, ("not evaluated: under secure aggregation a tenant's counts are read only summed over a "
+                           "round's survivors, and this adapter is not a round's")
+    files = {}
+    for name in ("keys", "survivors", "confirmations"):
+        files[name] = f"{scratch}/{name}.json"
+        storage.write_bytes(files[name], json.dumps(recorded[name], sort_keys=True).encode(), overwrite=True)
+    survivors = sorted(recorded["survivors"])
+    requests = {client: ({"global": adapter_uri, **files}, f"{scratch}/{client}.evaluation.json")
+                for client in survivors}
+    outcomes = executor.secure_steps(cfg, round_index, "evaluate", requests)
+    answers = {client: requests[client][1] for client, outcome in outcomes.items() if outcome.succeeded}
+    missing = {client: missing_line("evaluate", outcome.phase, outcome.reason)
+               for client, outcome in outcomes.items() if not outcome.succeeded}
+    total, note = secure_round.sum_evaluations(cfg, round_index, read_meta(adapter_uri).sha256, survivors, answers,
+                                               executor.signing_keys(cfg), missing)
+    return ({"global": total.metrics(cfg.task), "clients": {}} if total else empty), missing, note
 
 
 def masked_figures(path: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 - the aggregation rule's own (FedAdam's moments, FedAvgM's momentum, a step count),
 - the privacy mechanism's (``privacy.``-prefixed: the rounds spent, adaptive clipping's norm, the secret
   key that draws each round's clients; :class:`fedfm.trust.privacy.PrivacyState`),
-- the quarantine's (``checks.``-prefixed: who is out and since when; :class:`fedfm.trust.update_checks.Quarantine`).
+- the quarantine's (``checks.``-prefixed: who is out and since when; :class:`fedfm.trust.update_checks.Quarantine`),
+- under secure aggregation, the last round's record for its evaluation (``secagg.``-prefixed: its survivors,
+  their public keys and confirmations; :data:`fedfm.trust.secure_round.EVALUATION_STATE`).
 
 Tensors go in as float32 tensors, everything else as JSON in the header. Round 1 reads an empty file (or
 none): no state yet.
@@ -27,6 +29,7 @@ from fedfm.trust.privacy import PrivacyState, new_sampling_key
 from fedfm.trust.update_checks import Quarantine
 
 SERVER_STATE_FORMAT = "fedfm-server-state/1"
+_SECURE_PREFIX = "secagg."
 
 
 @dataclass
@@ -36,6 +39,7 @@ class RoundState:
     rule: ServerState = field(default_factory=dict)
     privacy: PrivacyState = field(default_factory=PrivacyState)
     quarantine: Quarantine = field(default_factory=Quarantine)
+    secure: dict = field(default_factory=dict)  # secure aggregation's record of the round, for its evaluation
 
 
 def read_server_state(cfg: FederationConfig, uri: str | None) -> RoundState:
@@ -44,7 +48,9 @@ def read_server_state(cfg: FederationConfig, uri: str | None) -> RoundState:
     state = load_server_state(uri, build_strategy(cfg.strategy).name) if uri else {}
     privacy, state = PrivacyState.split(state)
     quarantine, state = Quarantine.split(state)
-    return RoundState(rule=state, privacy=privacy, quarantine=quarantine)
+    secure = {key: value for key, value in state.items() if key.startswith(_SECURE_PREFIX)}
+    rule = {key: value for key, value in state.items() if not key.startswith(_SECURE_PREFIX)}
+    return RoundState(rule=rule, privacy=privacy, quarantine=quarantine, secure=secure)
 
 
 def write_initial_server_state(cfg: FederationConfig, state_out: str) -> None:

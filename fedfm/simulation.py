@@ -154,7 +154,7 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path, start: Check
         global_uri = str(work / "round-0" / "global_adapter.safetensors")
         with events.step("init"):
             initialize(cfg, global_uri)
-        history_uri = _evaluate(cfg, global_uri, None, str(work / "round-0" / "history.json"))
+        history_uri = _evaluate(cfg, global_uri, None, str(work / "round-0" / "history.json"), None)
         state_uri: str | None = None  # round 1 starts without server state, but under privacy its sampling key
         if cfg.privacy.enabled:
             state_uri = str(work / "round-0" / "server_state")
@@ -177,7 +177,7 @@ def _federate(cfg: FederationConfig, work: Path, adapter_dir: Path, start: Check
                 figures.update(clients=len(updates), missing=len(missing), samples=meta.samples,
                                round_seconds=meta.metrics.get("round_seconds"))
             global_uri, state_uri = new_global, new_state
-        history_uri = _evaluate(cfg, global_uri, history_uri, str(round_dir / "history.json"))
+        history_uri = _evaluate(cfg, global_uri, history_uri, str(round_dir / "history.json"), state_uri)
         _checkpoint(root, cfg, round_index, global_uri, state_uri, history_uri)
     with events.step("export"):
         export(cfg, global_uri, str(adapter_dir))
@@ -281,7 +281,8 @@ def _secure_round(cfg: FederationConfig, round_index: int, global_uri: str, stat
             at("reveal", client)))
         meta = secure_round.finish(cfg, round_index, global_uri, at("keys-shared"), at("survivors"),
                                    str(box / "masked-sum.bin"), {c: at("reveal", c) for c in answered}, clients,
-                                   new_global, registry, missing, state_in=state_uri, state_out=new_state)
+                                   new_global, registry, missing, state_in=state_uri, state_out=new_state,
+                                   confirmations_uri=at("confirmations"))
         figures.update(clients=len(clients), missing=len(missing), samples=meta.samples,
                        round_seconds=meta.metrics.get("round_seconds"))
     return new_global, new_state
@@ -312,18 +313,31 @@ def _finetune(cfg: FederationConfig, client: str, round_index: int, global_uri: 
     return None
 
 
-def _evaluate(cfg: FederationConfig, adapter_uri: str, history_in: str | None, history_out: str) -> str:
-    """Score the global adapter on every tenant's evaluation split and extend the history."""
+def _evaluate(cfg: FederationConfig, adapter_uri: str, history_in: str | None, history_out: str,
+              state_uri: str | None) -> str:
+    """Score the global adapter on every tenant's evaluation split (under secure aggregation: the round's
+    survivors, their counts summed under masks, as the pipeline's evaluate step does) and extend the history."""
     from fedfm.adapters import read_meta
     from fedfm.evaluation import bounded, evaluate_clients, summarize
+    from fedfm.executors import LocalExecutor
     from fedfm.federation import append_history, round_record
+    from fedfm.secure_pipeline import evaluate_round
 
     round_index = read_meta(adapter_uri).round
     with events.step("evaluate", round=round_index) as figures:
         started = time.time()
-        result = summarize(cfg.task, bounded(evaluate_clients(cfg, adapter_uri, cfg.client_names), cfg.policy))
+        missing, note = {}, None  # every tenant's data is here
+        if cfg.secure_aggregation.enabled:
+            scratch = Path(history_out).parent / "secagg" / "evaluation"
+            scratch.mkdir(parents=True, exist_ok=True)
+            result, missing, note = evaluate_round(cfg, LocalExecutor(), round_index, adapter_uri, state_uri,
+                                                   str(scratch))
+        else:
+            result = summarize(cfg.task, bounded(evaluate_clients(cfg, adapter_uri, cfg.client_names), cfg.policy))
         record = round_record(adapter_uri, result, time.time() - started)
-        record["eval_missing"] = {}  # every tenant's data is here
+        record["eval_missing"] = missing
+        if note:
+            record["eval_note"] = note
         append_history(history_in, record, history_out)
         figures.update(record["eval"]["global"])
     gc.collect()

@@ -81,26 +81,38 @@ class KubernetesExecutor(Executor):
         return sums, missing
 
     def secure_step(self, cfg, client, round_index, phase, inputs, output):
-        """The step as a ClientRound (purpose SecureAggregation) in the tenant's namespace: its file inputs
-        are published to the federation's storage, its message copied back to ``output``."""
-        folder = f"{self._folder(client, round_index)}/secagg"
-        published = {}
-        for name, value in inputs.items():
-            if name == "global":
-                published[name] = self._publish(value)
-            elif isinstance(value, str) and storage.exists(value):
-                published[name] = f"{folder}/{phase}.{name}"
-                storage.write_bytes(published[name], storage.read_bytes(value), overwrite=True)
-            else:
-                published[name] = str(value)  # a number (clip norm, noise)
-        remote = f"{folder}/{phase}.out"
-        key = self._create(client, round_index, SECURE, published.get("global", ""), remote,
-                           secureStep=phase, inputs=published)
-        status = self._wait({key: client})[client]
-        if status.get("phase") != SUCCEEDED:
-            return ClientOutcome(client, status.get("phase", TIMED_OUT), status.get("message", ""))
-        storage.write_bytes(output, storage.read_bytes(remote), overwrite=True)
-        return ClientOutcome(client)
+        return self.secure_steps(cfg, round_index, phase, {client: (inputs, output)})[client]
+
+    def secure_steps(self, cfg, round_index, phase, requests):
+        """Each step as a ClientRound (purpose SecureAggregation) in its tenant's namespace, all created before
+        any is waited for: its file inputs are published to the client's prefix of the federation's storage,
+        its message copied back to its output."""
+        started = {}
+        for client, (inputs, output) in requests.items():
+            folder = f"{self._folder(client, round_index)}/secagg"
+            published = {}
+            for name, value in inputs.items():
+                if name == "global":
+                    published[name] = self._publish(value)
+                elif isinstance(value, str) and storage.exists(value):
+                    published[name] = f"{folder}/{phase}.{name}"
+                    storage.write_bytes(published[name], storage.read_bytes(value), overwrite=True)
+                else:
+                    published[name] = str(value)  # a number (clip norm, noise)
+            remote = f"{folder}/{phase}.out"
+            key = self._create(client, round_index, SECURE, published.get("global", ""), remote,
+                               secureStep=phase, inputs=published)
+            started[key] = (client, remote, output)
+        statuses = self._wait({key: client for key, (client, _, _) in started.items()})
+        outcomes = {}
+        for client, remote, output in started.values():
+            status = statuses[client]
+            if status.get("phase") != SUCCEEDED:
+                outcomes[client] = ClientOutcome(client, status.get("phase", TIMED_OUT), status.get("message", ""))
+                continue
+            storage.write_bytes(output, storage.read_bytes(remote), overwrite=True)
+            outcomes[client] = ClientOutcome(client)
+        return outcomes
 
     def round_aggregated(self, cfg, meta: AdapterMeta, adapter_uri):
         aggregate = {

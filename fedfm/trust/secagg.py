@@ -19,6 +19,9 @@ A round, per client ``u`` (every message is bytes or JSON-able, so it can travel
    sharing, so the server must remove the pairwise masks it left behind).
 6. Server: :func:`add_masked` sums the masked inputs as they arrive, :func:`unmask` reconstructs the seeds
    from any ``t`` responders and removes the masks, giving ``Σ_{u∈U3} x_u`` mod 2^64.
+7. After the round, :func:`mask_evaluation` — each survivor's evaluation counts of the round's adapter, with
+   pairwise masks only (keys derived apart from the update's): the sum over all of U3 is the counts' sum,
+   and with any survivor's answer missing nothing is readable (no self-mask, nothing revealed for it).
 
 :func:`encode` and :func:`decode` move tensors in and out of the ring (signed fixed point, ``fraction_bits``).
 
@@ -300,18 +303,7 @@ def reveal(client: str, private: bytes, public: dict[str, dict], ciphertexts: di
     threat model).
     """
     state = _load_shared_state(client, private, context)
-    alive, keys = _check_survivors(client, state, public, survivors, context, registry)
-    if state.get("confirmed") != alive:
-        raise SecureAggregationError(f"client {client!r} reveals only for the survivor set it confirmed "
-                                     f"({state.get('confirmed')}), not for {alive}")
-    if not isinstance(confirmations, dict):
-        raise SecureAggregationError(f"the confirmations handed to {client!r} are not a map of client to signature")
-    _check_within(confirmations, alive, "confirmed the survivors", "survived (U3)")
-    for signer, signature in sorted(confirmations.items()):
-        signing.verify(registry, signer, signature, _CONFIRMED, context, _names(alive))
-    if len(confirmations) < state["threshold"]:
-        raise SecureAggregationError(f"only {len(confirmations)} survivors confirmed the survivor set, below the "
-                                     f"threshold of {state['threshold']}; client {client!r} reveals nothing")
+    alive, keys = _confirmed_survivors(client, state, public, survivors, confirmations, context, registry, "reveals")
     unknown = sorted(set(ciphertexts) - set(keys))
     if unknown:
         raise SecureAggregationError(f"ciphertexts from {unknown}, which are in neither U2 nor U3")
@@ -324,6 +316,55 @@ def reveal(client: str, private: bytes, public: dict[str, dict], ciphertexts: di
         payload = _decrypt(state, keys[peer], peer, client, ciphertexts[peer], context)
         revealed[peer] = {"b": payload["b"]} if peer in alive else {"s_sk": payload["s_sk"]}
     return revealed
+
+
+def mask_evaluation(client: str, private: bytes, public: dict[str, dict], survivors: list[str],
+                    confirmations: dict[str, str], vector: np.ndarray, context: bytes,
+                    registry: signing.Registry) -> np.ndarray:
+    """After the round: ``z_u = e_u + Σ_{v∈U3, v≠u} ±PRG(e_uv)`` mod 2^64, ``e_u`` the client's evaluation
+    counts of the round's adapter and ``e_uv`` a key derived from the pair's agreed secret apart from the
+    update's mask key.
+
+    The masks cancel in the sum over every survivor and in no smaller one, and nothing is ever revealed for
+    them (no self-mask, no shares): with a survivor's answer missing, the others' counts stay masked and the
+    server learns nothing. The survivors must be the set the client confirmed, with the threshold of its
+    members' confirmations (as :func:`reveal` requires), so the server cannot shrink the set to colluders. A
+    survivor's mask key ``s_sk`` is never revealed, so neither are these masks. The caller must mask one
+    evaluation per client and round: two under the same masks would give the server their difference.
+    """
+    state = _load_shared_state(client, private, context)
+    alive, keys = _confirmed_survivors(client, state, public, survivors, confirmations, context, registry,
+                                       "evaluates")
+    masked = _check_vector(vector, f"the evaluation of client {client!r}").copy()
+    for peer in alive:
+        if peer != client:
+            stream = _prg(_pairwise_key(state["s_sk"], keys[peer], client, peer, context, b"evaluation-mask"),
+                          masked.size)
+            if client < peer:
+                masked += stream
+            else:
+                masked -= stream
+    return masked
+
+
+def _confirmed_survivors(client: str, state: dict, public: dict[str, dict], survivors: list[str],
+                         confirmations: dict[str, str], context: bytes, registry: signing.Registry,
+                         verb: str) -> tuple[list[str], dict[str, _PublicKeys]]:
+    """U3 as the client confirmed it, once at least the threshold of its members signed that same set (each
+    signature verified under ``registry``; one that fails names its client); and U2's keys."""
+    alive, keys = _check_survivors(client, state, public, survivors, context, registry)
+    if state.get("confirmed") != alive:
+        raise SecureAggregationError(f"client {client!r} {verb} only for the survivor set it confirmed "
+                                     f"({state.get('confirmed')}), not for {alive}")
+    if not isinstance(confirmations, dict):
+        raise SecureAggregationError(f"the confirmations handed to {client!r} are not a map of client to signature")
+    _check_within(confirmations, alive, "confirmed the survivors", "survived (U3)")
+    for signer, signature in sorted(confirmations.items()):
+        signing.verify(registry, signer, signature, _CONFIRMED, context, _names(alive))
+    if len(confirmations) < state["threshold"]:
+        raise SecureAggregationError(f"only {len(confirmations)} survivors confirmed the survivor set, below the "
+                                     f"threshold of {state['threshold']}; client {client!r} {verb} nothing")
+    return alive, keys
 
 
 def _check_survivors(client: str, state: dict, public: dict[str, dict], survivors: list[str], context: bytes,
@@ -545,9 +586,11 @@ def _self_mask_key(seed: bytes, client: str, context: bytes) -> bytes:
     return _derive(seed, b"self-mask", context, client)
 
 
-def _pairwise_key(own_s_sk_hex: str, peer_keys: _PublicKeys, own: str, peer: str, context: bytes) -> bytes:
-    """s_uv: the same for (u, v) and (v, u), since X25519 is symmetric and the names enter sorted."""
-    return _derive(_agree(own_s_sk_hex, peer_keys.s_pk, peer), b"pairwise-mask", context, *sorted((own, peer)))
+def _pairwise_key(own_s_sk_hex: str, peer_keys: _PublicKeys, own: str, peer: str, context: bytes,
+                  label: bytes = b"pairwise-mask") -> bytes:
+    """s_uv: the same for (u, v) and (v, u), since X25519 is symmetric and the names enter sorted; ``label``
+    keeps the update's masks and the evaluation's apart."""
+    return _derive(_agree(own_s_sk_hex, peer_keys.s_pk, peer), label, context, *sorted((own, peer)))
 
 
 def _share_key(own_state: dict, peer_keys: _PublicKeys, peer: str, sender: str, recipient: str,

@@ -12,6 +12,9 @@ Client steps (each runs where the client's data is, and keeps its secrets in its
 5. :func:`reveal` — given U3 and at least the threshold of its members' confirmations of it, the shares
    that let the server remove the masks: of each survivor's self-mask seed and of each dropped client's
    mask key, never both.
+6. :func:`evaluate` — after the round, its evaluation counts of the round's global adapter, masked among
+   U3 (:func:`fedfm.trust.secagg.mask_evaluation`), once per round: the server reads only their sum over
+   every survivor (:func:`sum_evaluations`), never a tenant's counts.
 
 Every message a client sends is signed with its registered key (:mod:`fedfm.trust.signing`), and every
 receiver, peer or server, verifies it against the registry it trusts: a substituted key, a forged masked
@@ -19,7 +22,9 @@ update or a forged share is refused and names the client.
 
 Server steps: :func:`relay_keys`, :func:`relay_shares` (which passes each client its inbox of ciphertexts),
 :func:`sum_masked`, :func:`relay_confirmations` and :func:`finish`, which unmasks the sum, turns it into the
-round's mean update, and runs the strategy on it (a rule that works from the mean: ``Strategy.from_mean``).
+round's mean update, and runs the strategy on it (a rule that works from the mean: ``Strategy.from_mean``);
+it also records in the server state what the round's evaluation needs (:data:`EVALUATION_STATE`), which
+:func:`sum_evaluations` then adds up.
 
 What a client contributes: without differential privacy, ``n·Δ`` and ``n`` (its sample count), so that
 the server learns ``Σ nΔ / Σ n`` and not who had how many samples. With differential privacy the noise
@@ -48,11 +53,18 @@ from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, QuorumError, SecureAggregationError
 from fedfm.server_state import read_server_state
 from fedfm.strategies import build_strategy
+from fedfm.tasks import LossSums
 from fedfm.trust import privacy, secagg, signing
 from fedfm.trust.admission import require_quorum
 
 MASKED_FORMAT = "fedfm-masked-update/1"
-_MASKED, _REVEALED = "masked update", "revealed shares"  # what a client's signature is for
+EVALUATION_FORMAT = "fedfm-masked-evaluation/1"
+_MASKED, _REVEALED, _EVALUATED = "masked update", "revealed shares", "masked evaluation"  # what a signature is for
+# The server state's record of a round's survivors, their keys and confirmations: what its evaluation needs.
+EVALUATION_STATE = "secagg.evaluation"
+# A client's evaluation counts as they travel masked: LossSums' four fields, in this order.
+_EVALUATION_FIELDS = ("loss_sum", "count", "correct", "examples")
+_EVALUATION_LAYOUT = [("evaluation", (len(_EVALUATION_FIELDS),))]
 WEIGHT = "secagg.weight"  # the extra entries of a contribution, beside the adapter's tensors
 LOSS = "secagg.loss"
 UNCLIPPED = "secagg.unclipped"
@@ -261,7 +273,118 @@ def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True).encode()
 
 
-CLIENT_PHASES = ("advertise", "share", "train", "confirm", "reveal")
+def evaluate(cfg: FederationConfig, client: str, round_index: int, adapter_uri: str, keys_uri: str,
+             survivors_uri: str, confirmations_uri: str, evaluation_out: str) -> None:
+    """The client's evaluation counts of round ``round_index``'s global adapter, masked among the round's
+    survivors so that only their sum over all of them can be read, and signed. Once per round (two answers
+    under the same masks would give the server their difference), for the survivor set the client confirmed,
+    and only for that round's global adapter."""
+    from fedfm.adapters import read_meta
+    from fedfm.evaluation import evaluate_clients
+
+    done = _private(cfg, client, round_index, "evaluated")
+    if storage.exists(done):
+        raise SecureAggregationError(f"client {client} has already evaluated round {round_index}; it does not "
+                                     "answer twice")
+    confirmed = _private(cfg, client, round_index, "confirmed.json")
+    if not storage.exists(confirmed):
+        raise SecureAggregationError(f"client {client} has confirmed no survivor set for round {round_index}; it "
+                                     "evaluates nothing")
+    meta = read_meta(adapter_uri)
+    if meta.kind != "global" or meta.round != round_index:
+        raise SecureAggregationError(f"client {client} is asked to evaluate the {meta.kind} adapter of round "
+                                     f"{meta.round}, not round {round_index}'s global adapter")
+    keys = _read_json(keys_uri, "the keys of the clients that shared")
+    survivors = _read_json(survivors_uri, "the survivors")
+    confirmations = _read_json(confirmations_uri, "the confirmations")
+    counts = evaluate_clients(cfg, adapter_uri, [client])[client]
+    values = torch.tensor([float(getattr(counts, name)) for name in _EVALUATION_FIELDS], dtype=torch.float64)
+    vector, _ = secagg.encode({"evaluation": values}, cfg.secure_aggregation.fraction_bits)
+    masked = secagg.mask_evaluation(client, storage.read_bytes(confirmed), keys["public"], survivors, confirmations,
+                                    vector, context(cfg, round_index), local_registry(cfg))
+    storage.write_bytes(done, b"")
+    message = {"format": EVALUATION_FORMAT, "client": client, "round": round_index, "adapter": meta.sha256,
+               "masked": secagg.vector_to_bytes(masked).hex()}
+    message["signature"] = signing.sign(_identity(cfg, client), _EVALUATED, context(cfg, round_index), client,
+                                        _canonical(message))
+    _write_json(evaluation_out, message)
+
+
+def _verified_evaluation(signed_for: bytes, client: str, round_index: int, message: Any,
+                         registry: signing.Registry) -> tuple[np.ndarray, str]:
+    """A masked evaluation's vector and the adapter it scored, once it is ``client``'s, for this round, well
+    formed and signed by the client's registered key."""
+    if not isinstance(message, dict) or message.get("format") != EVALUATION_FORMAT \
+            or message.get("client") != client or message.get("round") != round_index:
+        raise SecureAggregationError(f"the evaluation sent for client {client} is not its masked evaluation of "
+                                     f"round {round_index}")
+    signing.verify(registry, client, message.get("signature"), _EVALUATED, signed_for,
+                   _canonical({key: value for key, value in message.items() if key != "signature"}))
+    try:
+        vector = secagg.vector_from_bytes(bytes.fromhex(message["masked"]))
+    except (TypeError, ValueError, KeyError):
+        raise SecureAggregationError(f"client {client}'s masked evaluation is not a hex vector") from None
+    if vector.size != len(_EVALUATION_FIELDS):
+        raise SecureAggregationError(f"client {client}'s masked evaluation holds {vector.size} values, not "
+                                     f"{len(_EVALUATION_FIELDS)}")
+    return vector, str(message.get("adapter"))
+
+
+def sum_evaluations(cfg: FederationConfig, round_index: int, adapter_sha256: str, survivors: list[str],
+                    answers: dict[str, str], registry: signing.Registry,
+                    missing: dict[str, str]) -> tuple[LossSums | None, str]:
+    """The round's evaluation from its survivors' masked answers (client → URI): their summed counts, once
+    every survivor's answer arrived and verified, and a note; None and why otherwise, the survivors that gave
+    no answer (or one that is refused: not its own, another round's or adapter's) in ``missing``. A sum that
+    no survivors' honest counts can make (more correct than scored, more than the bound on a tenant's
+    examples each) is refused too: a tenant's counts cannot be checked alone under the masks, only their
+    sum."""
+    signed_for = context(cfg, round_index)
+    total = None
+    for client in survivors:
+        if client not in answers:
+            missing.setdefault(client, "no evaluation answer")
+            continue
+        try:
+            vector, adapter = _verified_evaluation(signed_for, client, round_index,
+                                                   _read_json(answers[client], f"client {client}'s evaluation"),
+                                                   registry)
+            if adapter != adapter_sha256:
+                raise SecureAggregationError(f"client {client} evaluated adapter {adapter[:12]}, not the round's "
+                                             f"({adapter_sha256[:12]})")
+        except SecureAggregationError as exc:
+            missing[client] = f"rejected: {exc}"
+            continue
+        total = secagg.add_masked(total, vector)
+    unanswered = sorted(set(survivors) & set(missing))
+    if unanswered or total is None:
+        return None, (f"not revealed: {', '.join(unanswered) or 'no survivor'} gave no evaluation the server can "
+                      "add, and the survivors' counts stay masked without every one of them")
+    values = secagg.decode(total, _EVALUATION_LAYOUT, cfg.secure_aggregation.fraction_bits)["evaluation"].tolist()
+    figures = dict(zip(_EVALUATION_FIELDS, values))
+    counts = {name: round(figures[name]) for name in _EVALUATION_FIELDS[1:]}
+    bound = len(survivors) * (cfg.policy.max_client_samples or MAX_SAMPLES)
+    honest = (all(abs(figures[name] - counts[name]) < 1e-3 and 0 <= counts[name] <= bound for name in counts)
+              and math.isfinite(figures["loss_sum"]) and figures["loss_sum"] > -1e-3
+              and (counts["correct"] <= counts["count"] == counts["examples"] if cfg.task == "classification"
+                   else counts["correct"] == 0))
+    if not honest:
+        shown = ", ".join(f"{name} {value:.6g}" for name, value in figures.items())
+        return None, (f"refused: the survivors' summed counts ({shown}) are not what honest counts add up to: a "
+                      "survivor forged its evaluation")
+    summed = LossSums(max(figures["loss_sum"], 0.0), counts["count"], counts["correct"], counts["examples"])
+    return summed, f"summed over the round's {len(survivors)} survivors, each tenant's counts masked"
+
+
+def evaluation_record(keys_uri: str, survivors_uri: str, confirmations_uri: str, round_index: int) -> dict[str, Any]:
+    """What the round's evaluation needs (the survivors, the keys they shared, their confirmations), for the
+    server state: public messages only."""
+    return {"round": round_index, "keys": _read_json(keys_uri, "the keys of the clients that shared"),
+            "survivors": _read_json(survivors_uri, "the survivors"),
+            "confirmations": _read_json(confirmations_uri, "the confirmations")}
+
+
+CLIENT_PHASES = ("advertise", "share", "train", "confirm", "reveal", "evaluate")
 
 
 def client_step(cfg: FederationConfig, client: str, round_index: int, phase: str, inputs: dict[str, str],
@@ -269,7 +392,8 @@ def client_step(cfg: FederationConfig, client: str, round_index: int, phase: str
     """One of a client's steps, by name, with its inputs as URIs (what a pipeline step or a tenant's Job
     runs): ``advertise`` (no inputs), ``share`` (``keys``), ``train`` (``global``, ``keys``, and
     under privacy :func:`train_inputs`'s numbers: fine-tune, keep the plain update, send it masked) and
-    ``confirm`` (``keys``, ``survivors``) and ``reveal`` (``keys``, ``inbox``, ``survivors``, ``confirmations``)."""
+    ``confirm`` (``keys``, ``survivors``), ``reveal`` (``keys``, ``inbox``, ``survivors``, ``confirmations``) and,
+    after the round, ``evaluate`` (``global``, ``keys``, ``survivors``, ``confirmations``)."""
     if phase == "advertise":
         advertise(cfg, client, round_index, output)
     elif phase == "share":
@@ -286,6 +410,9 @@ def client_step(cfg: FederationConfig, client: str, round_index: int, phase: str
     elif phase == "reveal":
         reveal(cfg, client, round_index, inputs["keys"], inputs["inbox"], inputs["survivors"], inputs["confirmations"],
                output)
+    elif phase == "evaluate":
+        evaluate(cfg, client, round_index, inputs["global"], inputs["keys"], inputs["survivors"],
+                 inputs["confirmations"], output)
     else:
         raise SecureAggregationError(f"unknown secure aggregation step {phase!r} (one of {', '.join(CLIENT_PHASES)})")
 
@@ -306,6 +433,8 @@ def check_secure_output(federation: str, step: str, uri: str, client: str, round
     message = _read_json(uri, f"client {client}'s {step} message")
     if not isinstance(message, dict) or not message:
         raise SecureAggregationError(f"client {client}'s {step} message at {uri} is empty")
+    if step == "evaluate":
+        _verified_evaluation(signed_for, client, round_index, message, registry)
     if step == "advertise":  # the other messages' signatures cover what only the server steps hold (U3, U2)
         secagg.check_advertisement(client, message, signed_for, registry)
 
@@ -448,10 +577,11 @@ def _checked_masked(cfg: FederationConfig, round_index: int, current, expected, 
 def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: str, survivors_uri: str,
            sum_uri: str, revealed: dict[str, str], figures: dict[str, dict[str, Any]], global_out: str,
            registry: signing.Registry, missing: dict[str, str] | None = None, *, state_in: str | None = None,
-           state_out: str | None = None) -> AdapterMeta:
+           state_out: str | None = None, confirmations_uri: str | None = None) -> AdapterMeta:
     """Unmask the sum with the revealed shares (each signed by its client under ``registry``; one that is
     not is left out, its client named in ``missing``), make it the round's mean update, and write the next
-    global adapter as :func:`fedfm.federation.aggregate_round` does (same record, server state chained)."""
+    global adapter as :func:`fedfm.federation.aggregate_round` does (same record, server state chained).
+    With ``confirmations_uri``, the server state also records what the round's evaluation needs."""
     from fedfm.federation import _mean_update, refuse_overwrite, write_round
 
     started = time.time()
@@ -508,6 +638,8 @@ def finish(cfg: FederationConfig, round_index: int, global_uri: str, keys_uri: s
     if failing:  # clients quarantined for failing round after round
         metrics["quarantined"] = failing
     extra_state = {**quarantine.as_state(), **(privacy_state.as_state() if cfg.privacy.enabled else {})}
+    if confirmations_uri is not None:
+        extra_state[EVALUATION_STATE] = evaluation_record(keys_uri, survivors_uri, confirmations_uri, round_index)
     return write_round(cfg, round_index, current, strategy.name, aggregate, metrics, started, global_out, state_out,
                        extra_state)
 

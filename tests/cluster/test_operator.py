@@ -493,11 +493,14 @@ def test_secure_aggregation_runs_its_steps_as_jobs_in_the_tenants_namespaces(clu
     assert code == 0, output + cluster.operator.log()
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     assert sorted(history[1]["clients"]) == ["a", "b", "c"] and history[1]["missing"] == {}
+    assert history[1]["eval"]["clients"] == {} and history[1]["eval"]["global"]["samples"] == 90  # 3 × 30 rows
+    assert history[1]["eval_note"] == "summed over the round's 3 survivors, each tenant's counts masked"
     kept = cluster.store.keys("fed-sa-tenant-state/")
     for tenant, namespace in federation.namespaces.items():
         rounds = cluster.rounds(namespace)
         steps = sorted(r["spec"].get("secureStep", r["spec"]["purpose"]) for r in rounds)
-        assert steps == ["Evaluate", "Evaluate", "advertise", "confirm", "reveal", "share", "train"]
+        # and the round's evaluation, masked among the survivors: no plain Evaluate (round 0 is not evaluated)
+        assert steps == ["advertise", "confirm", "evaluate", "reveal", "share", "train"]
         assert {r["status"]["phase"] for r in rounds} == {"Succeeded"}
         assert all(job.spec.template.spec.service_account_name == TENANT_SA for job in cluster.jobs(namespace))
         assert f"fed-sa-tenant-state/{tenant}/secagg/round-0001/update.safetensors" in kept

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedfm.adapters import load_adapter
-from fedfm.errors import ConfigError, QuorumError, TrainingError
+from fedfm.errors import ConfigError, QuorumError, SecureAggregationError, TrainingError
 
 pytestmark = pytest.mark.slow
 
@@ -460,3 +460,117 @@ def test_a_pipeline_compiled_without_secure_aggregation_refuses_a_config_that_tu
     with pytest.raises(ConfigError, match="pipeline was compiled without its steps: recompile"):
         init_federation(cfg.as_dict(), "", 1, cfg.rounds, False, *outputs)
     assert not (tmp_path / "global").exists()
+
+
+# --- issue 17, finding 7: evaluation under secure aggregation -----------------------------------------------
+
+
+def test_evaluation_under_secure_aggregation_reveals_the_survivors_sum_only(tiny_config, tmp_path):
+    """Each tenant's evaluation counts once reached the platform in the clear. Now the round's survivors
+    send them masked among themselves: the server reads their sum, which is what scoring the adapter on the
+    survivors' data gives, and no tenant's; the record names no client's figures. Round 0, before any
+    pairwise keys exist, is not evaluated at all."""
+    from fedfm.evaluation import evaluate_clients
+    from fedfm.simulation import simulate
+    from fedfm.tasks import LossSums
+
+    cfg = tiny_config(rounds=2, clients=3, **{"secure_aggregation.enabled": True})
+    run = simulate(cfg, tmp_path / "secure")
+    assert math.isnan(run.history[0]["eval"]["global"]["accuracy"]) and run.history[0]["eval"]["clients"] == {}
+    assert run.history[0]["eval_note"].startswith("not evaluated")
+    for record in run.history[1:]:
+        adapter = str(run.output / "work" / f"round-{record['round']}" / "global_adapter.safetensors")
+        survivors = load_adapter(adapter).meta.metrics["secure_aggregation"]["survivors"]
+        expected = LossSums()
+        for counts in evaluate_clients(cfg, adapter, survivors).values():
+            expected.add(counts)
+        assert record["eval"]["clients"] == {} and record["eval_missing"] == {}
+        assert record["eval"]["global"]["accuracy"] == expected.metrics(cfg.task)["accuracy"]
+        assert record["eval"]["global"]["samples"] == expected.examples
+        assert record["eval"]["global"]["loss"] == pytest.approx(expected.metrics(cfg.task)["loss"], abs=1e-5)
+        assert record["eval_note"] == "summed over the round's 3 survivors, each tenant's counts masked"
+    # what went over the wire: masked vectors, none of them a tenant's counts
+    answers = sorted((run.output / "work" / "round-2" / "secagg" / "evaluation").glob("tenant-*.evaluation.json"))
+    assert len(answers) == 3
+    for answer in answers:
+        masked = np.frombuffer(bytes.fromhex(json.loads(answer.read_text())["masked"]), dtype="<u8")
+        assert (masked > 2**40).all() and (masked < 2**64 - 2**40).all()  # no small count, no small negative
+
+
+def test_a_survivor_that_does_not_answer_the_evaluation_leaves_every_count_masked(tiny_config, tmp_path,
+                                                                                  monkeypatch):
+    from fedfm.simulation import simulate
+    from fedfm.trust import secure_round
+
+    honest = secure_round.evaluate
+
+    def silent(cfg, client, *args):
+        if client == "tenant-1":
+            raise TrainingError("client tenant-1: the node was preempted")
+        return honest(cfg, client, *args)
+
+    monkeypatch.setattr(secure_round, "evaluate", silent)
+    cfg = tiny_config(rounds=1, clients=3, **{"secure_aggregation.enabled": True})
+    record = simulate(cfg, tmp_path / "secure").history[1]
+    assert record["eval"]["global"]["samples"] == 0 and record["eval"]["clients"] == {}
+    assert "the node was preempted" in record["eval_missing"]["tenant-1"]
+    assert record["eval_note"].startswith("not revealed: tenant-1 gave no evaluation")
+
+
+def test_a_tenant_cannot_be_made_to_evaluate_twice_nor_to_answer_in_anothers_name(tiny_config, tmp_path):
+    """Two answers under the same masks would give the server their difference: a client answers once per
+    round. And the server adds only answers signed by their client for this round and adapter: one forged
+    in another's name (or replayed from another round) is refused, naming the client, and the round's
+    evaluation is then not revealed rather than wrong."""
+    from fedfm.adapters import read_meta
+    from fedfm.simulation import simulate
+    from fedfm.trust import secure_round
+
+    cfg = tiny_config(rounds=2, clients=3, **{"secure_aggregation.enabled": True,
+                                              "execution.client_state_uri": str(tmp_path / "state")})
+    run = simulate(cfg, tmp_path / "secure")
+    box = run.output / "work" / "round-2" / "secagg"
+    adapter = str(run.output / "work" / "round-2" / "global_adapter.safetensors")
+    inputs = [str(box / "evaluation" / f"{name}.json") for name in ("keys", "survivors", "confirmations")]
+    with pytest.raises(SecureAggregationError, match="tenant-0 has already evaluated round 2"):
+        secure_round.evaluate(cfg, "tenant-0", 2, adapter, *inputs, str(tmp_path / "again.json"))
+
+    answers = {client: str(box / "evaluation" / f"{client}.evaluation.json") for client in cfg.client_names}
+    registry = secure_round.local_registry(cfg)
+    sha = read_meta(adapter).sha256
+    missing: dict[str, str] = {}
+    total, _ = secure_round.sum_evaluations(cfg, 2, sha, cfg.client_names, answers, registry, missing)
+    assert total is not None and missing == {}
+    forged = json.loads(Path(answers["tenant-0"]).read_text())
+    forged["client"] = "tenant-1"
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    earlier = str(run.output / "work" / "round-1" / "secagg" / "evaluation" / "tenant-1.evaluation.json")
+    for answer, why in ((str(tmp_path / "forged.json"), "does not carry its registered key's signature"),
+                        (earlier, "not its masked evaluation of round 2")):
+        missing = {}
+        total, note = secure_round.sum_evaluations(cfg, 2, sha, cfg.client_names, {**answers, "tenant-1": answer},
+                                                   registry, missing)
+        assert total is None and why in missing["tenant-1"] and note.startswith("not revealed: tenant-1")
+
+
+def test_a_forged_evaluation_inside_the_masked_sum_is_refused_not_shown(tiny_config, tmp_path, monkeypatch):
+    """Issue 17, finding 11 under the masks: a tenant that claims a million correct answers cannot be bounded
+    alone (its counts are masked), but the survivors' sum it lands in is impossible, and is not shown."""
+    import fedfm.evaluation
+    from fedfm.simulation import simulate
+    from fedfm.tasks import LossSums
+
+    honest = fedfm.evaluation.evaluate_clients
+
+    def forging(cfg, adapter_uri, clients):
+        counts = honest(cfg, adapter_uri, clients)
+        if clients == ["tenant-2"]:
+            counts["tenant-2"] = LossSums(0.0, 30, 10**6, 30)
+        return counts
+
+    monkeypatch.setattr(fedfm.evaluation, "evaluate_clients", forging)
+    cfg = tiny_config(rounds=1, clients=3, **{"secure_aggregation.enabled": True})
+    record = simulate(cfg, tmp_path / "secure").history[1]
+    assert record["eval"]["global"]["samples"] == 0 and record["eval_missing"] == {}
+    assert record["eval_note"].startswith("refused: the survivors' summed counts")
+    assert "a survivor forged its evaluation" in record["eval_note"]

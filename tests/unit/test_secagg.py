@@ -554,3 +554,45 @@ def test_a_client_refuses_to_share_under_a_threshold_that_is_not_a_majority():
         protocol.share()
     cfg = FederationConfig.parse({"clients": 5, "secure_aggregation": {"enabled": True, "threshold": 2}})
     assert [cfg.secagg_threshold(n) for n in (3, 4, 5)] == [2, 3, 3]
+
+
+# --- evaluation counts under the survivors' masks (issue 17, finding 7) -------------------------------------
+
+
+def test_masked_evaluations_add_up_to_the_survivors_counts_and_no_fewer_reveal_anything():
+    names = ["c0", "c1", "c2", "c3"]
+    protocol = Round(names, threshold=3)
+    protocol.share()
+    survivors = ["c0", "c1", "c3"]  # c2 dropped after sharing
+    confirmations = protocol.confirm(survivors)
+    counts = {name: secagg.encode({"e": torch.tensor([12.5 + i, 40.0, 31.0 - i, 40.0])}, BITS)[0]
+              for i, name in enumerate(names)}
+    masked = {name: secagg.mask_evaluation(name, protocol.states[name], protocol.u2, survivors, confirmations,
+                                           counts[name], CONTEXT, protocol.registry) for name in survivors}
+    total = None
+    for name in survivors:
+        total = secagg.add_masked(total, masked[name])
+    np.testing.assert_array_equal(total, plain_sum(counts, survivors))
+    assert secagg.decode(total, [("e", (4,))], BITS)["e"].tolist() == [41.5, 120.0, 89.0, 120.0]
+    # any fewer answers: the masks of the missing survivor remain, and nothing decodes to a count
+    partial = secagg.add_masked(secagg.add_masked(None, masked["c0"]), masked["c1"])
+    assert not np.array_equal(partial, plain_sum(counts, ["c0", "c1"]))
+    assert (np.abs(masked["c0"].view(np.int64)) > 2**40).all()
+
+
+def test_a_server_cannot_shrink_the_evaluation_to_colluders():
+    """Masked among the survivor set the client confirmed, with the threshold of confirmations: a server that
+    names a smaller set (the victim and a colluder, whose shared mask then unmasks the victim) is refused."""
+    names = [f"c{i}" for i in range(5)]
+    protocol = Round(names, threshold=3)
+    protocol.share()
+    confirmations = protocol.confirm(names)
+    vector = secagg.encode({"e": torch.tensor([1.0, 2.0, 3.0, 4.0])}, BITS)[0]
+    with pytest.raises(SecureAggregationError, match="evaluates only for the survivor set it confirmed"):
+        secagg.mask_evaluation("c0", protocol.states["c0"], protocol.u2, ["c0", "c1", "c2"],
+                               {name: confirmations[name] for name in ("c0", "c1", "c2")}, vector, CONTEXT,
+                               protocol.registry)
+    with pytest.raises(SecureAggregationError, match="only 2 survivors confirmed"):
+        secagg.mask_evaluation("c0", protocol.states["c0"], protocol.u2, names,
+                               {name: confirmations[name] for name in ("c1", "c2")}, vector, CONTEXT,
+                               protocol.registry)
