@@ -1,5 +1,8 @@
-"""Step 1: validate the config against the compiled pipeline and build round 0's global adapter, or
-restore the checkpoint a resumed run starts from."""
+"""Step 1: the run's config (the ``config`` parameter and the typed run parameters the Kubeflow UI shows,
+:mod:`fedfm.run_parameters`), validated against the compiled pipeline; then round 0's global adapter, or the
+checkpoint a resumed run starts from. Every later step runs with the config this step returns."""
+
+from typing import NamedTuple
 
 from kfp.dsl import Artifact, Model, Output
 
@@ -10,20 +13,42 @@ def init_federation(
     start_round: int,
     compiled_rounds: int,
     compiled_secure_aggregation: bool,
+    compiled_parameters: dict,
+    model: str,
+    dataset: str,
+    learning_rate: float,
+    local_steps: int,
+    batch_size: int,
+    lora_r: int,
+    lora_alpha: float,
+    strategy: str,
+    strategy_params: dict,
+    sample_fraction: float,
+    min_clients: int,
+    target_epsilon: float,
+    seed: int,
     global_adapter: Output[Model],
     server_state: Output[Artifact],
     history: Output[Artifact],
-):
-    """Check the run's config against the compiled pipeline and write the initial global adapter; with
+) -> NamedTuple("Outputs", [("run_config", dict)]):
+    """Merge the run parameters into ``config`` (each one set to other than its ``compiled_parameters`` value
+    wins), check the result against the compiled pipeline and write the initial global adapter; with
     ``start_round`` > 1, write round ``start_round - 1``'s checkpointed adapter, server state and history
-    instead (the rounds before ``start_round`` then pass these through unchanged)."""
+    instead (the rounds before ``start_round`` then pass these through unchanged). Returns the merged config
+    (a named output: kfp.local hands a loop's tasks another task's "Output" as the loop's item)."""
     from fedfm import checkpoint, events, storage
     from fedfm.adapters import read_meta
     from fedfm.errors import CheckpointError, ConfigError
     from fedfm.federation import initialize, step_config
+    from fedfm.run_parameters import apply_run_parameters
     from fedfm.server_state import write_initial_server_state
 
     with events.step("init"):
+        config = apply_run_parameters(config, compiled_parameters, {
+            "model": model, "dataset": dataset, "learning_rate": learning_rate, "local_steps": local_steps,
+            "batch_size": batch_size, "lora_r": lora_r, "lora_alpha": lora_alpha, "strategy": strategy,
+            "strategy_params": strategy_params, "sample_fraction": sample_fraction, "min_clients": min_clients,
+            "target_epsilon": target_epsilon, "seed": seed})
         cfg = step_config(config)
         if cfg.rounds != compiled_rounds:
             raise ConfigError(f"config.rounds is {cfg.rounds}, but this pipeline was compiled for {compiled_rounds} "
@@ -45,3 +70,4 @@ def init_federation(
                 storage.write_bytes(output.path, storage.read_bytes(start.uri(role)))
             meta = read_meta(global_adapter.path)
     global_adapter.metadata.update(round=meta.round, base_model=meta.base_model, sha256=meta.sha256)
+    return (config,)

@@ -22,8 +22,11 @@ step, which has them fine-tune through the executor (the same Jobs a client step
 client steps is fixed when the run starts.
 
 Rounds are unrolled at compile time (KFP has no loops whose body feeds the next iteration), so the
-compiled pipeline is for ``cfg.rounds`` rounds; everything else is read from the ``config``
-parameter at run time, which defaults to the config it was compiled from.
+compiled pipeline is for ``cfg.rounds`` rounds, its clients and secure aggregation on or off (its
+description says which); everything else is read at run time from the ``config`` parameter, which defaults
+to the config it was compiled from, and the typed run parameters (:mod:`fedfm.run_parameters`: model,
+dataset, learning rate, ...), which override it where they are changed. The init step merges them, and every
+other step runs with its result.
 
 Every round ends with a checkpoint of the federation's state (:mod:`fedfm.checkpoint`, written by
 the evaluate step). The ``start_round`` parameter resumes a run: init restores the checkpoint of
@@ -33,38 +36,69 @@ record the restored history already holds) (kfp.local cannot run a loop over no
 clients, nor select between artifacts of an If and an Else, so they are no-ops rather than absent).
 """
 
-import ast
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import yaml
 from kfp import dsl
 from kfp.dsl import Artifact, Model
 
 from fedfm.components import DEFAULT_IMAGE, Components, build_components
 from fedfm.config import FederationConfig
+from fedfm.run_parameters import run_parameter_values
 from fedfm.trust.privacy import rounds_within_budget
 
-PIPELINE_NAME = "federated-finetune"
+
+def pipeline_name(cfg: FederationConfig) -> str:
+    """The compiled pipeline's name, from the federation's: ``fedfm-NAME`` as KFP allows names."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"fedfm-{cfg.name}".lower()).strip("-")[:128]
+
+
+def pipeline_description(cfg: FederationConfig) -> str:
+    clients = ", ".join(cfg.client_names[:12]) + (f", ... ({len(cfg.client_names)} in all)"
+                                                  if len(cfg.client_names) > 12 else "")
+    secure = "with" if cfg.secure_aggregation.enabled else "without"
+    return (f"Federated LoRA fine-tuning of {cfg.model.name_or_path} ({cfg.task}), {cfg.strategy.name}. Compiled "
+            f"for {cfg.rounds} round(s), the clients {clients}, and {secure} secure aggregation: change these with "
+            "`fedfm compile`. The typed parameters override `config` where set to other than their defaults.")
 
 
 def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
     """The pipeline function for ``cfg`` (compile it, or call it under ``kfp.local``)."""
     steps = build_components(image)
     default_config = cfg.as_dict()
+    compiled = run_parameter_values(cfg)
     Outputs = NamedTuple("Outputs", [("adapter", Model), ("history", Artifact)])
     one_round = _secure_round if cfg.secure_aggregation.enabled else _plain_round
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description=f"Federated LoRA fine-tuning of {cfg.model.name_or_path} ({cfg.task}) over "
-                    f"{len(cfg.training_clients)} client(s), {cfg.rounds} round(s), {cfg.strategy.name}.",
-    )
-    def federated_finetune(config: dict = default_config, start_round: int = 1) -> Outputs:
+    @dsl.pipeline(name=pipeline_name(cfg), description=pipeline_description(cfg))
+    def federated_finetune(
+        config: dict = default_config,
+        start_round: int = 1,
+        model: str = compiled["model"],
+        dataset: str = compiled["dataset"],
+        learning_rate: float = compiled["learning_rate"],
+        local_steps: int = compiled["local_steps"],
+        batch_size: int = compiled["batch_size"],
+        lora_r: int = compiled["lora_r"],
+        lora_alpha: float = compiled["lora_alpha"],
+        strategy: str = compiled["strategy"],
+        strategy_params: dict = compiled["strategy_params"],
+        sample_fraction: float = compiled["sample_fraction"],
+        min_clients: int = compiled["min_clients"],
+        target_epsilon: float = compiled["target_epsilon"],
+        seed: int = compiled["seed"],
+    ) -> Outputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # keeps this run's cluster objects apart from other runs'
-        init = steps.init_federation(config=config, run_id=run_id, start_round=start_round, compiled_rounds=cfg.rounds,
-                                     compiled_secure_aggregation=cfg.secure_aggregation.enabled)
+        init = steps.init_federation(
+            config=config, run_id=run_id, start_round=start_round, compiled_rounds=cfg.rounds,
+            compiled_secure_aggregation=cfg.secure_aggregation.enabled, compiled_parameters=compiled, model=model,
+            dataset=dataset, learning_rate=learning_rate, local_steps=local_steps, batch_size=batch_size,
+            lora_r=lora_r, lora_alpha=lora_alpha, strategy=strategy, strategy_params=strategy_params,
+            sample_fraction=sample_fraction, min_clients=min_clients, target_epsilon=target_epsilon, seed=seed)
         init.set_display_name("init")
+        config = init.outputs["run_config"]  # the config with the run parameters in it: what every step runs with
         global_adapter, server_state = init.outputs["global_adapter"], init.outputs["server_state"]
         evaluation = steps.evaluate(config=config, run_id=run_id, round_index=0, global_adapter=global_adapter,
                                     server_state=server_state, history_in=init.outputs["history"])
@@ -193,13 +227,15 @@ def compile_pipeline(cfg: FederationConfig, output: str, image: str = DEFAULT_IM
     check_federation(cfg)  # a federation its strategy cannot run is refused before anything is written
     compiler.Compiler().compile(build_pipeline(cfg, image), package_path=str(output))
     path = Path(output)
-    path.write_text(_stable_header(path.read_text()))
+    defaults = {"config": cfg.as_dict(), "start_round": 1, **run_parameter_values(cfg)}
+    path.write_text(_with_exact_defaults(path.read_text(), defaults))
 
 
-def _stable_header(text: str) -> str:
-    """KFP's comment header shows each input's default as a Python dict in protobuf map order, which
-    changes from process to process; write those defaults with sorted keys instead (the YAML body
-    itself is already stable)."""
+def _with_exact_defaults(text: str, defaults: dict[str, Any]) -> str:
+    """The compiled YAML with each input's default as it is, not as KFP writes it: KFP's protobuf turns every
+    number into a float (a UI showed ``rounds: 2.0`` and ``batch_size: 16.0``) and its comment header shows a
+    dict in protobuf map order, which changes from process to process. Both are written from ``defaults``,
+    dicts with sorted keys."""
     def ordered(value):
         if isinstance(value, dict):
             return {key: ordered(value[key]) for key in sorted(value)}
@@ -208,10 +244,13 @@ def _stable_header(text: str) -> str:
         return value
 
     lines = text.split("\n")
-    for index, line in enumerate(lines):
-        if not line.startswith("#"):
-            break
-        match = re.match(r"^(#\s+\w+: dict \[Default: )(\{.*\})\]$", line)
-        if match:
-            lines[index] = f"{match.group(1)}{ordered(ast.literal_eval(match.group(2)))!r}]"
-    return "\n".join(lines)
+    body = next(index for index, line in enumerate(lines) if not line.startswith("#"))
+    for index in range(body):
+        match = re.match(r"^(#\s+(\w+): \w+ \[Default: ).*\]$", lines[index])
+        if match and match.group(2) in defaults:
+            lines[index] = f"{match.group(1)}{ordered(defaults[match.group(2)])!r}]"
+    documents = list(yaml.safe_load_all("\n".join(lines[body:])))
+    for name, parameter in documents[0]["root"]["inputDefinitions"]["parameters"].items():
+        if name in defaults:
+            parameter["defaultValue"] = ordered(defaults[name])
+    return "\n".join(lines[:body]) + "\n" + yaml.safe_dump_all(documents, sort_keys=True)

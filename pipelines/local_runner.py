@@ -107,7 +107,7 @@ def run_local(cfg: FederationConfig | None, output: Path,
 
     started = time.time()
     with open(log_path, "a") as log, _kfp_output_to(log), environ(environment), _loop_concurrency(cfg), \
-            _arguments_kept_verbatim(), \
+            _arguments_kept_verbatim(), _loop_inputs_kept(), \
             _follow(events_path, on_event, from_end=resume):
         try:
             task = pipeline(config=cfg.as_dict(), start_round=1 if resumed_from is None else resumed_from + 1)
@@ -249,6 +249,32 @@ def _arguments_kept_verbatim():
 
 
 _EXECUTOR_INPUT = "--executor_input"  # the argument after which kfp.local's command line is the step's input
+
+
+@contextlib.contextmanager
+def _loop_inputs_kept():
+    """Keep kfp.local from handing a loop's tasks its item in place of another task's output.
+
+    For each iteration of a ParallelFor, kfp.local replaces *every* input of the loop that comes from a task's
+    output with the loop's item, not only the list it iterates over: the run config of the init step
+    reached each client step as the client's name. A KFP backend does not; here the other inputs are put back."""
+    from kfp.local.orchestrator import task_spec_utils
+
+    original = task_spec_utils.create_parameter_loop_iteration_task_spec
+
+    def one_iteration(original_task_spec, *args, **kwargs):
+        iteration = original(original_task_spec, *args, **kwargs)
+        items = original_task_spec.parameter_iterator.items.input_parameter
+        for name, given in original_task_spec.inputs.parameters.items():
+            if given.HasField("task_output_parameter") and name != items:
+                iteration.inputs.parameters[name].CopyFrom(given)
+        return iteration
+
+    task_spec_utils.create_parameter_loop_iteration_task_spec = one_iteration
+    try:
+        yield
+    finally:
+        task_spec_utils.create_parameter_loop_iteration_task_spec = original
 
 
 @contextlib.contextmanager

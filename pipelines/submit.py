@@ -53,10 +53,11 @@ def submit(cfg: FederationConfig, host: str, *, image: str, pipeline_name: str |
     from kfp_server_api.exceptions import ApiException
 
     from fedfm.pipelines.federated_finetune import compile_pipeline
+    from fedfm.pipelines.federated_finetune import pipeline_name as default_pipeline_name
 
     token = token or _mounted_token()
     check_endpoint(host, token, connect_timeout)
-    name = pipeline_name or f"fedfm-{cfg.name}"
+    name = pipeline_name or default_pipeline_name(cfg)
     with tempfile.TemporaryDirectory() as directory:
         package = Path(directory) / "pipeline.yaml"
         compile_pipeline(cfg, str(package), image)

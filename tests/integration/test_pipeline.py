@@ -23,8 +23,7 @@ def test_compiled_yaml_loads_with_kfps_loader_and_has_the_round_structure(tiny_c
     cfg = tiny_config(rounds=3, parallelism=2)
     compile_pipeline(cfg, str(tmp_path / "p.yaml"), image="registry.example/fedfm:test")
     component = load_component_from_file(str(tmp_path / "p.yaml"))
-    assert component.name == "federated-finetune"
-    assert list(component.component_spec.inputs) == ["config", "start_round"]
+    assert component.name == "fedfm-fedfm"  # fedfm-NAME, the federation's name
     assert sorted(component.component_spec.outputs) == ["adapter", "history"]
 
     spec = yaml.safe_load((tmp_path / "p.yaml").read_text())
@@ -45,6 +44,56 @@ def test_compiled_yaml_loads_with_kfps_loader_and_has_the_round_structure(tiny_c
     assert {executor["container"]["image"] for executor in executors} == {"registry.example/fedfm:test"}
     commands = " ".join(" ".join(executor["container"]["command"]) for executor in executors)
     assert "pip install" not in commands  # the image carries everything; nothing installs at run time
+
+
+def test_the_compiled_pipeline_has_typed_run_parameters_a_ui_user_can_change(tiny_config, tmp_path):
+    """Issue 18, item 1: beside ``config``, the knobs people change per run, each with its type and the
+    compiled config's value (integers as integers, in the file the UI reads); what is fixed at compile time is
+    named in the description."""
+    from kfp.components import load_component_from_file
+
+    from fedfm.pipelines.federated_finetune import compile_pipeline
+
+    cfg = tiny_config(rounds=2, **{"name": "support-tickets", "training.local_steps": 6, "policy.min_clients": 2})
+    compile_pipeline(cfg, str(tmp_path / "p.yaml"))
+    component = load_component_from_file(str(tmp_path / "p.yaml"))
+    assert component.name == "fedfm-support-tickets"
+    inputs = {name: (spec.type, spec.default) for name, spec in component.component_spec.inputs.items()}
+    assert inputs == {
+        "config": ("Dict", cfg.as_dict()), "start_round": ("Integer", 1),
+        "model": ("String", cfg.model.name_or_path), "dataset": ("String", "builtin:topics"),
+        "learning_rate": ("Float", 5e-3), "local_steps": ("Integer", 6), "batch_size": ("Integer", 8),
+        "lora_r": ("Integer", 4), "lora_alpha": ("Float", 8.0), "strategy": ("String", "fedavg"),
+        "strategy_params": ("Dict", {}), "sample_fraction": ("Float", 1.0), "min_clients": ("Integer", 2),
+        "target_epsilon": ("Float", 0.0), "seed": ("Integer", 0)}
+    assert all(type(default) is int for kind, default in inputs.values() if kind == "Integer")
+    assert "Compiled for 2 round(s), the clients tenant-0, tenant-1, tenant-2, and without secure aggregation" \
+        in component.description
+    text = (tmp_path / "p.yaml").read_text()
+    assert "rounds': 2," in text and "batch_size: int [Default: 8]" in text  # the header, as the file shows it
+
+
+def test_a_run_parameter_changed_in_the_ui_is_what_every_step_runs_with(tiny_config, tmp_path):
+    """The init step merges the typed parameters into ``config`` and returns what the other steps get: a
+    changed field wins, one left at its compiled value leaves ``config`` (as the user edited it) alone."""
+    from fedfm.components.init_federation import init_federation
+    from fedfm.config import FederationConfig
+    from fedfm.run_parameters import run_parameter_values
+
+    class Output:
+        def __init__(self, path):
+            self.path, self.metadata = str(path), {}
+
+    cfg = tiny_config(rounds=2)
+    compiled = run_parameter_values(cfg)
+    edited = cfg.with_overrides({"training.batch_size": 4}).as_dict()  # changed in `config` itself
+    given = {**compiled, "learning_rate": 0.02, "local_steps": 3}  # changed in their own fields
+    outputs = {name: Output(tmp_path / name) for name in ("global_adapter", "server_state", "history")}
+    run_config, = init_federation(config=edited, run_id="", start_round=1, compiled_rounds=2,
+                                  compiled_secure_aggregation=False, compiled_parameters=compiled, **given, **outputs)
+    run = FederationConfig.parse(run_config)
+    assert (run.training.learning_rate, run.training.local_steps, run.training.batch_size) == (0.02, 3, 4)
+    assert (tmp_path / "global_adapter").exists()
 
 
 def _check_run(run, cfg):

@@ -454,12 +454,15 @@ def test_a_pipeline_compiled_without_secure_aggregation_refuses_a_config_that_tu
     """The run's config parameter can differ from the compiled one: a pipeline without the protocol's
     steps must not aggregate plain updates for a config that asks for secure aggregation."""
     from fedfm.components.init_federation import init_federation
+    from fedfm.run_parameters import run_parameter_values
 
     cfg = tiny_config(**{"secure_aggregation.enabled": True, "execution.client_state_uri": str(tmp_path / "cs")})
-    outputs = [_Artifact(tmp_path / name) for name in ("global", "state", "history")]
+    outputs = {name: _Artifact(tmp_path / name) for name in ("global_adapter", "server_state", "history")}
+    values = run_parameter_values(cfg)
     with pytest.raises(ConfigError, match="pipeline was compiled without its steps: recompile"):
-        init_federation(cfg.as_dict(), "", 1, cfg.rounds, False, *outputs)
-    assert not (tmp_path / "global").exists()
+        init_federation(config=cfg.as_dict(), run_id="", start_round=1, compiled_rounds=cfg.rounds,
+                        compiled_secure_aggregation=False, compiled_parameters=values, **values, **outputs)
+    assert not (tmp_path / "global_adapter").exists()
 
 
 # --- issue 17, finding 7: evaluation under secure aggregation -----------------------------------------------
