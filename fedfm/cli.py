@@ -34,8 +34,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _console() -> Console:
     """A console on the stdout of this moment: the local runner later redirects ``sys.stdout`` into
-    run.log, and the display must keep writing to the terminal."""
-    return Console(file=sys.stdout)
+    run.log, and the display must keep writing to the terminal. Where that is no terminal (a file, a pipe, a
+    CI log), lines keep their length and tables their width: nothing wrapped mid-word or cut."""
+    console = Console(file=sys.stdout)
+    if console.is_terminal:
+        return console
+    return Console(file=sys.stdout, soft_wrap=True, width=max(console.width, 200))
 
 
 class TaskName(str, enum.Enum):
@@ -218,6 +222,9 @@ def _run_locally(cfg: Optional[FederationConfig], output: Optional[Path], pushga
         reporter = PushgatewayReporter(pushgateway, cfg.name)  # an unreachable URL fails here, before any work
     if resume is None:
         claim_output(output)
+    command = "fedfm simulate" if simulated else "fedfm run"
+    if resume is not None:
+        console.print(_resuming(cfg, output))
     mode = "centralized baseline" if cfg.centralized else f"{len(cfg.clients)} tenants"
     console.print(f"[bold]FedFM{' simulation' if simulated else ''}[/] {cfg.task} · {cfg.model.name_or_path} · "
                   f"{cfg.data.source} ({cfg.partition}) · {mode} · {cfg.rounds} rounds · {cfg.strategy.name}")
@@ -236,12 +243,22 @@ def _run_locally(cfg: Optional[FederationConfig], output: Optional[Path], pushga
             elif line:
                 live.console.print(line, markup=False, highlight=False)  # "[round 1]" is text, not markup
 
-        if simulated:
-            attacks = {} if attack is None else {"attack": attack[0], "attackers": attack[1]}
-            result = simulate_federation(cfg, output, on_event=on_event, resume=resume is not None, **attacks)
-        else:
-            result = run_local(cfg, output, on_event=on_event, resume=resume is not None, steps=steps, image=image)
+        try:
+            if simulated:
+                attacks = {} if attack is None else {"attack": attack[0], "attackers": attack[1]}
+                result = simulate_federation(cfg, output, on_event=on_event, resume=resume is not None, **attacks)
+            else:
+                result = run_local(cfg, output, on_event=on_event, resume=resume is not None, steps=steps,
+                                   image=image)
+        except KeyboardInterrupt:
+            live.stop()
+            Console(stderr=True, soft_wrap=True).print(
+                f"interrupted: `{command} --resume {output}` goes on after the last round that finished; "
+                f"`fedfm status {output}` shows where it stopped", highlight=False)
+            raise typer.Exit(130) from None
         live.update(progress.render())
+    if not console.is_terminal:  # Live leaves its last render without a line end where it cannot redraw
+        console.print()
     metric = quality_metric(cfg.task)
     console.print(_summary_table(cfg, result.history))
     # from the first round evaluated (under secure aggregation, round 0 is not: no round's masks hide it yet)
@@ -565,6 +582,60 @@ def _tenant_table(cfg: FederationConfig, described: dict[str, dict]) -> Table:
             row.append(" ".join(f"{label}:{count}" for label, count in info["labels"].items()))
         table.add_row(*row)
     return table
+
+
+def _last_checkpoint(cfg: FederationConfig) -> int | None:
+    """The last round a run checkpointed (None: none): a resumed run goes on from the next one."""
+    from fedfm import checkpoint
+
+    return checkpoint.latest_round(cfg.execution.checkpoint_uri) if cfg.execution.checkpoint_uri else None
+
+
+def _resuming(cfg: FederationConfig, output: Path) -> str:
+    last = _last_checkpoint(cfg)
+    if last is None:
+        return f"resuming {output}: no round finished before it stopped; it starts again from round 0"
+    return f"resuming {output}: rounds 0-{last} finished (checkpointed); it restarts from round {last + 1}"
+
+
+@app.command("status")
+def status_command(
+    run_dir: Path = typer.Argument(..., help="A run's directory (what fedfm run or fedfm simulate writes).",
+                                   exists=True, file_okay=False),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing progress until the run ends "
+                                                              "(Ctrl-C stops following, not the run)."),
+) -> None:
+    """Show a run's progress from its events.jsonl, one line per finished step, and how it ended: its
+    summary, or how to resume it."""
+    from fedfm import events
+    from fedfm.pipelines.local_runner import RUN_RECORD, run_config
+
+    cfg = run_config(run_dir)
+    progress, console, offset = RunProgress(cfg), _console(), 0
+    finished = run_dir / "metrics.json"
+    try:
+        while True:
+            done = finished.exists()  # before reading: the run's last events are written before its metrics
+            batch, offset = events.read(run_dir / "events.jsonl", offset)
+            for event in batch:
+                line = progress.update(event)
+                if line:
+                    console.print(line, markup=False, highlight=False)
+            if done or not follow:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if finished.exists():
+        console.print(_summary_table(cfg, json.loads(finished.read_text())["rounds"]))
+        console.print(f"finished: results in {run_dir}/")
+        return
+    runner = json.loads((run_dir / RUN_RECORD).read_text()).get("runner")
+    command = "fedfm simulate" if runner == "simulate" else "fedfm run"
+    last = _last_checkpoint(cfg)
+    done = "no round finished yet" if last is None else f"rounds 0-{last} finished"
+    console.print(f"not finished: {done}; if it is no longer running, `{command} --resume {run_dir}` goes on from "
+                  f"round {0 if last is None else last + 1}", highlight=False)
 
 
 def _summary_table(cfg: FederationConfig, history: list[dict[str, Any]]) -> Table:

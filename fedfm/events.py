@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,32 @@ def step(name: str, **where: Any) -> Iterator[dict[str, Any]]:
         emit("failed", step=name, error=f"{type(exc).__name__}: {exc}", **where)
         raise
     emit("finished", step=name, **where, **figures)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal control codes (colours, cursor moves): what a log file should hold."""
+    return _ANSI.sub("", text)
+
+
+class PlainText:
+    """A text stream that writes to ``target`` without terminal control codes, and says it is no terminal
+    (libraries that colour their output for a terminal then leave it plain)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def write(self, text: str) -> int:
+        self.target.write(plain(text))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self.target, name)
 
 
 def read(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict[str, Any]], int]:

@@ -402,7 +402,11 @@ class _Forward:
         self.target, self.after = target, after
 
     def write(self, text: str) -> int:
-        return self.target.write(text)
+        # the log holds plain text; the terminal, after the run, what the library meant
+        return self.target.write(events.plain(text) if self.target is not self.after else text)
+
+    def isatty(self) -> bool:  # while the run lasts its writes go to the log: no colours for it
+        return self.target is self.after and bool(getattr(self.after, "isatty", lambda: False)())
 
     def flush(self) -> None:
         self.target.flush()

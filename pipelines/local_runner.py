@@ -106,7 +106,8 @@ def run_local(cfg: FederationConfig | None, output: Path,
     pipeline = build_pipeline(cfg, image or DEFAULT_IMAGE)
 
     started = time.time()
-    with open(log_path, "a") as log, _kfp_output_to(log), environ(environment), _loop_concurrency(cfg), \
+    with open(log_path, "a") as log, _kfp_output_to(events.PlainText(log)), environ(environment), \
+            _loop_concurrency(cfg), \
             _arguments_kept_verbatim(), _loop_inputs_kept(), \
             _follow(events_path, on_event, from_end=resume):
         try:

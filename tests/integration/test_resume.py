@@ -106,8 +106,13 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_result(uninterrupt
     finished = _snapshot(checkpoints)
     assert sorted(path.name for path in checkpoints.iterdir()) == [f"round-{r:04d}" for r in range(rounds)]
     events_before = (run / "events.jsonl").stat().st_size
+    status = " ".join(_fedfm("status", str(run)).stdout.split())
+    assert status.endswith(f"not finished: rounds 0-{rounds - 1} finished; if it is no longer running, "
+                           f"`fedfm {command} --resume {run}` goes on from round {rounds}")
 
-    _fedfm(command, "--resume", str(run))
+    resumed_output = " ".join(_fedfm(command, "--resume", str(run)).stdout.split())
+    assert f"resuming {run}: rounds 0-{rounds - 1} finished (checkpointed); it restarts from round {rounds}" \
+        in resumed_output
 
     _assert_same_adapter(run / "adapter", reference_run / "adapter")
     after = _snapshot(checkpoints)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -253,10 +254,63 @@ def test_cli_simulate(tiny_classifier, tmp_path):
         "--output", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "global accuracy:" in result.output and "summary" in result.output
+    # not a terminal: progress as lines, the progress table and the summary once each
+    assert result.output.count("┃ round ┃ tenant-0") == 1 and "\nsummary\n" in result.output
+    assert "client_finetune [round 1 tenant-1]: loss" in result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["run"]["runner"] == "simulate" and metrics["config"]["lora"]["r"] == 2
     assert sorted(metrics["rounds"][1]["clients"]) == ["tenant-0", "tenant-1"]
     assert Path(tmp_path / "run" / "report.png").exists() and (tmp_path / "run" / "adapter").is_dir()
+    assert "\x1b[" not in (tmp_path / "run" / "run.log").read_text()  # plain text, whatever the libraries colour
+
+    # issue 18, item 5: a run's progress from its events, finished or not, with how to go on
+    shown = CliRunner().invoke(app, ["status", str(tmp_path / "run"), "--follow"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert "client_finetune [round 1 tenant-0]: loss" in shown.output and "finished: results in" in lines[-1]
+    # --follow on a run still going: it prints what comes, and stops when the run has finished
+    import threading
+
+    events_file, metrics_file = tmp_path / "run" / "events.jsonl", tmp_path / "run" / "metrics.json"
+    every, metrics_text = events_file.read_text().splitlines(keepends=True), metrics_file.read_text()
+    events_file.write_text("".join(every[:3]))
+    metrics_file.unlink()
+
+    def the_run_goes_on():
+        time.sleep(1.5)
+        with events_file.open("a") as handle:
+            handle.write("".join(every[3:]))
+        metrics_file.write_text(metrics_text)
+
+    going_on = threading.Thread(target=the_run_goes_on)
+    going_on.start()
+    followed = CliRunner().invoke(app, ["status", str(tmp_path / "run"), "--follow"])
+    going_on.join()
+    assert followed.exit_code == 0 and followed.output == shown.output, followed.output
+
+    metrics_file.unlink()  # as if it had stopped after its last checkpoint
+    shown = CliRunner().invoke(app, ["status", str(tmp_path / "run")])
+    assert shown.exit_code == 0, shown.output
+    assert " ".join(shown.output.split()).endswith(
+        f"not finished: rounds 0-1 finished; if it is no longer running, `fedfm simulate --resume "
+        f"{tmp_path / 'run'}` goes on from round 2")
+
+
+def test_ctrl_c_says_how_to_resume(tiny_classifier, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fedfm.simulation
+    from fedfm.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedfm.simulation, "simulate", interrupted)
+    result = CliRunner().invoke(app, ["simulate", "--model", tiny_classifier, "--clients", "2", "--rounds", "1",
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code == 130
+    said = " ".join((result.output + (result.stderr if hasattr(result, "stderr") else "")).split())
+    assert f"interrupted: `fedfm simulate --resume {tmp_path / 'run'}` goes on after the last round" in said
 
 
 def test_a_run_with_a_privacy_budget_stops_at_it(tiny_config, tmp_path):

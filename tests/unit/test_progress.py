@@ -25,3 +25,18 @@ def test_every_kind_of_event_gets_a_line_including_failed_clients_and_retries():
     assert lines[5] == "checkpoint [round 1]: done"
     assert progress.rounds[1]["clients"] == {"tenant-0": "loss 0.500",
                                              "tenant-1": "TimedOut: past the round's deadline"}
+
+
+def test_every_commands_help_reads_at_80_columns():
+    """Issue 18, item 5: help text readable in an 80-column terminal, for every command."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    names = sorted(get_command(app).commands)
+    assert {"run", "simulate", "status", "validate", "submit", "storage-policy"} <= set(names)
+    for name in [None, *names]:
+        shown = CliRunner().invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "80"})
+        assert shown.exit_code == 0, shown.output
+        assert max(len(line) for line in shown.output.splitlines()) <= 80, name
