@@ -54,6 +54,20 @@ def plain(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+def make_plain(path: str | os.PathLike) -> None:
+    """Rewrite the log at ``path`` without terminal control codes: what reached it through its file descriptor
+    (native code, a library's handler that kept a stream of its own) passed no Python stream that strips them."""
+    path = Path(path)
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return
+    if "\x1b[" in text:
+        spare = path.with_name(f".{path.name}.plain")
+        spare.write_text(plain(text))
+        os.replace(spare, path)
+
+
 class PlainText:
     """A text stream that writes to ``target`` without terminal control codes, and says it is no terminal
     (libraries that colour their output for a terminal then leave it plain)."""

@@ -119,9 +119,12 @@ def simulate(cfg: FederationConfig, output: Path, on_event: Callable[[dict[str, 
     events_path, log_path = output / "events.jsonl", output / "run.log"
     started = time.time()
     reuse = reuse_base_models() if reuse_models else contextlib.nullcontext()
-    with open(log_path, "a", buffering=1) as log, _output_to(log), _environment(events_path), \
-            _follow(events_path, on_event, from_end=resume), reuse:
-        history = _federate(step_config(cfg.as_dict()), output / "work", output / "adapter", start, plan)
+    try:
+        with open(log_path, "a", buffering=1) as log, _output_to(log), _environment(events_path), \
+                _follow(events_path, on_event, from_end=resume), reuse:
+            history = _federate(step_config(cfg.as_dict()), output / "work", output / "adapter", start, plan)
+    finally:
+        events.make_plain(log_path)
     seconds = time.time() - started
 
     run = LocalRun(output=output, history=history, seconds=seconds)

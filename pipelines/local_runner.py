@@ -106,14 +106,16 @@ def run_local(cfg: FederationConfig | None, output: Path,
     pipeline = build_pipeline(cfg, image or DEFAULT_IMAGE)
 
     started = time.time()
-    with open(log_path, "a") as log, _kfp_output_to(events.PlainText(log)), environ(environment), \
-            _loop_concurrency(cfg), \
-            _arguments_kept_verbatim(), _loop_inputs_kept(), \
-            _follow(events_path, on_event, from_end=resume):
-        try:
-            task = pipeline(config=cfg.as_dict(), start_round=1 if resumed_from is None else resumed_from + 1)
-        except RuntimeError as exc:
-            raise FedFMError(_failure(events_path, log_path, exc)) from None
+    try:
+        with open(log_path, "a") as log, _kfp_output_to(events.PlainText(log)), environ(environment), \
+                _loop_concurrency(cfg), _arguments_kept_verbatim(), _loop_inputs_kept(), \
+                _follow(events_path, on_event, from_end=resume):
+            try:
+                task = pipeline(config=cfg.as_dict(), start_round=1 if resumed_from is None else resumed_from + 1)
+            except RuntimeError as exc:
+                raise FedFMError(_failure(events_path, log_path, exc)) from None
+    finally:
+        events.make_plain(log_path)
     seconds = time.time() - started
 
     history = json.loads(Path(task.outputs["history"].path).read_text())

@@ -40,3 +40,12 @@ def test_every_commands_help_reads_at_80_columns():
         shown = CliRunner().invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "80"})
         assert shown.exit_code == 0, shown.output
         assert max(len(line) for line in shown.output.splitlines()) <= 80, name
+
+
+def test_a_log_written_with_colour_codes_is_left_plain(tmp_path):
+    from fedfm import events
+
+    log = tmp_path / "run.log"
+    log.write_text("\x1b[1mBertForSequenceClassification LOAD REPORT\x1b[0m\nINFO \x1b[96m'init'\x1b[0m done\n")
+    events.make_plain(log)
+    assert log.read_text() == "BertForSequenceClassification LOAD REPORT\nINFO 'init' done\n"
