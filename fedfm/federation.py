@@ -30,11 +30,6 @@ def step_config(config: dict[str, Any]) -> FederationConfig:
     vocabulary read from the data when the parameter leaves it out (every step derives the same one)."""
     from fedfm.data import resolve_labels
 
-    if isinstance(config, str):  # the configure step's dict, as kfp.local hands it into a ParallelFor: JSON text
-        try:
-            config = json.loads(config)
-        except ValueError:
-            pass  # FederationConfig.parse names what is wrong
     return resolve_labels(FederationConfig.parse(config, source="pipeline parameter 'config'"))
 
 

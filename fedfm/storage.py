@@ -21,6 +21,11 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def is_remote(uri: str) -> bool:
+    """Storage reached over the network with credentials (s3, gs, ...), not a path."""
+    return not _is_local(uri)
+
+
 def _local_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 

@@ -14,11 +14,11 @@ import copy
 import fnmatch
 from typing import Any
 
+from fedfm import storage
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError
 from fedfm.operators.api import SECURE
 from fedfm.strategies import client_keeps
-from fedfm.trust import grants
 
 # Where a tenant's state PersistentVolumeClaim is mounted (read-write) in its Jobs.
 STATE_MOUNT = "/state"
@@ -76,7 +76,7 @@ def refusal(client_round: dict, federated_client: dict, storage_root: str | None
         shown = f"{name}@{revision}" if revision else f"{name} (no revision pinned)"
         return "ModelNotAllowed", (f"model {shown} is not in {where}'s spec.modelPolicy.allowedModels "
                                    f"({', '.join(allowed) or 'empty'})")
-    if storage_root and grants.is_remote(storage_root) and not storage_grant(federated_client):
+    if storage_root and storage.is_remote(storage_root) and not storage_grant(federated_client):
         return "NoStorageGrant", (f"the federation's storage {storage_root} is reached with a credential per tenant, "
                                   f"and {where} names none (spec.federationStorage.secretRef): the platform admin "
                                   f"makes one allowed `fedfm storage-policy --client {client}` and puts it in a "

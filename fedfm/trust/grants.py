@@ -58,11 +58,6 @@ def tenant_prefix(root: str, client: str) -> str:
     return f"{root}/{TENANTS}/{client}"
 
 
-def is_remote(uri: str) -> bool:
-    """Storage reached over the network with credentials (s3, gs, ...), not a path."""
-    return "://" in uri and not uri.startswith("file://")
-
-
 def tenant_policy(storage_uri: str, federation: str, client: str) -> dict[str, Any]:
     """The IAM policy of ``client``'s credential to the federation's S3-compatible storage (``s3://BUCKET/...``)."""
     parts = urlsplit(storage_uri)
