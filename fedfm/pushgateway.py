@@ -1,7 +1,7 @@
 """A local run's figures pushed to a Prometheus Pushgateway (``fedfm run --pushgateway URL``).
 
 In a cluster the operator exports the metrics; a run on a laptop or a CI machine has no operator, so
-it pushes the same metrics (same names and meanings, see the README's *Metrics*) after every step,
+it pushes the same metrics (same names and meanings, see docs/kubeflow/monitoring.md) after every step,
 grouped by ``job="fedfm"`` and ``federation``.
 """
 

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port)
     import fedfm.operators.handlers  # noqa: F401  (registers the handlers)
+    from fedfm.operators import kube
+
+    kube.watch_only(args.namespace)
 
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True,
              liveness_endpoint=args.liveness)

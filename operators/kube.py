@@ -12,6 +12,14 @@ from fedfm.operators.api import CLIENT_ROUNDS, FEDERATED_CLIENTS, FEDERATIONS, G
 
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
+# The namespaces an operator started with --namespace serves (empty: the whole cluster). Its account then holds
+# Roles in those namespaces only, so a list "in every namespace" is a list in each of them.
+_watched: list[str] = []
+
+
+def watch_only(namespaces: list[str]) -> None:
+    _watched[:] = sorted(set(namespaces))
+
 
 @functools.cache
 def api_client() -> client.ApiClient:
@@ -70,10 +78,12 @@ def get_client_round(namespace: str, name: str) -> dict | None:
 
 
 def list_objects(plural: str, namespace: str | None = None, label_selector: str = "") -> list[dict]:
-    if namespace is None:
+    """FedFM's objects of kind ``plural`` in ``namespace``; None: in every namespace the operator serves."""
+    if namespace is None and not _watched:
         return custom().list_cluster_custom_object(GROUP, VERSION, plural, label_selector=label_selector)["items"]
-    return custom().list_namespaced_custom_object(GROUP, VERSION, namespace, plural,
-                                                  label_selector=label_selector)["items"]
+    return [item for each in ([namespace] if namespace else _watched)
+            for item in custom().list_namespaced_custom_object(GROUP, VERSION, each, plural,
+                                                               label_selector=label_selector)["items"]]
 
 
 def patch_status(plural: str, namespace: str, name: str, status: dict, resource_version: str | None = None) -> None:

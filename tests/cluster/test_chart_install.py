@@ -130,6 +130,17 @@ def test_install_upgrade_uninstall_and_the_rbac_that_results(control_plane, helm
     assert not _can(plane, pipeline, "create", CLIENT_ROUNDS, "chart-tenant-b", GROUP)
     assert _can(plane, pipeline, "create", CLIENT_ROUNDS, "chart-tenant-c", GROUP)
 
+    # operator.watchNamespaces: the operator's rules become a Role in each of those namespaces, nothing cluster-wide
+    watched = [PLATFORM, "chart-tenant-a", "chart-tenant-c"]
+    helm_config.upgrade(str(CHART), RELEASE, dict(upgraded, operator={"watchNamespaces": watched}))
+    wait_for(lambda: not _exists(lambda: rbac_api.read_cluster_role(OPERATOR)), 30)
+    for namespace in watched:
+        assert _can(plane, operator, "create", "jobs", namespace, "batch")
+        assert _can(plane, operator, "list", CLIENT_ROUNDS, namespace, GROUP)
+    assert not _can(plane, operator, "create", "jobs", "default", "batch")
+    assert not _can(plane, operator, "list", CLIENT_ROUNDS, "", GROUP)  # across all namespaces: refused
+    assert not _can(plane, operator, "list", "customresourcedefinitions", "", "apiextensions.k8s.io")
+
     # uninstall: everything of the release goes, but tenants' namespaces (and the CRDs) stay
     helm_config.uninstall(RELEASE)
     wait_for(lambda: not _exists(lambda: client.AppsV1Api(plane.admin).read_namespaced_deployment(

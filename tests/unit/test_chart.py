@@ -257,3 +257,161 @@ def test_the_monitoring_objects_match_prometheus_operators_schemas(tmp_path):
     lines = result.stdout.splitlines()
     assert sorted(lines[:2]) == ["PrometheusRule: valid", "ServiceMonitor: valid"]
     assert lines[2].startswith("ServiceMonitor: ") and "interval must match pattern" in lines[2]
+
+
+WATCHED = ["kubeflow-user", "tenant-a", "tenant-b"]
+
+
+def _operator_rbac(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+            and o["metadata"]["labels"].get("app.kubernetes.io/component") == "operator"]
+
+
+def test_watch_namespaces_bind_the_operators_rules_in_each_namespace_instead_of_cluster_wide():
+    """operator.watchNamespaces (issue 18): a Role and RoleBinding per watched namespace with the operator's rules
+    (less the CRD read a Role cannot grant), and nothing cluster-wide. Without it, the one ClusterRole of before."""
+    cluster_wide = {(o["kind"], o["metadata"]["name"]) for o in _operator_rbac(render(TWO_TENANTS))}
+    assert cluster_wide == {("ClusterRole", "fedfm-operator"), ("ClusterRoleBinding", "fedfm-operator")}
+
+    values = {**TWO_TENANTS, "operator": {"watchNamespaces": WATCHED}}
+    linted = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
+    assert linted["errors"] == [] and [m for m in linted["messages"] if m["severity"] >= 2] == []
+    objects = render(values)
+    namespaced_rules = [rule for rule in rbac.operator_cluster_role()["rules"]
+                        if rule["resources"] != ["customresourcedefinitions"]]
+    assert len(namespaced_rules) == len(rbac.operator_cluster_role()["rules"]) - 1
+    account = [{"kind": "ServiceAccount", "name": "fedfm-operator", "namespace": NAMESPACE}]
+    for namespace in WATCHED:
+        assert find(objects, "Role", "fedfm-operator", namespace)[0]["rules"] == namespaced_rules
+        binding = find(objects, "RoleBinding", "fedfm-operator", namespace)[0]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "fedfm-operator"}
+        assert binding["subjects"] == account
+    assert not find(objects, "ClusterRole", "fedfm-operator")
+    assert not find(objects, "ClusterRoleBinding", "fedfm-operator")
+    assert {o["metadata"].get("namespace") for o in _operator_rbac(objects) if o["kind"].startswith("Role")} == \
+        set(WATCHED)
+    assert not [o for o in _operator_rbac(objects) if o["kind"].startswith("Cluster")]
+    pod = find(objects, "Deployment", "fedfm-operator", NAMESPACE)[0]["spec"]["template"]["spec"]
+    assert [arg for arg in pod["containers"][0]["args"] if arg.startswith("--namespace=")] == \
+        [f"--namespace={ns}" for ns in WATCHED]
+
+
+def test_an_operator_watching_namespaces_lists_in_each_of_them_and_never_cluster_wide(monkeypatch):
+    """Its account holds Roles only (above), so a Federation's members and rounds, which live in the tenants'
+    namespaces, are listed namespace by namespace: a cluster-wide list would be refused (403)."""
+    from fedfm.operators import kube
+
+    calls = []
+
+    class Objects:
+        def list_cluster_custom_object(self, group, version, plural, label_selector=""):
+            calls.append(("cluster", plural, label_selector))
+            return {"items": [{"metadata": {"name": "everywhere"}}]}
+
+        def list_namespaced_custom_object(self, group, version, namespace, plural, label_selector=""):
+            calls.append((namespace, plural, label_selector))
+            return {"items": [{"metadata": {"name": f"{plural}-in-{namespace}"}}]}
+
+    monkeypatch.setattr(kube, "custom", Objects)
+    monkeypatch.setattr(kube, "_watched", [])
+    assert [o["metadata"]["name"] for o in kube.list_objects("clientrounds", None, "f=x")] == ["everywhere"]
+    kube.watch_only(["tenant-b", "kubeflow-user", "tenant-a", "tenant-b"])
+    calls.clear()
+    listed = kube.list_objects("clientrounds", None, "f=x")
+    assert calls == [(ns, "clientrounds", "f=x") for ns in ("kubeflow-user", "tenant-a", "tenant-b")]
+    assert [o["metadata"]["name"] for o in listed] == [f"clientrounds-in-{ns}" for ns in ("kubeflow-user", "tenant-a",
+                                                                                            "tenant-b")]
+    calls.clear()
+    kube.list_objects("federatedclients", "tenant-a")
+    assert calls == [("tenant-a", "federatedclients", "")]
+
+
+def test_watch_namespaces_must_cover_every_tenant_and_its_federation():
+    with pytest.raises(helm.HelmError, match=r"must include namespace kubeflow-user of tenants\[hospital-a\]"):
+        render({**TWO_TENANTS, "operator": {"watchNamespaces": ["tenant-a", "tenant-b"]}})
+    with pytest.raises(helm.HelmError, match=r"must include namespace tenant-b of tenants\[bank-b\]"):
+        render({**TWO_TENANTS, "operator": {"watchNamespaces": ["kubeflow-user", "tenant-a"]}})
+
+
+def _openapi_problems(value, schema: dict, path: str = "$") -> list[str]:
+    """Where ``value`` breaks a structural OpenAPI v3 schema (the keywords FedFM's CRDs use). A field the schema
+    does not name is a problem too: the apiserver would drop it silently, so an example must not have one."""
+    if value is None:
+        return [] if schema.get("nullable") else [f"{path}: null"]
+    if schema.get("x-kubernetes-int-or-string"):
+        return [] if isinstance(value, (int, str)) and not isinstance(value, bool) else [f"{path}: not int or string"]
+    types = {"object": dict, "array": list, "string": str, "boolean": bool, "integer": int, "number": (int, float)}
+    expected = schema.get("type")
+    if expected and (not isinstance(value, types[expected])
+                     or isinstance(value, bool) and expected in ("integer", "number")):
+        return [f"{path}: {value!r} is not {expected}"]
+    problems = []
+    if "enum" in schema and value not in schema["enum"]:
+        problems.append(f"{path}: {value!r} not in {schema['enum']}")
+    for bound, exclusive, outside in (("minimum", "exclusiveMinimum", lambda v, b, x: v < b or x and v == b),
+                                      ("maximum", "exclusiveMaximum", lambda v, b, x: v > b or x and v == b)):
+        if bound in schema and outside(value, schema[bound], schema.get(exclusive)):
+            problems.append(f"{path}: {value!r} outside {bound} {schema[bound]}")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or "pattern" in schema and not re.search(schema["pattern"], value):
+            problems.append(f"{path}: {value!r} does not match")
+    for branch_kind in ("oneOf", "anyOf"):
+        if branch_kind in schema:
+            matching = sum(not _openapi_problems(value, branch, path) for branch in schema[branch_kind])
+            if matching == 0 or branch_kind == "oneOf" and matching > 1:
+                problems.append(f"{path}: {matching} of its {branch_kind} branches match")
+    if isinstance(value, dict):
+        problems += [f"{path}.{name}: required" for name in schema.get("required", []) if name not in value]
+        for name, item in value.items():
+            if name in schema.get("properties", {}):
+                problems += _openapi_problems(item, schema["properties"][name], f"{path}.{name}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                problems += _openapi_problems(item, schema["additionalProperties"], f"{path}.{name}")
+            elif not schema.get("x-kubernetes-preserve-unknown-fields") and path != "$":
+                problems.append(f"{path}.{name}: unknown field")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            problems += _openapi_problems(item, schema["items"], f"{path}[{index}]")
+    return problems
+
+
+def test_the_example_federation_is_valid_against_the_crd_and_for_the_operator():
+    """charts/fedfm/examples/federation.yaml (issue 18): what the schema of the CRD the chart installs admits, what
+    the operator accepts (spec.config a FederationConfig named as the object), and the repository's cluster-mode
+    config."""
+    from fedfm.config import FederationConfig
+
+    example = yaml.safe_load((CHART / "examples" / "federation.yaml").read_text())
+    crd = yaml.safe_load((CHART / "crds" / "federations.fedfm.dev.yaml").read_text())
+    version = crd["spec"]["versions"][0]
+    assert example["apiVersion"] == f"{crd['spec']['group']}/{version['name']}"
+    assert example["kind"] == crd["spec"]["names"]["kind"]
+    schema = version["schema"]["openAPIV3Schema"]
+    assert _openapi_problems(example, schema) == []
+    config = FederationConfig.parse(example["spec"]["config"], source="spec.config")
+    assert config.name == example["metadata"]["name"] and config.execution.mode == "kubernetes"
+    assert example["spec"]["config"] == yaml.safe_load((CHART.parents[1] / "examples" / "federation-cluster.yaml")
+                                                       .read_text())
+    assert config.execution.federation_namespace == example["metadata"]["namespace"]
+    # the check has teeth: a typo, a wrong type and a value out of range are each found
+    broken = json.loads(json.dumps(example))
+    broken["spec"]["clientSelecter"] = {}
+    broken["spec"]["config"]["rounds"] = "five"
+    broken["spec"]["config"]["training"]["zero_stage"] = 4
+    assert [problem.split(":")[0] for problem in _openapi_problems(broken, schema)] == \
+        ["$.spec.config.rounds", "$.spec.config.training.zero_stage", "$.spec.clientSelecter"]
+
+
+def test_the_notes_say_the_images_must_be_built_and_pushed_and_show_the_example():
+    chart = helm.Chart.load(CHART)
+    try:
+        values = {"pipeline": {"namespace": "kubeflow-user"}, "operator": {"watchNamespaces": ["kubeflow-user"]}}
+        notes = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)["fedfm/templates/NOTES.txt"]
+    finally:
+        chart.close()
+    assert "make images" in notes and "push them to a registry" in notes
+    assert "operator:      ghcr.io/fedfm/fedfm-operator:0.1.0" in notes
+    assert "kind: Federation" in notes and "name: support-tickets" in notes
+    assert "with a Role in each and nothing cluster-wide" in notes
+    values_yaml = (CHART / "values.yaml").read_text()
+    assert "make images REGISTRY=" in values_yaml and "push them" in values_yaml
