@@ -13,6 +13,7 @@ def init_federation(
     start_round: int,
     compiled_rounds: int,
     compiled_secure_aggregation: bool,
+    compiled_execution_mode: str,
     compiled_parameters: dict,
     model: str,
     dataset: str,
@@ -57,6 +58,10 @@ def init_federation(
             raise ConfigError(f"config.secure_aggregation.enabled is {cfg.secure_aggregation.enabled}, but this "
                               f"pipeline was compiled {'with' if compiled_secure_aggregation else 'without'} its "
                               "steps: recompile with `fedfm compile`")
+        if cfg.execution.mode != compiled_execution_mode:  # the tasks' pod settings were compiled for that mode
+            raise ConfigError(f"config.execution.mode is {cfg.execution.mode}, but this pipeline was compiled for "
+                              f"{compiled_execution_mode} mode (its tasks' resources, volumes and Secrets are "
+                              "compiled in): recompile with `fedfm compile`")
         if start_round > compiled_rounds:
             raise CheckpointError(f"start_round {start_round} is past the pipeline's {compiled_rounds} rounds")
         start = checkpoint.require_start(checkpoint.checkpoint_root(cfg, run_id), start_round)

@@ -61,8 +61,10 @@ _CONFIG_FLAGS: dict[str, tuple[str, Any, str]] = {
     "prompt_column": ("data.prompt_column", Optional[str], "Prompt column (causal-lm)."),
     "response_column": ("data.response_column", Optional[str], "Response column (causal-lm)."),
     "max_samples": ("data.max_samples", Optional[int], "Use at most this many rows of the dataset."),
-    "clients": ("clients", Optional[int], "Number of simulated tenants."),
-    "partition": ("data.partition", Optional[str], "How tenants split the data: iid, dirichlet:ALPHA, column:NAME."),
+    "clients": ("clients", Optional[int], "Number of simulated tenants (leave it out with --partition column:NAME: "
+                                          "one tenant per value, named after it; another number is an error)."),
+    "partition": ("data.partition", Optional[str], "How tenants split the data: iid, dirichlet:ALPHA, column:NAME "
+                                                   "(one tenant per value of the column)."),
     "rounds": ("rounds", Optional[int], "Federated rounds."),
     "local_steps": ("training.local_steps", Optional[int], "Optimizer steps per client per round."),
     "local_epochs": ("training.local_epochs", Optional[float], "Epochs over the client's data per round."),
@@ -306,7 +308,7 @@ def validate_command(
     modules, and (run locally) every tenant's data; exit 2 with the reason if anything is wrong."""
     from fedfm.pipelines.local_runner import with_client_state_here
     from fedfm.data import describe_clients
-    from fedfm.preflight import check_inputs, check_model, cluster_warnings
+    from fedfm.preflight import check_conversations, check_inputs, check_model, cluster_warnings
     from fedfm.strategies import check_federation
 
     console = _console()
@@ -318,6 +320,8 @@ def validate_command(
     # every tenant's rows as a run reads them (a dataset, a column or a tenant's share missing fails here); a
     # cluster's data is in the tenants' Pods
     rows = describe_clients(cfg) if cfg.execution.mode == "local" else None
+    if rows is not None:
+        check_conversations(cfg)  # what the chat template (or its absence) makes of each tenant's rows
     console.print(f"config: valid — {cfg.task}, {cfg.model.name_or_path}, {len(cfg.training_clients)} client(s), "
                   f"{cfg.rounds} round(s), {cfg.strategy.name}, execution {cfg.execution.mode}")
     if rows is not None:
@@ -595,7 +599,11 @@ def _resuming(cfg: FederationConfig, output: Path) -> str:
     last = _last_checkpoint(cfg)
     if last is None:
         return f"resuming {output}: no round finished before it stopped; it starts again from round 0"
-    return f"resuming {output}: rounds 0-{last} finished (checkpointed); it restarts from round {last + 1}"
+    return f"resuming {output}: {_rounds_finished(last)} (checkpointed); it restarts from round {last + 1}"
+
+
+def _rounds_finished(last: int) -> str:
+    return "round 0 finished" if last == 0 else f"rounds 0-{last} finished"
 
 
 @app.command("status")
@@ -633,7 +641,7 @@ def status_command(
     runner = json.loads((run_dir / RUN_RECORD).read_text()).get("runner")
     command = "fedfm simulate" if runner == "simulate" else "fedfm run"
     last = _last_checkpoint(cfg)
-    done = "no round finished yet" if last is None else f"rounds 0-{last} finished"
+    done = "no round finished yet" if last is None else _rounds_finished(last)
     console.print(f"not finished: {done}; if it is no longer running, `{command} --resume {run_dir}` goes on from "
                   f"round {0 if last is None else last + 1}", highlight=False)
 

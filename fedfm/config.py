@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,10 @@ from fedfm.errors import ConfigError
 # Names become Kubernetes object names and label values in cluster mode, so they follow RFC 1123.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _PARTITION = re.compile(r"^(iid|dirichlet:(?P<alpha>[0-9.eE+-]+)|column:(?P<column>.+))$")
+# Kubernetes quantities (cpu "500m", "2"; memory "512Mi", "16Gi"), as the API server accepts them.
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 Task = Literal["classification", "causal-lm"]
 
@@ -50,6 +55,29 @@ def _dns_label(value: str, what: str) -> str:
     if not _DNS_LABEL.match(value):
         raise ValueError(f"{what} {value!r} must be a lowercase RFC 1123 label (a-z, 0-9, '-')")
     return value
+
+
+def client_name_for(value: str) -> str:
+    """The tenant name a value of a ``column:NAME`` partition gets: accents dropped, lowercased, every run of other
+    characters than a-z and 0-9 turned into one '-', no '-' at either end ("Site A" → ``site-a``). ValueError when
+    that leaves no RFC 1123 label (nothing left, or more than 63 characters) or the reserved ``centralized``."""
+    ascii_text = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode("ascii")
+    name = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    if not _DNS_LABEL.match(name):
+        raise ValueError(f"value {value!r} gives no tenant name (a tenant is named after its value as a lowercase "
+                         "RFC 1123 label: a-z, 0-9 and '-', at most 63 characters)")
+    if name == CENTRALIZED_CLIENT:
+        raise ValueError(f"value {value!r} would name a tenant {CENTRALIZED_CLIENT!r}, which is reserved for the "
+                         "pooled baseline")
+    return name
+
+
+def numbered_client_count(clients: list[ClientConfig]) -> int | None:
+    """N when ``clients`` are exactly what ``clients: N`` (``--clients N``) makes: tenant-0 … tenant-N-1 with no
+    setting of their own; None for clients given by name."""
+    expected = [{"name": client.name} for client in _numbered_clients(len(clients))]
+    given = [client.model_dump(exclude_none=True) for client in clients]
+    return len(clients) if given == expected else None
 
 
 def parse_partition(scheme: str) -> tuple[str, float | str | None]:
@@ -82,6 +110,16 @@ class ModelConfig(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example after truncation")
+    chat_template: str | None = Field(None, description="causal-lm: a Jinja chat template (the text) to render "
+                                                        "conversations with, in place of the tokenizer's own")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat_template(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("model.chat_template is empty; give a Jinja template, or leave it unset to use the "
+                             "tokenizer's")
+        return value
 
 
 class DataConfig(_Section):
@@ -100,9 +138,13 @@ class DataConfig(_Section):
     prompt_column: str = "prompt"
     response_column: str = "response"
     labels: list[str] | None = Field(None, description="label vocabulary; read from the data when absent")
+    messages_column: str | None = Field(None, description="causal-lm: a column of conversations, each a list of "
+                                                          "{role, content} (or its JSON text); default: 'messages' "
+                                                          "when the data has that column, else prompt/response")
     partition: str | None = Field(None, description="how simulated tenants split data.source: iid, "
-                                                       "dirichlet:ALPHA (label skew) or column:NAME (default: "
-                                                       "dirichlet:0.5 for classification, iid for causal-lm)")
+                                                       "dirichlet:ALPHA (label skew) or column:NAME (one tenant per "
+                                                       "value, named after it) (default: dirichlet:0.5 for "
+                                                       "classification, iid for causal-lm)")
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     max_samples: int | None = Field(None, ge=1, description="use at most this many rows of the source")
 
@@ -378,6 +420,122 @@ class PolicyConfig(_Section):
         return self
 
 
+def _quantity(value: str | None, what: str) -> str | None:
+    if value is not None and not _QUANTITY.match(value):
+        raise ValueError(f"{what} {value!r} is not a Kubernetes quantity (e.g. 500m, 2, 512Mi, 16Gi)")
+    return value
+
+
+def _dns_subdomain(value: str, what: str) -> str:
+    if len(value) > 253 or not all(_DNS_LABEL.match(part) for part in value.split(".")):
+        raise ValueError(f"{what} {value!r} must be a lowercase RFC 1123 subdomain (a-z, 0-9, '-', '.')")
+    return value
+
+
+def _mount_path(value: str) -> str:
+    if not value.startswith("/") or ":" in value:
+        raise ValueError(f"mount_path {value!r} must be an absolute path in the container")
+    return value
+
+
+class TolerationConfig(_Section):
+    """A Kubernetes toleration (a GPU node pool's taint, say)."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0, description="NoExecute: how long the pod stays bound")
+
+
+class VolumeConfig(_Section):
+    """A PersistentVolumeClaim mounted into the task's container (the tenants' data, a model cache)."""
+
+    pvc: str
+    mount_path: str
+    sub_path: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> VolumeConfig:
+        _dns_subdomain(self.pvc, "pvc")
+        _mount_path(self.mount_path)
+        return self
+
+
+class SecretConfig(_Section):
+    """A Secret the task reads: its keys as environment variables (``env``: secret key -> variable), or
+    mounted as files (``mount_path``)."""
+
+    name: str
+    env: dict[str, str] | None = None
+    mount_path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SecretConfig:
+        _dns_subdomain(self.name, "secret name")
+        if (self.env is None) == (self.mount_path is None):
+            raise ValueError(f"secret {self.name!r}: give exactly one of env (secret key -> variable) or mount_path")
+        bad = [name for name in (self.env or {}).values() if not _ENV_NAME.match(name)]
+        if bad:
+            raise ValueError(f"secret {self.name!r}: {', '.join(map(repr, bad))} is no environment variable name")
+        if self.mount_path is not None:
+            _mount_path(self.mount_path)
+        return self
+
+
+class PodSettingsConfig(_Section):
+    """What a pipeline task's pod asks of Kubernetes when the pipeline runs on Kubeflow Pipelines."""
+
+    cpu: str | None = Field(None, description="CPU request (e.g. 4, 500m)")
+    memory: str | None = Field(None, description="memory request (e.g. 16Gi)")
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+    accelerator_type: str | None = Field(None, description="the accelerator's resource name, e.g. nvidia.com/gpu")
+    accelerator_count: int | None = Field(None, ge=1, description="accelerators per task (with accelerator_type)")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[TolerationConfig] = Field(default_factory=list)
+    volumes: list[VolumeConfig] = Field(default_factory=list, description="PersistentVolumeClaims to mount")
+    secrets: list[SecretConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> PodSettingsConfig:
+        for name in ("cpu", "memory", "cpu_limit", "memory_limit"):
+            _quantity(getattr(self, name), name)
+        if self.accelerator_count is not None and not self.accelerator_type:
+            raise ValueError("accelerator_count needs accelerator_type (e.g. nvidia.com/gpu)")
+        bad = [key for key in self.node_selector if not _LABEL_KEY.match(key)]
+        if bad:
+            raise ValueError(f"node_selector key(s) {', '.join(map(repr, bad))} are no Kubernetes label keys")
+        paths = [volume.mount_path for volume in self.volumes] + [s.mount_path for s in self.secrets if s.mount_path]
+        repeated = sorted({path for path in paths if paths.count(path) > 1})
+        if repeated:
+            raise ValueError(f"mount_path {', '.join(repeated)} is used twice")
+        return self
+
+    @property
+    def is_set(self) -> bool:
+        return self != PodSettingsConfig()
+
+
+class KFPConfig(_Section):
+    """How each task of the compiled pipeline runs on a Kubeflow Pipelines cluster (the settings are compiled
+    into the pipeline's platform spec; ``fedfm run`` and ``kfp.local`` ignore them)."""
+
+    client: PodSettingsConfig = Field(default_factory=PodSettingsConfig, description=(
+        "local mode: the tasks that do the tenants' work in the pipeline's own pods (each client step, evaluate, "
+        "and aggregate under policy.below_quorum retry, which trains fresh clients)"))
+    server: PodSettingsConfig = Field(default_factory=PodSettingsConfig, description=(
+        "every other task (init loads the base model)"))
+    launcher: PodSettingsConfig = Field(
+        default_factory=lambda: PodSettingsConfig(cpu="100m", memory="512Mi"), description=(
+            "kubernetes mode: the client steps and evaluate, which only create ClientRounds in the tenants' "
+            "namespaces and wait for them (the tenants' Jobs get their FederatedClient's spec.resources)"))
+    image_pull_secrets: list[str] = Field(default_factory=list, description="for images in a private registry")
+    retries: int = Field(1, ge=0, le=10, description="how often KFP reruns a failed task (a pod evicted or "
+                                                      "preempted); every step is safe to rerun")
+    retry_backoff_seconds: int = Field(30, ge=1, description="wait before the first rerun, doubled for each next")
+
+
 class ExecutionConfig(_Section):
     """Where client steps run: here (``local``), or as Jobs in the tenants' namespaces (``kubernetes``)."""
 
@@ -394,12 +552,19 @@ class ExecutionConfig(_Section):
     client_state_uri: str | None = Field(None, description="fsspec URI under which each client without its own "
                                                            "state_uri keeps its personal state (fedfm run: the "
                                                            "run's directory)")
+    kfp: KFPConfig = Field(default_factory=KFPConfig, description="the compiled pipeline's tasks on a Kubeflow "
+                                                                  "Pipelines cluster: resources, scheduling, "
+                                                                  "volumes, Secrets, retries")
 
     @model_validator(mode="after")
     def _storage_for_kubernetes(self) -> ExecutionConfig:
         if self.mode == "kubernetes" and not self.storage_uri:
             raise ValueError("execution.storage_uri is required when execution.mode is kubernetes: tenants' "
                              "Jobs read adapters and write updates there")
+        if self.mode == "kubernetes" and self.kfp.client.is_set:
+            raise ValueError("execution.kfp.client is for local mode, where the pipeline's pods train; in "
+                             "kubernetes mode each tenant's Jobs get its FederatedClient's spec.resources "
+                             "(the pipeline's client steps are launchers: execution.kfp.launcher)")
         return self
 
 
@@ -565,7 +730,7 @@ class FederationConfig(_Section):
         return len({self.client_rank(name) for name in self.training_clients}) > 1
 
     def trust_warnings(self) -> list[str]:
-        """What in this config weakens the threat model (README, *Threat model*): valid, but a platform team
+        """What in this config weakens the threat model (docs/security/threat-model.md): valid, but a platform team
         should know. ``fedfm validate`` prints them."""
         warnings = []
         storage = self.execution.storage_uri or ""
@@ -645,6 +810,10 @@ class FederationConfig(_Section):
     @classmethod
     def parse(cls, data: dict[str, Any], *, source: str = "config") -> FederationConfig:
         """Validate ``data``; errors list every bad field by its dotted path."""
+        broken = _surrogate_path(data)
+        if broken is not None:  # YAML's and JSON's \ud800 escapes: no character, and no UTF-8 text to pass on
+            raise ConfigError(f"invalid {source}:\n  {broken or '(top level)'}: holds a lone UTF-16 surrogate "
+                              "(an escape such as \\ud800), which is no character; write the character itself")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -653,6 +822,8 @@ class FederationConfig(_Section):
     def with_overrides(self, overrides: dict[str, Any]) -> FederationConfig:
         """A copy with dotted-path overrides (``{"training.local_steps": 5}``) applied and re-validated."""
         data = self.as_dict()
+        if "clients" not in self.model_fields_set:  # still unset: a column partition names them from the data
+            data.pop("clients")
         for path, value in overrides.items():
             if value is None:
                 continue
@@ -688,6 +859,34 @@ def _describe(exc: ValidationError, source: str) -> str:
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
+
+
+def _surrogate_path(value: Any) -> str | None:
+    """The dotted path of the first string (key or value) in ``value`` holding a UTF-16 surrogate, or None
+    (walked without recursion: a file may nest hundreds of levels deep before validation refuses it)."""
+    def broken(text: str) -> bool:
+        return any("\ud800" <= char <= "\udfff" for char in text)
+
+    def shown(key: Any) -> str:
+        return str(key).encode("utf-8", "backslashreplace").decode()  # the error message must print
+
+    stack: list[tuple[str, Any]] = [("", value)]
+    seen: set[int] = set()  # YAML's anchors can make a list hold itself (validation refuses it later)
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str) and broken(item):
+            return path
+        if isinstance(item, (dict, list)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in reversed(list(children)):
+            where = f"{path}.{shown(key)}" if path else shown(key)
+            if isinstance(key, str) and broken(key):
+                return where
+            stack.append((where, child))
+    return None
 
 
 def load_config(path: str | Path) -> FederationConfig:

@@ -3,11 +3,17 @@
 Every loader returns *canonical* frames:
 
 * ``classification``: columns ``text`` (str) and ``label`` (int64, an index into ``cfg.data.labels``);
-* ``causal-lm``: columns ``prompt`` (str) and ``response`` (str).
+* ``causal-lm``: columns ``prompt`` (str) and ``response`` (str); or, for conversations (a source with a
+  ``data.messages_column``, by default ``messages``), one column ``messages``: each row a list of
+  ``{"role": "system" | "user" | "assistant", "content": str}`` dicts with at least one assistant turn.
+  :func:`fedfm.tasks.encode` renders either with the chat template and trains on the assistant turns.
 
 A tenant without data of its own (``clients[i].train`` unset) gets a share of ``data.source``: the
 canonical source table is partitioned among those tenants by ``data.partition``
 (:func:`partition_indices`), then each share is split into train and eval by ``data.eval_fraction``.
+Under ``column:NAME`` each tenant holds the rows of one value and is named after it
+(:func:`fedfm.config.client_name_for`); :func:`resolve_labels` names them when the config leaves the
+clients unset.
 Everything is seeded by ``cfg.seed`` and deterministic across processes, so the separate pipeline
 steps that each call :func:`load_client_data` agree on who holds which row. The union of the tenants'
 eval frames is the federation's global evaluation set; the ``centralized`` pseudo-client holds the
@@ -33,8 +39,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedfm.config import CENTRALIZED_CLIENT, FederationConfig, parse_partition
-from fedfm.errors import DataError
+from fedfm.config import (
+    CENTRALIZED_CLIENT,
+    FederationConfig,
+    client_name_for,
+    numbered_client_count,
+    parse_partition,
+)
+from fedfm.errors import ConfigError, DataError
 
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 # Suffixes that mark a source as a file path (so a missing one is "file not found", not a hub lookup).
@@ -43,6 +55,11 @@ _FILE_LIKE_SUFFIXES = SUPPORTED_SUFFIXES + (
 )
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_DIRICHLET_DRAWS = 100
+# A causal-lm source with this column holds conversations (what Hugging Face chat datasets call it).
+DEFAULT_MESSAGES_COLUMN = "messages"
+CHAT_ROLES = ("system", "user", "assistant")
+_CONVERSATION_FORM = ('each row must be a list of {"role": ..., "content": ...} objects (or its JSON text), '
+                      f"role one of {', '.join(CHAT_ROLES)}, content a string, with at least one assistant turn")
 
 
 @dataclass(frozen=True)
@@ -308,8 +325,15 @@ def _canonical(raw: pd.DataFrame, cfg: FederationConfig, labels: list[str] | Non
         })
         return frame, positions
     data = cfg.data
-    _require_columns(raw, {data.prompt_column: "data.prompt_column", data.response_column: "data.response_column"},
-                     where)
+    messages_column = messages_column_of(raw, cfg)
+    if messages_column is not None:
+        return _conversations(raw, messages_column, where)
+    try:
+        _require_columns(raw, {data.prompt_column: "data.prompt_column",
+                               data.response_column: "data.response_column"}, where)
+    except DataError as exc:
+        raise DataError(f"{exc}; or, for conversations, give a column {DEFAULT_MESSAGES_COLUMN!r} of "
+                        "[{role, content}, ...] lists (or set data.messages_column)") from None
     prompts = [cell or "" for cell in _strings(raw[data.prompt_column])]
     responses = [cell or "" for cell in _strings(raw[data.response_column])]
     positions = np.flatnonzero([bool(response.strip()) for response in responses]).astype(np.int64)
@@ -318,6 +342,66 @@ def _canonical(raw: pd.DataFrame, cfg: FederationConfig, labels: list[str] | Non
         "response": pd.Series([responses[p] for p in positions], dtype=str),
     })
     return frame, positions
+
+
+def messages_column_of(raw: pd.DataFrame, cfg: FederationConfig) -> str | None:
+    """The column of ``raw`` that holds conversations: ``data.messages_column`` when set (it must exist then),
+    else ``messages`` when ``raw`` has it; None for prompt/response data."""
+    if cfg.data.messages_column is not None:
+        return cfg.data.messages_column
+    return DEFAULT_MESSAGES_COLUMN if DEFAULT_MESSAGES_COLUMN in raw.columns else None
+
+
+def _conversations(raw: pd.DataFrame, column: str, where: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The canonical ``messages`` frame of ``raw``'s conversation column; rows whose assistant turns are all blank
+    (or whose cell is missing) are left out, as prompt/response rows without a response are."""
+    _require_columns(raw, {column: "data.messages_column"}, where)
+    conversations, positions = [], []
+    for row, cell in enumerate(raw[column].tolist()):
+        conversation = _conversation(cell, f"{where}: row {row} of column {column!r}")
+        if conversation is not None and any(turn["content"].strip() for turn in conversation
+                                            if turn["role"] == "assistant"):
+            conversations.append(conversation)
+            positions.append(row)
+    frame = pd.DataFrame({"messages": pd.Series(conversations, dtype=object)})
+    return frame, np.array(positions, dtype=np.int64)
+
+
+def _conversation(cell: Any, what: str) -> list[dict[str, str]] | None:
+    """A conversation cell as a list of ``{"role", "content"}`` dicts (None for a missing cell); DataError naming
+    ``what`` (the source, row and column) for anything else."""
+    if isinstance(cell, str):
+        if not cell.strip():
+            return None
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{what} is text that is not JSON ({exc.msg} at character {exc.pos}); "
+                            f"{_CONVERSATION_FORM}") from None
+    if isinstance(cell, np.ndarray):  # a list column read from Parquet or a Hugging Face dataset
+        cell = cell.tolist()
+    if cell is None or cell is pd.NA or (isinstance(cell, float) and math.isnan(cell)):
+        return None
+    if not isinstance(cell, (list, tuple)):
+        raise DataError(f"{what} is a {type(cell).__name__}, not a list of messages; {_CONVERSATION_FORM}")
+    if not cell:
+        raise DataError(f"{what} is an empty conversation; {_CONVERSATION_FORM}")
+    turns = []
+    for number, message in enumerate(cell):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{what}: message {number} is {str(message)[:60]!r}, not an object with a role and a "
+                            f"content; {_CONVERSATION_FORM}")
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            raise DataError(f"{what}: message {number} has role {str(role)[:40]!r}, not one of "
+                            f"{', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{what}: message {number} ({role}) has content {str(content)[:40]!r}, a "
+                            f"{type(content).__name__}, not a string")
+        turns.append({"role": role, "content": content})
+    if not any(turn["role"] == "assistant" for turn in turns):
+        raise DataError(f"{what} has no assistant turn, so nothing to learn from; {_CONVERSATION_FORM}")
+    return turns
 
 
 def _sort_labels(values: set[str]) -> list[str]:
@@ -341,9 +425,10 @@ def partition_indices(labels_or_values: np.ndarray | None, n_rows: int, scheme: 
     """Split row positions ``0..n_rows-1`` among ``clients`` by ``scheme``.
 
     ``iid`` shuffles and deals near-equal shards; ``dirichlet:ALPHA`` skews each client towards some
-    labels (``labels_or_values`` holds the labels); ``column:NAME`` groups rows by a column's value
-    (``labels_or_values`` holds the values). Returns disjoint ascending int64 arrays covering every row,
-    keyed by client in the given order; deterministic for a given seed.
+    labels (``labels_or_values`` holds the labels); ``column:NAME`` gives each client the rows of the value it
+    is named after (``labels_or_values`` holds the values; the clients must be exactly the values' names,
+    :func:`tenant_names`). Returns disjoint ascending int64 arrays covering every row, keyed by client in the
+    given order; deterministic for a given seed.
     """
     clients = list(clients)
     if not clients:
@@ -373,13 +458,9 @@ def partition_indices(labels_or_values: np.ndarray | None, n_rows: int, scheme: 
 
 
 def _empty_client_message(client: str, scheme: str, n_rows: int, clients: list[str]) -> str:
-    if scheme.startswith("column:"):
-        fix = (f"name each client after a value of column {scheme.removeprefix('column:')!r}, use fewer "
-               "clients than distinct values, or use iid / dirichlet:ALPHA")
-    else:
-        fix = "use fewer clients, more data (raise or unset data.max_samples), or another data.partition"
     return (f"client {client!r} gets no rows under partition {scheme!r} ({n_rows} rows for "
-            f"{len(clients)} clients); {fix}")
+            f"{len(clients)} clients); use fewer clients, more data (raise or unset data.max_samples), or another "
+            "data.partition")
 
 
 def _dirichlet(labels: np.ndarray | None, n_rows: int, scheme: str, alpha: float, clients: list[str],
@@ -417,22 +498,53 @@ def _dirichlet(labels: np.ndarray | None, n_rows: int, scheme: str, alpha: float
 def _by_column(values: np.ndarray | None, scheme: str, column: str, clients: list[str]) -> list[np.ndarray]:
     if values is None:
         raise DataError(f"partition {scheme!r} needs the values of column {column!r}")
-    keys = np.array([_scalar_str(value) or "" for value in values.tolist()], dtype=object)
-    distinct = sorted(set(keys.tolist()))
-    if all(client in distinct for client in clients):
-        unmatched = [value for value in distinct if value not in clients]
-        if unmatched:
-            shown = ", ".join(repr(value) for value in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
-            raise DataError(
-                f"partition {scheme!r}: every client is named after a value of column {column!r}, but "
-                f"value(s) {shown} match no client; add clients with those names, remove those rows, or "
-                "rename the clients so that values are dealt out round-robin"
-            )
-        owner = {client: number for number, client in enumerate(clients)}
-    else:
-        owner = {value: number % len(clients) for number, value in enumerate(distinct)}
-    assignment = np.array([owner[key] for key in keys.tolist()], dtype=np.int64)
-    return [np.flatnonzero(assignment == number) for number in range(len(clients))]
+    keys = np.array(tenant_names(values, column), dtype=object)
+    named = sorted(set(keys.tolist()))
+    without_value = [client for client in clients if client not in named]
+    without_client = [name for name in named if name not in clients]
+    if without_value or without_client:
+        problems = ([f"no value of the column names client(s) {_shown(without_value)}"] if without_value else []) + \
+                   ([f"value(s) {_shown(without_client)} name no client"] if without_client else [])
+        raise DataError(
+            f"partition {scheme!r} makes one tenant per value of column {column!r}, named after it "
+            f"({_shown(named, 10)}), and the clients ({_shown(clients, 10)}) disagree: {'; '.join(problems)}. "
+            "Leave the clients unset (no --clients) to get one tenant per value, or give the clients exactly "
+            "those names"
+        )
+    return [np.flatnonzero(keys == client) for client in clients]
+
+
+def tenant_names(values: np.ndarray, column: str, rows: np.ndarray | None = None, where: str = "") -> list[str]:
+    """The tenant each value of partition column ``column`` names (:func:`fedfm.config.client_name_for`), one per
+    value. DataError for a missing value, one that names no tenant, or two values that name the same one; ``rows``
+    (the values' rows in ``where``) and ``where`` say where in the data."""
+    scheme = f"data.partition 'column:{column}'"
+    prefix = f"{where}: " if where else ""
+    name_of: dict[str, str] = {}
+    value_of: dict[str, str] = {}
+    names = []
+    for number, value in enumerate(values.tolist()):
+        text = _scalar_str(value)
+        row = number if rows is None else int(rows[number])
+        if text is None or not text.strip():
+            raise DataError(f"{prefix}row {row} has no value in column {column!r}, which {scheme} makes the tenants "
+                            "of; fill it in or remove the row")
+        if text not in name_of:
+            try:
+                name = client_name_for(text)
+            except ValueError as exc:
+                raise DataError(f"{prefix}{scheme}: {exc} (row {row}); change the value, or partition otherwise"
+                                ) from None
+            if name in value_of:
+                raise DataError(f"{prefix}{scheme}: values {value_of[name]!r} and {text!r} both name tenant "
+                                f"{name!r} (row {row}); make the values differ in more than case and punctuation")
+            name_of[text], value_of[name] = name, text
+        names.append(name_of[text])
+    return names
+
+
+def _shown(values: list[str], limit: int = 5) -> str:
+    return ", ".join(repr(value) for value in values[:limit]) + (" ..." if len(values) > limit else "")
 
 
 def _split_train_eval(n_rows: int, fraction: float, seed: int, client: str) -> tuple[np.ndarray, np.ndarray]:
@@ -455,6 +567,7 @@ class _Loader:
         self._tables: dict[str, pd.DataFrame] = {}
         self._labels: list[str] | None = cfg.data.labels
         self._simulated: dict[str, ClientData] | None = None
+        self._partition_input: tuple[pd.DataFrame, np.ndarray | None] | None = None
 
     # -- sources --
 
@@ -501,18 +614,25 @@ class _Loader:
     # -- tenants --
 
     def _canonical(self, source: str, where: str) -> tuple[pd.DataFrame, np.ndarray]:
-        frame, positions = _canonical(self.table(source), self.cfg, self.labels(), where)
+        raw = self.table(source)
+        frame, positions = _canonical(raw, self.cfg, self.labels(), where)
         if frame.empty:
-            column = ("text column(s) " + ", ".join(map(repr, self.cfg.data.text_column))
-                      if self.cfg.task == "classification" else f"response column {self.cfg.data.response_column!r}")
+            if self.cfg.task == "classification":
+                column = "text column(s) " + ", ".join(map(repr, self.cfg.data.text_column))
+            elif "messages" in frame.columns:
+                column = f"the assistant turns of column {messages_column_of(raw, self.cfg)!r}"
+            else:
+                column = f"response column {self.cfg.data.response_column!r}"
             raise DataError(f"{where} has no usable rows (every row is empty in {column}); check the file "
                             "and the data.*_column settings")
         return frame, positions
 
-    def simulated(self) -> dict[str, ClientData]:
-        if self._simulated is not None:
-            return self._simulated
-        cfg, clients = self.cfg, self.simulated_clients
+    def partition_input(self) -> tuple[pd.DataFrame, np.ndarray | None]:
+        """``data.source``'s canonical frame (at most ``data.max_samples`` rows) and, per row, what the partition
+        splits it by: the tenant its value names (``column:NAME``), its label (``dirichlet:ALPHA``), or None."""
+        if self._partition_input is not None:
+            return self._partition_input
+        cfg = self.cfg
         source = cfg.data.source
         where = f"data.source {source}"
         scheme = cfg.partition
@@ -521,7 +641,8 @@ class _Loader:
             _require_columns(self.table(source), {column: "data.partition"}, where)
         frame, positions = self._canonical(source, where)
         if column is not None:
-            values = self.table(source)[column].to_numpy()[positions]
+            cells = self.table(source)[column].to_numpy()[positions]
+            values = np.array(tenant_names(cells, column, positions, where), dtype=object)
         elif scheme.startswith("dirichlet:"):
             if cfg.task != "classification":
                 raise DataError(f"partition {scheme!r} needs labels, and task {cfg.task!r} has none; set "
@@ -534,7 +655,15 @@ class _Loader:
             frame = frame.iloc[keep].reset_index(drop=True)
             if values is not None:
                 values = values[keep]
-        shares = partition_indices(values, len(frame), scheme, clients, cfg.seed)
+        self._partition_input = frame, values
+        return self._partition_input
+
+    def simulated(self) -> dict[str, ClientData]:
+        if self._simulated is not None:
+            return self._simulated
+        cfg = self.cfg
+        frame, values = self.partition_input()
+        shares = partition_indices(values, len(frame), cfg.partition, self.simulated_clients, cfg.seed)
         self._simulated = {}
         for client, rows in shares.items():
             share = frame.iloc[rows].reset_index(drop=True)
@@ -579,15 +708,44 @@ class _Loader:
 
 
 def resolve_labels(cfg: FederationConfig) -> FederationConfig:
-    """``cfg`` with ``data.labels`` read from the data when a classification config leaves it unset.
+    """``cfg`` completed with what it leaves to the data (``cfg`` itself when nothing is left):
 
-    The labels are the sorted distinct label strings of ``data.source`` (when some client is simulated)
-    and of the clients' own train/eval files: numerically when all are integers, else lexicographically.
+    * ``data.labels`` of a classification config that leaves it unset: the sorted distinct label strings of
+      ``data.source`` (when some client is simulated) and of the clients' own train/eval files, numerically when
+      all are integers, else lexicographically;
+    * the clients of a ``column:NAME`` partition that leaves them unset: one per value of the column, named after
+      it (:func:`tenant_names`), in name order. A count (``clients: N``, ``--clients N``) must equal the number
+      of values; clients given by name must be exactly the values' names (:func:`partition_indices` checks).
     """
-    if cfg.task != "classification" or cfg.data.labels is not None:
-        return cfg
-    labels = _Loader(cfg).labels()
-    return cfg.with_overrides({"data.labels": labels})
+    loader = _Loader(cfg)
+    overrides: dict[str, Any] = {}
+    if cfg.task == "classification" and cfg.data.labels is None:
+        overrides["data.labels"] = loader.labels()
+    tenants = _column_tenants(cfg, loader)
+    if tenants is not None:
+        overrides["clients"] = tenants
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _column_tenants(cfg: FederationConfig, loader: _Loader) -> list[str] | None:
+    """The clients a ``column:NAME`` partition names after the column's values, when the config does not name
+    them (None when it does, or the partition is another)."""
+    kind, column = parse_partition(cfg.partition)
+    given = "clients" in cfg.model_fields_set
+    count = numbered_client_count(cfg.clients) if given else None
+    if kind != "column" or (given and count is None):
+        return None
+    if cfg.execution.mode == "kubernetes":
+        raise ConfigError(f"data.partition 'column:{column}' names the tenants after the column's values, and in "
+                          "kubernetes mode the data is read in the tenants' namespaces: list the clients by name, one "
+                          "per value")
+    _, values = loader.partition_input()
+    names = sorted(set(values.tolist()))
+    if count is not None and count != len(names):
+        raise DataError(f"clients: {count} (--clients {count}) asks for {count} tenants, and data.partition "
+                        f"'column:{column}' makes one per value of column {column!r}: {len(names)} "
+                        f"({_shown(names, 10)}); leave the clients unset (no --clients), or set them to {len(names)}")
+    return None if names == cfg.client_names else names
 
 
 def load_client_data(cfg: FederationConfig, client: str) -> ClientData:

@@ -1,6 +1,6 @@
 """Evaluate an adapter on tenants' held-out data, per client, and combine the counts globally.
 
-Classification reports loss and accuracy; causal-LM reports loss and perplexity over response tokens.
+Classification reports loss and accuracy; causal-LM reports loss and perplexity over the assistant (response) tokens.
 Each client's result is a :class:`~fedfm.tasks.LossSums` of additive counts, so the global figures
 (the same as evaluating on the union of the tenants' evaluation sets) never average averages, and a
 client can evaluate where its data lives and send back only the counts.

@@ -81,6 +81,26 @@ def check_model(cfg: FederationConfig) -> None:
                              f"named {', '.join(linear)}") from None
 
 
+def check_conversations(cfg: FederationConfig) -> None:
+    """causal-lm, for ``fedfm validate``: every tenant's rows become training examples as a run makes them (the
+    chat template renders each conversation; without one, each is a prompt/response pair), or
+    :class:`~fedfm.errors.DataError` names the tenant, the split and the conversation."""
+    if cfg.task != "causal-lm":
+        return
+    from fedfm.data import load_client_data
+    from fedfm.modeling import load_tokenizer
+    from fedfm.tasks import encode
+
+    tokenizer = load_tokenizer(cfg)
+    for client in cfg.client_names:
+        data = load_client_data(cfg, client)
+        for split, frame in (("training", data.train), ("evaluation", data.eval)):
+            try:
+                encode(frame, tokenizer, cfg)
+            except DataError as exc:
+                raise DataError(f"client {client}'s {split} data: {exc}") from None
+
+
 def cluster_warnings(cfg: FederationConfig) -> list[str]:
     """What a config meant for a cluster names that will not work there, or not as expected."""
     if cfg.execution.mode != "kubernetes":

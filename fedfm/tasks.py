@@ -1,13 +1,17 @@
 """How each task turns canonical rows into model inputs, and how its loss is counted.
 
 - ``classification``: ``text`` → tokens, ``label`` → class index; loss is cross-entropy per example.
-- ``causal-lm`` (instruction tuning): ``prompt`` + ``response`` + eos → tokens; the loss covers the
-  response tokens only (prompt and padding positions carry the ignore index).
+- ``causal-lm`` (instruction tuning): each row is a conversation: its ``messages``, or ``prompt`` and
+  ``response`` as one user and one assistant turn. With a chat template (``model.chat_template``, else the
+  tokenizer's own) the conversation is rendered with ``apply_chat_template``; without one, a prompt/response
+  pair is ``prompt`` + ``response`` + eos. The loss covers the assistant turns only: every other position
+  (system and user turns, the template's own text, padding) carries the ignore index.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +20,7 @@ import pandas as pd
 import torch
 
 from fedfm.config import FederationConfig
+from fedfm.errors import DataError
 
 IGNORE_INDEX = -100
 
@@ -30,19 +35,116 @@ def encode(frame: pd.DataFrame, tokenizer, cfg: FederationConfig) -> list[Exampl
             {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
             for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], frame["label"])
         ]
-    prompts = tokenizer(list(frame["prompt"]), add_special_tokens=True)["input_ids"]
-    responses = tokenizer(list(frame["response"]), add_special_tokens=False)["input_ids"]
-    limit = cfg.model.max_length
+    template = cfg.model.chat_template or getattr(tokenizer, "chat_template", None)
     examples = []
-    for prompt, response in zip(prompts, responses):
-        response = (response + [tokenizer.eos_token_id])[: limit - 1]
-        prompt = prompt[-(limit - len(response)) :]  # drop the prompt's start, never the target
-        examples.append({
-            "input_ids": prompt + response,
-            "attention_mask": [1] * (len(prompt) + len(response)),
-            "labels": [IGNORE_INDEX] * len(prompt) + response,
-        })
+    for number, conversation in enumerate(_as_conversations(frame)):
+        what = f"conversation {number} ({_excerpt(conversation)})"
+        if template:
+            ids, spans = _render(conversation, tokenizer, cfg.model.chat_template, what)
+        else:
+            ids, spans = _concatenate(conversation, tokenizer, cfg, what)
+        examples.append(_fit(ids, spans, cfg.model.max_length, what))
     return examples
+
+
+def _as_conversations(frame: pd.DataFrame) -> list[list[dict[str, str]]]:
+    """A causal-lm frame's rows as conversations: its ``messages``, or each prompt/response pair as a user turn and
+    an assistant turn."""
+    if "messages" in frame.columns:
+        return list(frame["messages"])
+    return [[{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            for prompt, response in zip(frame["prompt"], frame["response"])]
+
+
+def _excerpt(conversation: list[dict[str, str]]) -> str:
+    text = " ".join(conversation[0]["content"].split())
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def _concatenate(conversation: list[dict[str, str]], tokenizer, cfg: FederationConfig, what: str
+                 ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Without a chat template: a user turn's text (with the tokenizer's special tokens) followed by the assistant's
+    and eos, the one assistant turn being the target."""
+    roles = [turn["role"] for turn in conversation]
+    if roles != ["user", "assistant"]:
+        raise DataError(f"{what} has the turns {', '.join(roles)}, and model {cfg.model.name_or_path}'s tokenizer "
+                        "has no chat template to render them with; set model.chat_template (a Jinja template), or "
+                        "give each row one user and one assistant turn (prompt/response)")
+    prompt = tokenizer(conversation[0]["content"], add_special_tokens=True)["input_ids"]
+    response = tokenizer(conversation[1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt + response, [(len(prompt), len(prompt) + len(response))]
+
+
+def _render(conversation: list[dict[str, str]], tokenizer, template: str | None, what: str
+            ) -> tuple[list[int], list[tuple[int, int]]]:
+    """The conversation through the chat template (``template``, else the tokenizer's), and the token spans of its
+    assistant turns. A turn's span runs from where the template, asked for the next reply after the turns before
+    it, stops (its generation prompt) to where the rendering that ends with the turn ends, less trailing
+    whitespace: the content and the end-of-turn token(s) the template emits after it."""
+
+    def render(turns: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja errors, and a template's own raise_exception
+            raise DataError(f"the chat template cannot render {what}: {type(exc).__name__}: {exc}") from None
+
+    text = render(conversation, False)
+    ids = _token_ids(tokenizer, text)
+    spans = []
+    for index, turn in enumerate(conversation):
+        if turn["role"] != "assistant":
+            continue
+        through = render(conversation[: index + 1], False)
+        if not text.startswith(through):
+            raise DataError(f"the chat template renders the turns of {what} up to assistant turn {index} "
+                            "differently once later turns follow, so its assistant tokens cannot be told apart; "
+                            "split the conversation, or set model.chat_template to a template that renders each "
+                            "turn the same whatever follows")
+        if index:
+            start = len(os.path.commonprefix([render(conversation[:index], True), through]))
+        else:  # no turns before it to render: the content's place in its own rendering
+            start = max(through.find(turn["content"].strip()), 0)
+        end = max(len(through.rstrip()), start)
+        spans.append((_token_boundary(tokenizer, text[:start], ids, straddling=False),
+                      _token_boundary(tokenizer, text[:end], ids, straddling=True)))
+    return ids, spans
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    # a rendered template already holds its special tokens (bos included) as text
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _token_boundary(tokenizer, prefix: str, ids: list[int], *, straddling: bool) -> int:
+    """How many of ``ids`` (the whole text's tokens) lie within the text's first characters ``prefix``; a token
+    that spans the boundary (the tokenizer merged across it) counts when ``straddling``."""
+    prefix_ids = _token_ids(tokenizer, prefix)
+    same = 0
+    for own, whole in zip(prefix_ids, ids):
+        if own != whole:
+            break
+        same += 1
+    return same + 1 if straddling and same < len(prefix_ids) else same
+
+
+def _fit(ids: list[int], spans: list[tuple[int, int]], limit: int, what: str) -> Example:
+    """One example of at most ``limit`` tokens, labelled on the assistant spans. Tokens after the last assistant
+    turn carry no loss and go; a longer conversation loses its start, never all of its last answer (an answer too
+    long for ``limit`` keeps one token of what precedes it and its beginning)."""
+    spans = [(start, end) for start, end in spans if end > start]
+    if not spans:
+        raise DataError(f"{what}: the chat template renders no token of its assistant turns, so there is nothing "
+                        "to learn; check model.chat_template")
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        labels[start:end] = ids[start:end]
+    last_start, end = spans[-1]
+    start = max(end - limit, 0)
+    if start >= last_start:
+        start = max(last_start - 1, 0)
+        end = min(start + limit, end)
+    return {"input_ids": ids[start:end], "attention_mask": [1] * (end - start), "labels": labels[start:end]}
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -67,10 +67,85 @@ def test_the_compiled_pipeline_has_typed_run_parameters_a_ui_user_can_change(tin
         "strategy_params": ("Dict", {}), "sample_fraction": ("Float", 1.0), "min_clients": ("Integer", 2),
         "target_epsilon": ("Float", 0.0), "seed": ("Integer", 0)}
     assert all(type(default) is int for kind, default in inputs.values() if kind == "Integer")
-    assert "Compiled for 2 round(s), the clients tenant-0, tenant-1, tenant-2, and without secure aggregation" \
-        in component.description
+    assert ("Compiled for 2 round(s), the clients tenant-0, tenant-1, tenant-2, without secure aggregation, clients "
+            "trained in the pipeline's pods (execution.mode local)") in component.description
     text = (tmp_path / "p.yaml").read_text()
     assert "rounds': 2," in text and "batch_size: int [Default: 8]" in text  # the header, as the file shows it
+
+
+def _compiled_tasks(path) -> dict[str, dict]:
+    """Each task of a compiled pipeline by its display name: its retry policy and caching, its container's
+    resources and its Kubernetes settings (the platform spec kfp-kubernetes writes)."""
+    spec, *platform = yaml.safe_load_all(path.read_text())  # no platform spec where no task has settings
+    kubernetes = platform[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if platform else {}
+    dags = [spec["root"]["dag"]] + [component["dag"] for component in spec["components"].values() if "dag" in component]
+    tasks = {}
+    for dag in dags:
+        for task in dag["tasks"].values():
+            if "parameterIterator" in task:  # a loop: its tasks are in its own DAG
+                continue
+            executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+            tasks[task["taskInfo"]["name"]] = {
+                "retry": task.get("retryPolicy"), "cache": task["cachingOptions"].get("enableCache", False),
+                "resources": spec["deploymentSpec"]["executors"][executor]["container"].get("resources", {}),
+                "kubernetes": kubernetes.get(executor, {})}
+    return tasks
+
+
+def test_each_task_runs_with_the_kubernetes_settings_of_its_role(tiny_config, tmp_path):
+    """Issue 18, item 2: on a Kubeflow Pipelines cluster in local mode, the tasks that train and score (each
+    client step, evaluate) get the config's resources, GPUs, node selector, tolerations, PVCs and Secrets; the
+    other tasks theirs; in kubernetes mode the client steps only launch the tenants' Jobs and ask for little.
+    No task is served from KFP's cache and each is retried as configured."""
+    from fedfm.pipelines.federated_finetune import compile_pipeline
+
+    client = {"cpu": "4", "memory": "16Gi", "memory_limit": "20Gi", "accelerator_type": "nvidia.com/gpu",
+              "accelerator_count": 2, "node_selector": {"pool": "gpu"},
+              "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+              "volumes": [{"pvc": "tenant-data", "mount_path": "/data"}],
+              "secrets": [{"name": "data-s3", "env": {"key-id": "AWS_ACCESS_KEY_ID"}},
+                          {"name": "data-ca", "mount_path": "/etc/ca"}]}
+    cfg = tiny_config(rounds=1, **{"execution.kfp": {"client": client, "server": {"cpu": "1", "memory": "4Gi"},
+                                                     "image_pull_secrets": ["registry-key"], "retries": 3}})
+    compile_pipeline(cfg, str(tmp_path / "local.yaml"))
+    tasks = _compiled_tasks(tmp_path / "local.yaml")
+    assert sorted(tasks) == ["export", "init", "round 0: evaluate", "round 1: aggregate", "round 1: evaluate",
+                             "round 1: fine-tune", "round 1: select clients"]
+    training = {"round 1: fine-tune", "round 0: evaluate", "round 1: evaluate"}
+    for name, task in tasks.items():
+        assert task["retry"]["maxRetryCount"] == 3 and task["retry"]["backoffDuration"] == "30s", name
+        assert task["cache"] is False, name
+        assert [s["secretName"] for s in task["kubernetes"]["imagePullSecret"]] == ["registry-key"], name
+        resources, settings = task["resources"], task["kubernetes"]
+        if name in training:
+            assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"],
+                    resources["resourceMemoryLimit"]) == ("4", "16Gi", "20Gi"), name
+            assert (resources["accelerator"]["resourceType"], resources["accelerator"]["resourceCount"]) == (
+                "nvidia.com/gpu", "2"), name
+            assert settings["nodeSelector"] == {"labels": {"pool": "gpu"}}
+            assert settings["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            assert [(m["constant"], m["mountPath"]) for m in settings["pvcMount"]] == [("tenant-data", "/data")]
+            assert [(s["secretName"], s["keyToEnv"]) for s in settings["secretAsEnv"]] == [
+                ("data-s3", [{"secretKey": "key-id", "envVar": "AWS_ACCESS_KEY_ID"}])]
+            assert [(s["secretName"], s["mountPath"]) for s in settings["secretAsVolume"]] == [("data-ca", "/etc/ca")]
+        else:
+            assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == ("1", "4Gi"), name
+            assert "accelerator" not in resources and set(settings) == {"imagePullSecret"}, name
+
+    # kubernetes mode, secure aggregation: every client step is a launcher with small requests
+    cluster = tiny_config(rounds=1, **{"execution.mode": "kubernetes", "execution.storage_uri": "s3://fed/runs",
+                                       "secure_aggregation.enabled": True, "data.labels": ["a", "b", "c", "d"]})
+    compile_pipeline(cluster, str(tmp_path / "cluster.yaml"))
+    tasks = _compiled_tasks(tmp_path / "cluster.yaml")
+    launchers = {name for name, task in tasks.items() if task["resources"]}
+    assert launchers == {"round 0: evaluate", "round 1: evaluate", "round 1: advertise keys", "round 1: share keys",
+                         "round 1: fine-tune", "round 1: confirm survivors", "round 1: reveal shares"}
+    assert all(tasks[name]["resources"] == {"cpuRequest": 0.1, "resourceCpuRequest": "100m",
+                                            "memoryRequest": 0.536870912, "resourceMemoryRequest": "512Mi"}
+               for name in launchers)
+    assert all(task["retry"]["maxRetryCount"] == 1 and not task["kubernetes"] for task in tasks.values())
+    with pytest.raises(FedFMError, match="execution.kfp.client is for local mode"):
+        cluster.with_overrides({"execution.kfp.client.cpu": "4"})
 
 
 def test_a_run_parameter_changed_in_the_ui_is_what_every_step_runs_with(tiny_config, tmp_path):
@@ -90,7 +165,8 @@ def test_a_run_parameter_changed_in_the_ui_is_what_every_step_runs_with(tiny_con
     given = {**compiled, "learning_rate": 0.02, "local_steps": 3}  # changed in their own fields
     outputs = {name: Output(tmp_path / name) for name in ("global_adapter", "server_state", "history")}
     run_config, = init_federation(config=edited, run_id="", start_round=1, compiled_rounds=2,
-                                  compiled_secure_aggregation=False, compiled_parameters=compiled, **given, **outputs)
+                                  compiled_secure_aggregation=False,
+                                  compiled_execution_mode="local", compiled_parameters=compiled, **given, **outputs)
     run = FederationConfig.parse(run_config)
     assert (run.training.learning_rate, run.training.local_steps, run.training.batch_size) == (0.02, 3, 4)
     assert (tmp_path / "global_adapter").exists()

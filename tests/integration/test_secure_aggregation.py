@@ -461,7 +461,8 @@ def test_a_pipeline_compiled_without_secure_aggregation_refuses_a_config_that_tu
     values = run_parameter_values(cfg)
     with pytest.raises(ConfigError, match="pipeline was compiled without its steps: recompile"):
         init_federation(config=cfg.as_dict(), run_id="", start_round=1, compiled_rounds=cfg.rounds,
-                        compiled_secure_aggregation=False, compiled_parameters=values, **values, **outputs)
+                        compiled_secure_aggregation=False,
+                        compiled_execution_mode="local", compiled_parameters=values, **values, **outputs)
     assert not (tmp_path / "global_adapter").exists()
 
 

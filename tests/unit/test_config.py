@@ -170,3 +170,44 @@ def test_the_default_partition_fits_the_task_and_a_label_skew_without_labels_is_
     # tenants with data of their own split nothing: no partition applies
     own = {"task": "causal-lm", "data": {"partition": "dirichlet:0.3"}, "clients": [{"name": "a", "train": "a.csv"}]}
     assert FederationConfig.parse(own).partition == "dirichlet:0.3"
+
+
+def test_unset_clients_stay_unset_through_overrides_and_column_values_become_dns_label_names():
+    """Issue 18, item 4: a column partition names the tenants after its values only when the config leaves the
+    clients unset, so the CLI's overrides must not turn the four default tenants into given ones."""
+    from fedfm.config import client_name_for, numbered_client_count
+
+    unset = FederationConfig().with_overrides({"rounds": 2, "data.partition": "column:site"})
+    assert "clients" not in unset.model_fields_set and unset.client_names == [f"tenant-{i}" for i in range(4)]
+    assert "clients" in unset.with_overrides({"clients": 3}).model_fields_set
+    assert numbered_client_count(unset.with_overrides({"clients": 3}).clients) == 3
+    assert numbered_client_count(unset.with_overrides({"clients": ["tenant-0", "east"]}).clients) is None
+    assert numbered_client_count(unset.with_overrides({"clients": [{"name": "tenant-0", "lora_r": 4}]}).clients) is None
+    assert [client_name_for(value) for value in ["North", "South Wing", "site_b", "Zürich", " 42 ", "a" * 63]] == \
+        ["north", "south-wing", "site-b", "zurich", "42", "a" * 63]
+    for value in ["---", "", "a" * 64, "CENTRALIZED"]:
+        with pytest.raises(ValueError, match=f"value {value!r} "):
+            client_name_for(value)
+
+
+def test_validate_names_the_tenants_of_a_column_partition_and_refuses_a_clients_count_that_disagrees(
+        tmp_path, tiny_classifier):
+    """`fedfm validate` (which shares config loading with run and simulate): `--partition column:NAME` alone makes
+    one tenant per value; `--clients` with another number is an error naming both."""
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+    from fedfm.errors import DataError
+
+    path = tmp_path / "wards.csv"
+    path.write_text("text,label,ward\n" + "".join(f"t{i},{'pn'[i % 2]},{['Ward A', 'ICU'][i % 2]}\n"
+                                                 for i in range(8)))
+    flags = ["validate", "--model", tiny_classifier, "--dataset", str(path), "--partition", "column:ward"]
+    result = CliRunner().invoke(app, flags)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert "2 client(s)" in said and "data: icu 3+1 rows, ward-a 3+1 rows (train+eval)" in said
+    result = CliRunner().invoke(app, [*flags, "--clients", "3"])
+    assert isinstance(result.exception, DataError)
+    assert str(result.exception).startswith("clients: 3 (--clients 3) asks for 3 tenants, and data.partition "
+                                            "'column:ward' makes one per value of column 'ward': 2 ('icu', 'ward-a')")

@@ -183,7 +183,7 @@ LABELS = np.repeat(np.arange(5), 200)  # 1,000 rows, label-sorted
 @pytest.mark.parametrize("scheme, values", [
     ("iid", None),
     ("dirichlet:0.5", LABELS),
-    ("column:region", np.array([f"r{i % 7}" for i in range(1000)], dtype=object)),
+    ("column:region", np.array([CLIENTS[i * 7 % 4] for i in range(1000)], dtype=object)),
 ])
 def test_partitions_are_disjoint_complete_and_deterministic(scheme, values):
     first = partition_indices(values, 1000, scheme, CLIENTS, seed=3)
@@ -246,12 +246,22 @@ def test_dirichlet_impossible_raises_with_advice():
         partition_indices(None, 100, "dirichlet:0.5", CLIENTS, 0)
 
 
-def test_column_partition_by_client_name_and_round_robin():
+def test_column_partition_gives_each_client_the_rows_of_its_value_and_never_merges_values():
+    """Issue 18, item 4: a column partition makes one tenant per value, named after it (a DNS-label form of it);
+    clients that disagree with the values are an error naming both sides, where values used to be dealt out
+    round-robin (merged) among clients named otherwise."""
     values = np.array(["b", "a", "c", "a", "b", "c", "c"], dtype=object)
     named = partition_indices(values, 7, "column:site", ["c", "a", "b"], 0)
     assert {k: v.tolist() for k, v in named.items()} == {"c": [2, 5, 6], "a": [1, 3], "b": [0, 4]}
-    dealt = partition_indices(values, 7, "column:site", ["x", "y"], 0)  # sorted values a, b, c → x, y, x
-    assert dealt["x"].tolist() == [1, 2, 3, 5, 6] and dealt["y"].tolist() == [0, 4]
+    with pytest.raises(DataError) as info:
+        partition_indices(values, 7, "column:site", ["x", "a"], 0)
+    assert str(info.value).startswith(
+        "partition 'column:site' makes one tenant per value of column 'site', named after it ('a', 'b', 'c'), and "
+        "the clients ('x', 'a') disagree: no value of the column names client(s) 'x'; value(s) 'b', 'c' name no "
+        "client. Leave the clients unset (no --clients)")
+    spelled = np.array(["Site A", "site_b", "Zürich", "Site A"], dtype=object)
+    shares = partition_indices(spelled, 4, "column:site", ["site-a", "site-b", "zurich"], 0)
+    assert {k: v.tolist() for k, v in shares.items()} == {"site-a": [0, 3], "site-b": [1], "zurich": [2]}
 
 
 def test_column_partition_through_config(tmp_path):
@@ -269,6 +279,71 @@ def test_column_partition_through_config(tmp_path):
     bad = cfg.with_overrides({"data.partition": "column:ward"})
     with pytest.raises(DataError, match=r"no column 'ward'.*hospital"):
         load_client_data(bad, "east")
+
+
+def hospital_file(tmp_path, hospitals) -> str:
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(len(hospitals))], "label": ["p", "n"] * (len(hospitals) // 2),
+                          "hospital": hospitals})
+    path = tmp_path / "h.csv"
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def test_an_unset_clients_list_becomes_one_tenant_per_column_value_named_after_it(tmp_path):
+    """Issue 18, item 4: ``--partition column:NAME`` without clients makes one tenant per value of the column,
+    named after it, each holding exactly the rows of its value; a count that agrees names them the same way, one
+    that disagrees is an error, not a merge."""
+    hospitals = ["North", "South Wing", "east"] * 4
+    path = hospital_file(tmp_path, hospitals)
+    unset = FederationConfig(data={"source": path, "partition": "column:hospital"}).with_overrides({"rounds": 2})
+    cfg = resolve_labels(unset)
+    assert cfg.client_names == ["east", "north", "south-wing"]
+    names = {"east": "east", "north": "North", "south-wing": "South Wing"}
+    for name in cfg.client_names:
+        part = load_client_data(cfg, name)
+        assert sorted(texts(part.train) + texts(part.eval)) == sorted(
+            f"t{i}" for i, hospital in enumerate(hospitals) if hospital == names[name])
+    assert resolve_labels(cfg) is cfg  # the names are the values': nothing left to resolve
+    assert resolve_labels(unset.with_overrides({"clients": 3})).client_names == cfg.client_names
+    with pytest.raises(DataError) as info:
+        resolve_labels(unset.with_overrides({"clients": 2}))
+    assert str(info.value) == (
+        "clients: 2 (--clients 2) asks for 2 tenants, and data.partition 'column:hospital' makes one per value of "
+        "column 'hospital': 3 ('east', 'north', 'south-wing'); leave the clients unset (no --clients), or set them "
+        "to 3")
+    named = cfg.with_overrides({"clients": ["east", "north", "west"]})
+    assert resolve_labels(named) is named  # clients given by name are the user's: checked, never renamed
+    with pytest.raises(DataError, match=r"and the clients \('east', 'north', 'west'\) disagree: no value of the "
+                                        r"column names client\(s\) 'west'; value\(s\) 'south-wing' name no client"):
+        describe_clients(named)
+
+
+@pytest.mark.parametrize("hospitals, message", [
+    (["Site A", "site-a"], "data.partition 'column:hospital': values 'Site A' and 'site-a' both name tenant "
+                           "'site-a' (row 1); make the values differ in more than case and punctuation"),
+    (["north", "--"], "data.partition 'column:hospital': value '--' gives no tenant name (a tenant is named after "
+                      "its value as a lowercase RFC 1123 label: a-z, 0-9 and '-', at most 63 characters) (row 1)"),
+    (["north", "Centralized"], "value 'Centralized' would name a tenant 'centralized', which is reserved"),
+    (["north", None], "row 1 has no value in column 'hospital', which data.partition 'column:hospital' makes the "
+                      "tenants of; fill it in or remove the row"),
+])
+def test_column_values_that_cannot_name_a_tenant_are_named_with_their_row(tmp_path, hospitals, message):
+    path = hospital_file(tmp_path, hospitals)
+    with pytest.raises(DataError) as info:
+        resolve_labels(FederationConfig(data={"source": path, "partition": "column:hospital"}))
+    assert str(info.value).startswith(f"data.source {path}: ") and message in str(info.value)
+
+
+def test_a_column_partition_in_kubernetes_mode_needs_the_clients_by_name(tmp_path):
+    from fedfm.errors import ConfigError
+
+    cfg = FederationConfig(data={"source": "s3://bucket/h.csv", "partition": "column:hospital", "labels": ["n", "p"]},
+                           execution={"mode": "kubernetes", "storage_uri": "s3://bucket/runs"})
+    with pytest.raises(ConfigError, match="in kubernetes mode the data is read in the tenants' namespaces: list the "
+                                          "clients by name, one per value"):
+        resolve_labels(cfg)
+    named = cfg.with_overrides({"clients": ["north", "south"]})
+    assert resolve_labels(named) is named
 
 
 # --------------------------------------------------------------------------------------------------
