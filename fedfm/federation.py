@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from fedfm import lora, storage
-from fedfm.adapters import Adapter, AdapterMeta, Tensors, load_adapter, read_meta, save_adapter
+from fedfm.adapters import Adapter, AdapterMeta, Tensors, load_adapter, read_meta, save_adapter, shapes_of
 from fedfm.config import FederationConfig
 from fedfm.errors import FedFMError, StorageError
 from fedfm.head import check_counts, class_row_tensors, per_class_aggregation, per_class_rows
@@ -160,7 +160,7 @@ def _per_class_head(cfg: FederationConfig, current: Adapter, kept: list[tuple[st
 def _sent_shapes(cfg: FederationConfig, round_index: int, global_tensors: Tensors) -> dict[str, tuple[int, ...]]:
     """The tensors (and shapes) every client of a one-rank federation sends this round."""
     shapes = expected_update_shapes(cfg, cfg.training_clients[0], round_index, global_tensors)
-    return shapes if shapes is not None else {name: tuple(value.shape) for name, value in global_tensors.items()}
+    return shapes if shapes is not None else shapes_of(global_tensors)
 
 
 def _mean_update(current: Adapter, tensors: Tensors, round_index: int) -> Adapter:

@@ -39,11 +39,10 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
 
 import torch
 
-from fedfm.adapters import Adapter, AdapterMeta, Tensors
+from fedfm.adapters import Adapter, AdapterMeta, Tensors, mapped, shapes_of
 from fedfm.errors import AdapterValidationError, TrainingError
 from fedfm.lora import is_lora_a, is_lora_b
 
@@ -57,8 +56,8 @@ MIN_RELATIVE_SPREAD = 1e-3
 def class_row_tensors(tensors: Tensors, num_labels: int) -> list[str]:
     """The head's per-class tensors in an adapter: full (not LoRA) tensors with one row per class (the
     last linear layer's weight and bias)."""
-    return sorted(name for name, value in tensors.items()
-                  if not (is_lora_a(name) or is_lora_b(name)) and value.dim() >= 1 and value.shape[0] == num_labels)
+    return sorted(name for name, shape in shapes_of(tensors).items()
+                  if not (is_lora_a(name) or is_lora_b(name)) and len(shape) >= 1 and shape[0] == num_labels)
 
 
 def class_counts(labels: Iterable[int], num_labels: int) -> list[int]:
@@ -119,11 +118,13 @@ def per_class_rows(updates: Iterable[Adapter], counts: Mapping[str, Sequence[int
         client = update.meta.client
         factors = (torch.tensor(counts[client], dtype=torch.float64) / samples[client]
                    * scale_of_total).to(torch.float32)
-        tensors = dict(update.tensors)
-        for name in class_row_tensors(tensors, num_labels):
-            shape = (num_labels,) + (1,) * (tensors[name].dim() - 1)
-            tensors[name] = tensors[name] * factors.reshape(shape)
-        yield replace(update, tensors=tensors)
+        rows = set(class_row_tensors(update.tensors, num_labels))
+
+        def rescaled(name: str, value: torch.Tensor, factors: torch.Tensor = factors,
+                     rows: set[str] = rows) -> torch.Tensor:
+            return value * factors.reshape((num_labels,) + (1,) * (value.dim() - 1)) if name in rows else value
+
+        yield mapped(update, rescaled)  # rescaled as each tensor is read: the update is not held whole
 
 
 def head_linear(model, num_labels: int) -> torch.nn.Linear:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fedfm.adapters import Tensors
+from fedfm.adapters import Tensors, shapes_of
 
 A, B = ".lora_A.", ".lora_B."
 
@@ -32,7 +32,7 @@ def layers(tensors: Tensors) -> dict[str, tuple[str, str]]:
 
 def rank_of(tensors: Tensors) -> int:
     """The adapter's LoRA rank (0 if it has no LoRA factors)."""
-    return max((value.shape[0] for name, value in tensors.items() if is_lora_a(name)), default=0)
+    return max((shape[0] for name, shape in shapes_of(tensors).items() if is_lora_a(name)), default=0)
 
 
 def shape_at(name: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:

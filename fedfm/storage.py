@@ -7,14 +7,20 @@ minio) publish an object only once its upload completes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 
 from fedfm.errors import StorageError
 from fedfm.trust.grants import granted_options
+
+# What a streamed copy holds in memory at a time.
+COPY_CHUNK_BYTES = 8 << 20
 
 
 def _is_local(uri: str) -> bool:
@@ -67,6 +73,40 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     return _at(os.fspath(uri), "read", Path.read_bytes, lambda fs, path: fs.cat_file(path))
 
 
+def private_copy(uri: str | os.PathLike, limit: int | None = None, *,
+                 file_sha256: bool = False) -> tuple[BinaryIO, str | None]:
+    """A copy of ``uri`` in an unnamed temporary file of this process's (no path leads to it, so no one else
+    can replace or change it once it is made), and with ``file_sha256`` the sha256 of its bytes; streamed in
+    chunks, so memory holds one chunk whatever the file's size (the copy goes to the temporary directory,
+    which should be disk: on a memory-backed one it costs memory again). More than ``limit`` bytes (the file
+    grew since its size was checked) is a StorageError. The copy is deleted when the returned file is closed."""
+    uri = os.fspath(uri)
+    copy = tempfile.TemporaryFile(prefix="fedfm-copy-")
+    digest, copied = hashlib.sha256() if file_sha256 else None, 0
+    try:
+        with _at(uri, "read", lambda path: path.open("rb"), lambda fs, path: fs.open(path, "rb")) as source:
+            while chunk := source.read(COPY_CHUNK_BYTES):
+                copied += len(chunk)
+                if limit is not None and copied > limit:
+                    raise StorageError(f"{uri} holds more than the {limit} bytes it may")
+                if digest is not None:
+                    digest.update(chunk)
+                copy.write(chunk)
+        copy.flush()
+    except StorageError:
+        copy.close()
+        raise
+    except OSError as exc:
+        copy.close()
+        raise StorageError(f"cannot read {uri}: {exc}") from None
+    except Exception as exc:  # fsspec implementations raise what they like while reading
+        copy.close()
+        if _is_local(uri):
+            raise
+        raise StorageError(f"cannot read {uri}: {_reason(exc)}") from None
+    return copy, None if digest is None else digest.hexdigest()
+
+
 def exists(uri: str | os.PathLike) -> bool:
     return bool(_at(os.fspath(uri), "check", Path.exists, lambda fs, path: fs.exists(path)))
 
@@ -78,15 +118,25 @@ def size(uri: str | os.PathLike) -> int:
 
 def write_bytes(uri: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> None:
     """Write ``data`` to ``uri`` atomically. Without ``overwrite``, an existing object is an error."""
+    write_file(uri, lambda path: Path(path).write_bytes(data), overwrite=overwrite)
+
+
+def write_file(uri: str | os.PathLike, write: Callable[[str], object], *, overwrite: bool = False) -> None:
+    """Publish at ``uri``, atomically, the file that ``write(path)`` writes at a local temporary path: a writer
+    that streams (such as safetensors' ``save_file``) never holds the whole file in memory. Without
+    ``overwrite``, an existing object is an error."""
     uri = os.fspath(uri)
     if _is_local(uri):
-        _write_local(_local_path(uri), data, overwrite)
+        _write_local(_local_path(uri), write, overwrite)
         return
     try:
         fs, path = _filesystem(uri)
         if not overwrite and fs.exists(path):
             raise StorageError(f"{uri} already exists; refusing to overwrite it")
-        fs.pipe_file(path, data)
+        with tempfile.TemporaryDirectory(prefix="fedfm-upload-") as directory:
+            local = os.path.join(directory, "file")
+            write(local)
+            fs.put_file(local, path)
     except StorageError:
         raise
     except (OSError, ValueError, ImportError) as exc:
@@ -95,7 +145,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes, *, overwrite: bool = False)
         raise StorageError(f"cannot write {uri}: {_reason(exc)}") from None
 
 
-def _write_local(path: Path, data: bytes, overwrite: bool) -> None:
+def _write_local(path: Path, write: Callable[[str], object], overwrite: bool) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -103,10 +153,10 @@ def _write_local(path: Path, data: bytes, overwrite: bool) -> None:
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.close(fd)
+        write(tmp_name)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         if overwrite:
             os.replace(tmp, path)
         else:

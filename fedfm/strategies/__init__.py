@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 
 from fedfm import lora
-from fedfm.adapters import Tensors
+from fedfm.adapters import Tensors, shapes_of
 from fedfm.config import FederationConfig, StrategyConfig
 from fedfm.errors import ConfigError
 from fedfm.strategies.base import Aggregate, ServerState, Strategy
@@ -47,7 +47,7 @@ def expected_update_shapes(cfg: FederationConfig, client: str, round_index: int,
     if not (cfg.mixed_ranks or client_lora.freeze_a or client_lora.keep_b_local or client_lora.restart):
         return None
     rank = cfg.client_rank(client) if cfg.mixed_ranks or client_lora.restart else lora.rank_of(global_tensors)
-    return {name: lora.shape_at(name, tuple(value.shape), rank) for name, value in global_tensors.items()
+    return {name: lora.shape_at(name, shape, rank) for name, shape in shapes_of(global_tensors).items()
             if not (client_lora.freeze_a and lora.is_lora_a(name))
             and not (client_lora.keep_b_local and lora.is_lora_b(name))}
 

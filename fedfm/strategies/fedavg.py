@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedfm.adapters import Adapter, Tensors
+from fedfm.adapters import Adapter, Tensors, shapes_of
 from fedfm.errors import FedFMError
 from fedfm.strategies.base import Aggregate, ServerState, Strategy
 
@@ -24,17 +24,17 @@ def weighted_mean(global_tensors: Tensors, updates: Iterable[Adapter], rule: str
     float32 weights): a float64 accumulator would be 10× slower, the sum of N terms is exact to about
     √N float32 roundings, and a tensor an update leaves out counts as zero for that client.
     """
-    weighted_sum = {name: torch.zeros(value.shape, dtype=torch.float32) for name, value in global_tensors.items()}
+    weighted_sum = {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes_of(global_tensors).items()}
     clients: list[str] = []
     total = 0
     with _one_thread():
         for update in updates:
             weight = update.meta.samples
-            for name, delta in update.tensors.items():
-                weighted_sum[name].add_(delta, alpha=weight)  # shapes were validated equal to the global's
+            for name in update.tensors:  # by name: no tensor of it is still held when the next one is read
+                weighted_sum[name].add_(update.tensors[name], alpha=weight)  # shapes validated equal to the global's
             total += weight
             clients.append(update.meta.client or f"update {len(clients)}")
-            update = delta = None  # let it go before the iterator loads the next one: one update alive at a time
+            update = None  # let it go before the iterator loads the next one: one update alive at a time
     if not clients:
         raise FedFMError(f"{rule}: no client updates to aggregate")
     for value in weighted_sum.values():

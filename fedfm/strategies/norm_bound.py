@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from fedfm.adapters import Adapter, l2_norm
+from fedfm.adapters import Adapter, l2_norm, scaled
 
 
 def bound_norms(updates: Iterable[Adapter], max_norm: float, clipped: dict[str, float]) -> Iterator[Adapter]:
@@ -18,8 +18,6 @@ def bound_norms(updates: Iterable[Adapter], max_norm: float, clipped: dict[str, 
     for update in updates:
         norm = l2_norm(update.tensors)
         if norm > max_norm:
-            scale = max_norm / norm
-            for value in update.tensors.values():
-                value.mul_(scale)
             clipped[update.meta.client or f"update {len(clipped)}"] = norm
+            update = scaled(update, max_norm / norm)
         yield update

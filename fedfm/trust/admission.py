@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from fedfm import storage
-from fedfm.adapters import Adapter, load_adapter, validate_update
+from fedfm.adapters import Adapter, load_adapter, shapes_of, validate_update
 from fedfm.config import FederationConfig
 from fedfm.errors import AdapterValidationError, FedFMError, QuorumError
 from fedfm.head import check_counts, class_row_tensors, per_class_aggregation
@@ -117,8 +117,7 @@ def validated(cfg: FederationConfig, round_index: int, current: Adapter, updates
 def valid_update(cfg: FederationConfig, round_index: int, current: Adapter, client: str, uri: str) -> Adapter:
     """``client``'s update at ``uri``, loaded and checked against the global adapter ``current``."""
     expected = expected_update_shapes(cfg, client, round_index, current.tensors)  # None: the global adapter's
-    update = load_adapter(uri, who=f"client {client}", expected_shapes=expected or {
-        name: tuple(value.shape) for name, value in current.tensors.items()})
+    update = load_adapter(uri, who=f"client {client}", expected_shapes=expected or shapes_of(current.tensors))
     if update.meta.client != client:
         raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
                                      client=client)

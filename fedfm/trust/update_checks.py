@@ -44,7 +44,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedfm.adapters import Adapter, AdapterMeta, l2_norm, load_adapter
+from fedfm.adapters import Adapter, AdapterMeta, l2_norm, load_adapter, scaled
 from fedfm.config import UpdateChecksConfig
 from fedfm.errors import AdapterValidationError
 
@@ -230,10 +230,7 @@ def reloaded(updates: Iterable[tuple[str, str]], metas: Mapping[str, AdapterMeta
             raise AdapterValidationError(f"client {client}'s update {uri} changed between its norm check and the "
                                          "aggregation", client=client)
         scale = scales.get(client)
-        if scale is not None:
-            for value in update.tensors.values():
-                value.mul_(scale)
-        yield update
+        yield update if scale is None else scaled(update, scale)
         del update  # not held while the next one loads
 
 

@@ -489,8 +489,8 @@ def test_an_update_larger_than_the_adapter_allows_is_not_read(tmp_path, monkeypa
     write_update(tmp_path / "huge.safetensors", "tenant-3", common, 100, metrics={"padding": "x" * (9 << 20)})
     pairs[3] = ("tenant-3", str(tmp_path / "huge.safetensors"))
     reads = []
-    honest_read = storage.read_bytes
-    monkeypatch.setattr(storage, "read_bytes", lambda uri, *a, **k: reads.append(str(uri)) or honest_read(uri, *a, **k))
+    honest_copy = storage.private_copy
+    monkeypatch.setattr(storage, "private_copy", lambda uri, *a, **k: reads.append(str(uri)) or honest_copy(uri, *a, **k))
     cfg = FederationConfig(clients=4).with_overrides({"policy.preset": "checks"})
     meta = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
     assert "takes at most" in meta.metrics["missing"]["tenant-3"]
