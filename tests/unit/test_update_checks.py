@@ -490,7 +490,8 @@ def test_an_update_larger_than_the_adapter_allows_is_not_read(tmp_path, monkeypa
     pairs[3] = ("tenant-3", str(tmp_path / "huge.safetensors"))
     reads = []
     honest_copy = storage.private_copy
-    monkeypatch.setattr(storage, "private_copy", lambda uri, *a, **k: reads.append(str(uri)) or honest_copy(uri, *a, **k))
+    monkeypatch.setattr(storage, "private_copy",
+                        lambda uri, *a, **k: reads.append(str(uri)) or honest_copy(uri, *a, **k))
     cfg = FederationConfig(clients=4).with_overrides({"policy.preset": "checks"})
     meta = aggregate_round(cfg, 1, global_uri, pairs, str(tmp_path / "next.safetensors"))
     assert "takes at most" in meta.metrics["missing"]["tenant-3"]
