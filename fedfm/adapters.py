@@ -371,7 +371,7 @@ def update_byte_limit(shapes: Mapping[str, Sequence[int]]) -> int:
 
 
 def load_adapter(uri: str | os.PathLike, *, who: str | None = None,
-                 expected_shapes: Mapping[str, Sequence[int]] | None = None) -> Adapter:
+                 expected_shapes: Mapping[str, Sequence[int]] | None = None, streamed: bool = False) -> Adapter:
     """Read and integrity-check an adapter file. ``who`` (e.g. ``client tenant-1``) prefixes errors.
 
     ``expected_shapes`` (an update's tensors, as the receiver computes them) are checked before anything is
@@ -379,11 +379,12 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None,
     encoding that would decode to other shapes is not decoded. Whatever a sender writes, the receiver's
     memory is bounded by the update it expects.
 
-    The file is streamed into a private copy (:func:`fedfm.storage.private_copy`) and its tensors are a
-    :class:`StoredTensors` over that copy: its sha256 is checked reading one tensor at a time, and whoever
-    uses it reads one tensor at a time too. What is read later is what was checked: no one else can reach
-    the copy, so a file replaced or rewritten at ``uri`` after the check changes nothing. An encoded update
-    is decoded whole (its decoders work on the update's encoded tensors together)."""
+    The file is streamed into a private copy (:func:`fedfm.storage.private_copy`), whose sha256 is checked
+    reading one tensor at a time. The tensors are then a dict, or with ``streamed`` (the aggregation, which
+    goes tensor by tensor) a :class:`StoredTensors` over that copy, read one tensor at a time by whoever uses
+    it. What is read later is what was checked: no one else can reach the copy, so a file replaced or
+    rewritten at ``uri`` after the check changes nothing. An encoded update is decoded whole (its decoders
+    work on the update's encoded tensors together)."""
     where = f"{who}'s adapter {os.fspath(uri)}" if who else f"adapter {os.fspath(uri)}"
     limit = None
     try:
@@ -406,13 +407,18 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None,
     if content_sha256(stored) != meta.sha256:
         raise AdapterError(f"{where} fails its sha256 check: the tensor data was altered or damaged")
     if meta.encoding is not None:
-        return Adapter(tensors=decompress(dict(stored), meta.encoding, where=where, expected_shapes=expected_shapes),
-                       meta=meta)
+        with copy:
+            return Adapter(tensors=decompress(dict(stored), meta.encoding, where=where,
+                                              expected_shapes=expected_shapes), meta=meta)
     for name, dtype in stored.dtypes.items():
         if dtype != torch.float32:
+            copy.close()
             raise AdapterError(f"{where}: tensor {name} is {str(dtype).removeprefix('torch.')}, but a file without "
                                "an encoding holds float32 tensors; write it with fedfm.adapters.save_adapter")
-    return Adapter(tensors=stored, meta=meta)
+    if streamed:
+        return Adapter(tensors=stored, meta=meta)
+    with copy:  # a dict, as PEFT, safetensors and the strategies' callers take it
+        return Adapter(tensors=dict(stored), meta=meta)
 
 
 # What of a global adapter's record its receivers (every tenant) may read: figures of the round as a whole.

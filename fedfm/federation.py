@@ -68,7 +68,7 @@ def aggregate_round(cfg: FederationConfig, round_index: int, global_uri: str, up
     updates, missing = list(updates), dict(missing or {})
     require_quorum(cfg, round_index, len(updates), missing)
     refuse_overwrite(global_out, state_out)
-    current = load_adapter(global_uri, who="the federation")
+    current = load_adapter(global_uri, who="the federation", streamed=True)  # read tensor by tensor, as updates are
     if current.meta.kind != "global":
         raise FedFMError(f"{global_uri} is a client update, not a global adapter")
     strategy = build_strategy(cfg.strategy)

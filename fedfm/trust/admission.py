@@ -117,7 +117,8 @@ def validated(cfg: FederationConfig, round_index: int, current: Adapter, updates
 def valid_update(cfg: FederationConfig, round_index: int, current: Adapter, client: str, uri: str) -> Adapter:
     """``client``'s update at ``uri``, loaded and checked against the global adapter ``current``."""
     expected = expected_update_shapes(cfg, client, round_index, current.tensors)  # None: the global adapter's
-    update = load_adapter(uri, who=f"client {client}", expected_shapes=expected or shapes_of(current.tensors))
+    update = load_adapter(uri, who=f"client {client}", expected_shapes=expected or shapes_of(current.tensors),
+                          streamed=True)
     if update.meta.client != client:
         raise AdapterValidationError(f"client {client}'s update {uri} says it is from {update.meta.client!r}",
                                      client=client)

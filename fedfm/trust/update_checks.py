@@ -225,7 +225,7 @@ def reloaded(updates: Iterable[tuple[str, str]], metas: Mapping[str, AdapterMeta
     """The second pass: load each kept update again, one at a time, check it is the one whose norm was
     measured, and scale it where the check clips it."""
     for client, uri in updates:
-        update = load_adapter(uri, who=f"client {client}")
+        update = load_adapter(uri, who=f"client {client}", streamed=True)
         if update.meta != metas[client]:
             raise AdapterValidationError(f"client {client}'s update {uri} changed between its norm check and the "
                                          "aggregation", client=client)

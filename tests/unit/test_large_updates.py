@@ -169,7 +169,7 @@ def test_a_loaded_update_is_read_tensor_by_tensor_from_a_file_no_one_else_can_re
     _, pairs, _ = small_round(tmp_path)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    update = load_adapter(pairs[0][1])
+    update = load_adapter(pairs[0][1], streamed=True)
     assert not list((tmp_path / "tmp").iterdir())  # the copy has no name: no one can open it to change it
     assert update.tensors.shapes == {"a.weight": (3, 4), "b.bias": (4,)}  # from the header: nothing read
     os.unlink(pairs[0][1])  # the original goes away: the update still reads, from its copy
