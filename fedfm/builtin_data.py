@@ -9,6 +9,11 @@ swap one topic word for a word of another topic and about 3 % carry a wrong labe
 ``builtin:topics-instructions`` holds the same sentences as an instruction-tuning set
 (``prompt`` / ``response``) for causal language models.
 
+``builtin:topics-preferences`` holds them as preference pairs (``prompt`` / ``chosen`` / ``rejected``): the chosen
+reply names the sentence's topic, the rejected reply another topic. The signal is learnable (the topic words of the
+prompt say which reply is right) and the same for every reply, so preferring a topic name regardless of the
+prompt gains nothing.
+
 The frames are fixed: they are generated from an internal seed, and the ``seed`` argument of
 :func:`load_builtin` is ignored, so every process of a federation sees exactly the same rows.
 Shuffling and sub-sampling are the job of :mod:`fedfm.data` (which uses the federation's seed).
@@ -144,9 +149,23 @@ def topics_instructions() -> pd.DataFrame:
     })
 
 
+def topics_preferences() -> pd.DataFrame:
+    """The ``topics`` sentences as ``prompt`` / ``chosen`` / ``rejected`` pairs: the labelled topic is chosen over
+    another topic, drawn from an internal seed (every topic as often rejected as chosen, on average)."""
+    rows = _topics_rows()
+    rng = random.Random(_INTERNAL_SEED + 1)
+    rejected = [rng.choice([name for name in TOPICS if name != label]) for _, label in rows]
+    return pd.DataFrame({
+        "prompt": [f"Classify the topic of: {text}\nTopic:" for text, _ in rows],
+        "chosen": [f" {label}" for _, label in rows],
+        "rejected": [f" {topic}" for topic in rejected],
+    })
+
+
 BUILTINS: dict[str, Callable[[], pd.DataFrame]] = {
     "topics": topics,
     "topics-instructions": topics_instructions,
+    "topics-preferences": topics_preferences,
 }
 
 

@@ -28,6 +28,11 @@ SHARED_RUNS = {
         "tests/integration/test_pipeline.py::test_server_state_carries_across_rounds_in_the_pipeline",
         "tests/integration/test_simulate.py::test_simulate_gives_the_pipelines_results_and_files",
     ),
+    "preference-simulate-run": (
+        "tests/integration/test_preference_federation.py::"
+        "test_federated_dpo_raises_held_out_preference_accuracy_from_round_0",
+        "tests/integration/test_preference_federation.py::test_federated_dpo_under_kfp_local_equals_simulate",
+    ),
 }
 
 
@@ -80,7 +85,7 @@ def _vocabulary() -> list[str]:
     from fedfm.builtin_data import load_builtin
 
     words: set[str] = set()
-    for name in ("topics", "topics-instructions"):
+    for name in ("topics", "topics-instructions", "topics-preferences"):
         frame = load_builtin(name)
         for column in frame.columns:
             if frame[column].dtype == object:
@@ -147,10 +152,12 @@ def tiny_config(tiny_classifier, tiny_causal_lm):
 
     def make(task: str = "classification", **overrides):
         classification = task == "classification"
+        source = {"classification": "builtin:topics", "causal-lm": "builtin:topics-instructions",
+                  "preference": "builtin:topics-preferences"}[task]
         base = FederationConfig.parse({
             "task": task,
             "model": {"name_or_path": tiny_classifier if classification else tiny_causal_lm, "max_length": 48},
-            "data": {"source": "builtin:topics" if classification else "builtin:topics-instructions",
+            "data": {"source": source,
                      "max_samples": 240, "partition": "iid"},
             "clients": 3,
             "rounds": 2,
