@@ -277,7 +277,8 @@ def load_adapter_tensors(model, tensors: Tensors, *, where: str) -> None:
                 f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, the model built from this "
                 f"config needs {tuple(value.shape)} (was lora.r changed?)"
             )
-    set_peft_model_state_dict(model, tensors)
+    # a plain dict: PEFT copies what it is given, and a file's tensors (adapters.StoredTensors) have no copy()
+    set_peft_model_state_dict(model, dict(tensors.items()))
 
 
 def export_peft_directory(directory: str | os.PathLike, tensors: Tensors, peft_config: dict[str, Any],
