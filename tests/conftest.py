@@ -82,13 +82,16 @@ _SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 def _vocabulary() -> list[str]:
     """Every word of the built-in datasets, so the tiny tokenizer never needs <unk> on them."""
+    import pandas as pd
+
     from fedfm.builtin_data import load_builtin
 
     words: set[str] = set()
     for name in ("topics", "topics-instructions", "topics-preferences"):
         frame = load_builtin(name)
         for column in frame.columns:
-            if frame[column].dtype == object:
+            # pandas 3 reads text as its own str dtype, no longer object: test for strings, not for object
+            if pd.api.types.is_string_dtype(frame[column]):
                 for text in frame[column].astype(str):
                     words.update(text.lower().replace("\n", " ").replace(":", " : ").split())
     return _SPECIAL + sorted(words)

@@ -87,16 +87,17 @@ def test_turns_before_a_pair_must_end_with_the_user_and_the_reply_columns_must_e
         load_client_data(preference_cfg(path), "tenant-0")
 
 
-def test_the_builtin_preferences_prefer_the_labelled_topic_over_another_every_topic_as_often():
+def test_the_builtin_preferences_choose_the_labelled_topic_over_another_or_an_evasive_reply():
     pairs = load_builtin("topics-preferences")
     instructions = load_builtin("topics-instructions")
     assert len(pairs) == len(instructions) == 2400
     assert pairs["prompt"].tolist() == instructions["prompt"].tolist()
     assert pairs["chosen"].tolist() == instructions["response"].tolist()
     assert (pairs["chosen"] != pairs["rejected"]).all()
-    rejected = pairs["rejected"].value_counts()
-    assert sorted(rejected.index) == [" business", " health", " science", " sports"]
-    assert rejected.min() > 500  # each topic rejected about as often as chosen (600 each)
+    topics = {" business", " health", " science", " sports"}
+    evasive = {" unsure", " no idea", " hard to say", " it depends"}
+    assert set(pairs["rejected"]) == topics | evasive
+    assert 0.45 < pairs["rejected"].isin(topics).mean() < 0.55
     assert load_builtin("topics-preferences").equals(pairs)  # fixed: the same frame every time
 
 
