@@ -124,11 +124,11 @@ def test_an_sft_federations_adapter_is_where_a_dpo_federation_starts(tiny_config
     from fedfm.simulation import simulate
 
     sft = simulate(tiny_config("causal-lm", rounds=1, clients=2, **{"training.local_steps": 4}), tmp_path / "sft")
-    cfg = tiny_config("preference", rounds=1, clients=2,
-                      **{**DPO_SETTINGS, "model.adapter": str(sft.adapter_dir), "training.local_steps": 2})
+    settings = {**DPO_SETTINGS, "training.local_steps": 2}
+    cfg = tiny_config("preference", rounds=1, clients=2, **settings, **{"model.adapter": str(sft.adapter_dir)})
 
     started = build_model(cfg)
-    plain = build_model(cfg.with_overrides({"model.adapter": None}))
+    plain = build_model(tiny_config("preference", rounds=1, clients=2, **settings))
     assert started.fingerprint != plain.fingerprint
     sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path),
                                           str(sft.adapter_dir))
