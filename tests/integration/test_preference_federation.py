@@ -123,7 +123,9 @@ def test_an_sft_federations_adapter_is_where_a_dpo_federation_starts(tiny_config
     from fedfm.modeling import build_model
     from fedfm.simulation import simulate
 
-    sft = simulate(tiny_config("causal-lm", rounds=1, clients=2, **{"training.local_steps": 4}), tmp_path / "sft")
+    base = tiny_config("preference").model.name_or_path  # the SFT federation fine-tunes the same base model
+    sft = simulate(tiny_config("causal-lm", rounds=1, clients=2, **{"training.local_steps": 4,
+                                                                     "model.name_or_path": base}), tmp_path / "sft")
     settings = {**DPO_SETTINGS, "training.local_steps": 2}
     cfg = tiny_config("preference", rounds=1, clients=2, **settings, **{"model.adapter": str(sft.adapter_dir)})
 
