@@ -18,9 +18,12 @@ given, and the round-0 adapter, which changes nothing: LoRA starts with B = 0), 
 disabled. A round's accuracy and margin then say how far the federation has moved towards the preferences since it
 started; round 0 scores every pair a tie (margin 0, accuracy 0).
 
-The loss is written here rather than taken from TRL: TRL's DPO loss is a method of its ``DPOTrainer``, which owns
-the training loop, the reference model and the batching that :mod:`fedfm.training` keeps (DeepSpeed, the seeded
-batch order, the update written as the adapter's change). It is a few lines, tested against a hand computation.
+The loss is written here rather than taken from TRL: TRL (1.16, which would install beside the pinned stack) has no
+loss function to call; its DPO loss is computed inside ``DPOTrainer._compute_loss``, which runs the model's forward
+itself through the trainer's accelerator and reads the reference log-probabilities from its own batches. Adopting it
+means adopting its Trainer, which would own the training loop and the batching that :mod:`fedfm.training` keeps
+(DeepSpeed, the seeded batch order shared by a client's processes, the update written as the adapter's change). The
+loss is a few lines, tested against a hand computation; its IPO normalizes each reply by its token count as TRL's does.
 """
 
 from __future__ import annotations
