@@ -209,3 +209,33 @@ def test_two_deepspeed_processes_train_dpo_like_one_and_zero_3_bf16_runs(tiny_co
     zero_3, update_zero_3 = train("zero-3", **{"training.zero_stage": 3, "training.bf16": True})
     assert zero_3.loss_history[-1] < zero_3.loss_history[0]
     assert all(torch.isfinite(delta).all() for delta in update_zero_3.values())
+
+
+def test_a_dpo_run_that_fails_in_round_2_resumes_to_the_uninterrupted_result(preference_config, preference_simulated,
+                                                                              tmp_path, monkeypatch):
+    """Nothing of the reference outlives a round: a run whose round 2 fails (a client dies; every client is needed)
+    resumes from round 1's checkpoint and ends with the adapter and figures of the run that never failed."""
+    from fedfm import training
+    from fedfm.errors import QuorumError
+    from fedfm.simulation import simulate
+
+    real = training.train_client
+
+    def dies_in_round_2(cfg, client, round_index, global_adapter, update_out, **options):
+        if client == "tenant-1" and round_index == 2:
+            raise RuntimeError("tenant-1's node was preempted")
+        return real(cfg, client, round_index, global_adapter, update_out, **options)
+
+    monkeypatch.setattr(training, "train_client", dies_in_round_2)
+    with pytest.raises(QuorumError):
+        simulate(preference_config, tmp_path / "run")
+    monkeypatch.setattr(training, "train_client", real)
+    resumed = simulate(None, tmp_path / "run", resume=True)
+    assert [record["round"] for record in resumed.history] == [0, 1, 2]
+    for ours, theirs in zip(resumed.history, preference_simulated.history):
+        for figure in ("loss", "accuracy", "reward_margin"):
+            assert _close(ours["eval"]["global"][figure], theirs["eval"]["global"][figure]), (ours["round"], figure)
+    ours = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    theirs = load_file(preference_simulated.adapter_dir / "adapter_model.safetensors")
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6)
