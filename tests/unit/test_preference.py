@@ -171,3 +171,30 @@ def test_preference_evaluation_counts_are_sums_that_add_across_tenants_and_trave
         LossSums.parse(a.answer("causal-lm"), client="a", task="preference")
     with pytest.raises(Exception, match="margin_sum is nan"):
         LossSums.parse({**a.answer("preference"), "margin_sum": float("nan")}, client="a", task="preference")
+
+
+def test_validate_names_a_bad_pair_and_a_pair_the_run_could_not_render(tmp_path, tiny_causal_lm):
+    """`fedfm validate` stops on what the run would: a pair without a rejected reply (its row and column), and
+    turns with a system message on a model without a chat template (the tenant and the pair)."""
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    def validate(rows: list[dict]) -> object:
+        write_jsonl(tmp_path / "pairs.jsonl", rows)
+        config = {"task": "preference", "model": {"name_or_path": tiny_causal_lm, "max_length": 32},
+                  "data": {"source": str(tmp_path / "pairs.jsonl"), "partition": "iid"}, "clients": 2}
+        (tmp_path / "federation.yaml").write_text(json.dumps(config))
+        return CliRunner().invoke(app, ["validate", "-c", str(tmp_path / "federation.yaml")])
+
+    result = validate([{"prompt": f"question {i}", "chosen": "yes", "rejected": "no" if i != 5 else None}
+                       for i in range(12)])
+    assert isinstance(result.exception, DataError), result.output
+    assert "row 5 has no reply in column 'rejected'" in str(result.exception)
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "question"}]
+    result = validate([{"messages": turns, "chosen": "yes", "rejected": "no"}] * 12)
+    assert isinstance(result.exception, DataError), result.output
+    assert str(result.exception).startswith("client tenant-0's training data: the chosen conversation of pair 0 "
+                                            "('be brief') has the turns system, user, assistant")
+    result = validate([{"prompt": f"question {i}", "chosen": "yes", "rejected": "no"} for i in range(12)])
+    assert result.exit_code == 0, result.output
