@@ -9,6 +9,9 @@ data for the configured steps, write the update (local − global) with its meta
 The global batch (``training.batch_size``) is split over processes and accumulation micro-steps, and
 every rank draws its slice of the same seeded batch order, so a run with 2 processes sees the same
 examples per optimizer step as a run with 1.
+
+For ``preference`` the loss is DPO's (:mod:`fedfm.preference`): before the first step each rank scores its own
+micro-batches with the round's model, in evaluation mode, as the reference.
 """
 
 from __future__ import annotations
