@@ -9,6 +9,11 @@ swap one topic word for a word of another topic and about 3 % carry a wrong labe
 ``builtin:topics-instructions`` holds the same sentences as an instruction-tuning set
 (``prompt`` / ``response``) for causal language models.
 
+``builtin:topics-preferences`` holds them as preference pairs (``prompt`` / ``chosen`` / ``rejected``): the chosen
+reply names the sentence's topic; the rejected reply names another topic in half of the pairs (only the topic
+words of the prompt tell which is right) and is an evasive reply ("unsure", "no idea", ...) in the other half (a
+preference for answering, which even a tiny model learns in a few steps).
+
 The frames are fixed: they are generated from an internal seed, and the ``seed`` argument of
 :func:`load_builtin` is ignored, so every process of a federation sees exactly the same rows.
 Shuffling and sub-sampling are the job of :mod:`fedfm.data` (which uses the federation's seed).
@@ -29,6 +34,9 @@ _ROWS_PER_TOPIC = 600
 _MIX_RATE = 0.20
 _NOISE_RATE = 0.03
 _INTERNAL_SEED = 20240611
+# builtin:topics-preferences: the share of pairs that reject another topic (the rest reject an evasive reply)
+_WRONG_TOPIC_RATE = 0.5
+_EVASIVE_REPLIES = ("unsure", "no idea", "hard to say", "it depends")
 
 _VOCABULARY: dict[str, tuple[str, ...]] = {
     "business": (
@@ -144,9 +152,24 @@ def topics_instructions() -> pd.DataFrame:
     })
 
 
+def topics_preferences() -> pd.DataFrame:
+    """The ``topics`` sentences as ``prompt`` / ``chosen`` / ``rejected`` pairs: the labelled topic is chosen over,
+    in half of the rows (drawn from an internal seed), another topic, and in the other half an evasive reply."""
+    rows = _topics_rows()
+    rng = random.Random(_INTERNAL_SEED + 1)
+    rejected = [rng.choice([name for name in TOPICS if name != label]) if rng.random() < _WRONG_TOPIC_RATE
+                else rng.choice(_EVASIVE_REPLIES) for _, label in rows]
+    return pd.DataFrame({
+        "prompt": [f"Classify the topic of: {text}\nTopic:" for text, _ in rows],
+        "chosen": [f" {label}" for _, label in rows],
+        "rejected": [f" {reply}" for reply in rejected],
+    })
+
+
 BUILTINS: dict[str, Callable[[], pd.DataFrame]] = {
     "topics": topics,
     "topics-instructions": topics_instructions,
+    "topics-preferences": topics_preferences,
 }
 
 

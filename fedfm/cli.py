@@ -45,6 +45,7 @@ def _console() -> Console:
 class TaskName(str, enum.Enum):
     classification = "classification"
     causal_lm = "causal-lm"
+    preference = "preference"
 
 
 # How `fedfm run` runs each step (fedfm.pipelines.local_runner.STEP_RUNNERS, the one list of them).
@@ -501,7 +502,6 @@ def client_evaluate(
     config: Optional[Path] = typer.Option(None, "--config", help=_JOB_CONFIG_HELP),
 ) -> None:
     """Score an adapter on this client's evaluation split; only the counts leave the namespace."""
-    import dataclasses
     import json
 
     from fedfm import storage
@@ -509,7 +509,7 @@ def client_evaluate(
 
     cfg = _job_config(config, client, data)
     sums = evaluate_clients(cfg, adapter, [client])[client]
-    storage.write_bytes(output, json.dumps(dataclasses.asdict(sums)).encode())
+    storage.write_bytes(output, json.dumps(sums.answer(cfg.task)).encode())
     _console().print(f"client {client}, round {round_index}: {sums.metrics(cfg.task)}")
 
 

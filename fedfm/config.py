@@ -28,7 +28,9 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-Task = Literal["classification", "causal-lm"]
+Task = Literal["classification", "causal-lm", "preference"]
+# Tasks that train a causal LM on conversations (rows have no label to skew tenants by).
+GENERATIVE_TASKS = ("causal-lm", "preference")
 
 # A client's work per round when none is set: one pass over its own training rows (McMahan et al.'s E = 1),
 # so every tenant's data counts at its size; a fixed step count was too little for large, skewed tenants
@@ -110,8 +112,11 @@ class ModelConfig(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example after truncation")
-    chat_template: str | None = Field(None, description="causal-lm: a Jinja chat template (the text) to render "
-                                                        "conversations with, in place of the tokenizer's own")
+    chat_template: str | None = Field(None, description="causal-lm, preference: a Jinja chat template (the text) to "
+                                                        "render conversations with, in place of the tokenizer's own")
+    adapter: str | None = Field(None, description="a PEFT adapter directory (another federation's export, e.g. its "
+                                                  "SFT adapter) merged into the base weights before LoRA: the "
+                                                  "federation starts from that model (SFT-then-DPO)")
 
     @field_validator("chat_template")
     @classmethod
@@ -137,14 +142,17 @@ class DataConfig(_Section):
     label_column: str = "label"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    chosen_column: str = Field("chosen", description="preference: the preferred assistant reply")
+    rejected_column: str = Field("rejected", description="preference: the dispreferred assistant reply")
     labels: list[str] | None = Field(None, description="label vocabulary; read from the data when absent")
     messages_column: str | None = Field(None, description="causal-lm: a column of conversations, each a list of "
-                                                          "{role, content} (or its JSON text); default: 'messages' "
-                                                          "when the data has that column, else prompt/response")
+                                                          "{role, content} (or its JSON text); preference: the "
+                                                          "turns before the replies; default: 'messages' when the "
+                                                          "data has that column, else prompt/response (prompt)")
     partition: str | None = Field(None, description="how simulated tenants split data.source: iid, "
                                                        "dirichlet:ALPHA (label skew) or column:NAME (one tenant per "
                                                        "value, named after it) (default: dirichlet:0.5 for "
-                                                       "classification, iid for causal-lm)")
+                                                       "classification, iid for causal-lm and preference)")
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     max_samples: int | None = Field(None, ge=1, description="use at most this many rows of the source")
 
@@ -282,6 +290,17 @@ class TrainingConfig(_Section):
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // (self.world_size * self.gradient_accumulation_steps)
+
+
+class PreferenceConfig(_Section):
+    """The DPO objective of the ``preference`` task (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290); the
+    reference model is each round's global model (see :mod:`fedfm.preference`)."""
+
+    beta: float = Field(0.1, gt=0, description="β: how far the policy may move from the reference (the implicit "
+                                               "reward is β · log π/π_ref)")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's -log σ(β·h); ipo: IPO's (h - 1/(2β))², h the log-ratio margin "
+                               "(IPO over mean per-token log-probabilities, as Azar et al. define it)")
 
 
 class UpdateChecksConfig(_Section):
@@ -590,6 +609,7 @@ class FederationConfig(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
@@ -643,9 +663,9 @@ class FederationConfig(_Section):
                              "FederatedClient's spec.state says (storage only the tenant can read); the federation "
                              "config cannot choose it, so remove it")
         simulated = any(client.train is None for client in self.clients)  # tenants dealt a share of data.source
-        if self.task == "causal-lm" and simulated and parse_partition(self.partition)[0] == "dirichlet":
-            raise ValueError(f"data.partition {self.partition!r} skews tenants by label, and a causal-lm task has no "
-                             "labels: use iid or column:NAME")
+        if self.task in GENERATIVE_TASKS and simulated and parse_partition(self.partition)[0] == "dirichlet":
+            raise ValueError(f"data.partition {self.partition!r} skews tenants by label, and a {self.task} task has "
+                             "no labels: use iid or column:NAME")
         if self.strategy.name == "fedprox" and self.training.zero_stage == 3:
             raise ValueError("strategy fedprox needs training.zero_stage 0-2: its proximal term compares the "
                              "whole adapter, which ZeRO-3 partitions")
@@ -702,8 +722,8 @@ class FederationConfig(_Section):
     @property
     def partition(self) -> str:
         """How simulated tenants split ``data.source``: ``data.partition``, else the task's default (label skew
-        for classification; iid for causal-lm, whose rows have no label)."""
-        return self.data.partition or ("iid" if self.task == "causal-lm" else "dirichlet:0.5")
+        for classification; iid for causal-lm and preference, whose rows have no label)."""
+        return self.data.partition or ("iid" if self.task in GENERATIVE_TASKS else "dirichlet:0.5")
 
     def client_state_location(self, name: str) -> str | None:
         """Where ``name`` keeps its personal state, if anywhere is configured."""

@@ -6,7 +6,11 @@ Every loader returns *canonical* frames:
 * ``causal-lm``: columns ``prompt`` (str) and ``response`` (str); or, for conversations (a source with a
   ``data.messages_column``, by default ``messages``), one column ``messages``: each row a list of
   ``{"role": "system" | "user" | "assistant", "content": str}`` dicts with at least one assistant turn.
-  :func:`fedfm.tasks.encode` renders either with the chat template and trains on the assistant turns.
+  :func:`fedfm.tasks.encode` renders either with the chat template and trains on the assistant turns;
+* ``preference``: columns ``messages`` (the turns before the replies: the ``data.prompt_column`` text as one user
+  turn, or a ``data.messages_column`` conversation), ``chosen`` and ``rejected`` (the preferred and the
+  dispreferred assistant reply, str). Every row must hold all three; a row without one, or with the same reply
+  twice, is an error naming it.
 
 A tenant without data of its own (``clients[i].train`` unset) gets a share of ``data.source``: the
 canonical source table is partitioned among those tenants by ``data.partition``
@@ -324,6 +328,8 @@ def _canonical(raw: pd.DataFrame, cfg: FederationConfig, labels: list[str] | Non
             "label": np.array([index[label_cells[p]] for p in positions], dtype=np.int64),
         })
         return frame, positions
+    if cfg.task == "preference":
+        return _preference_pairs(raw, cfg, where)
     data = cfg.data
     messages_column = messages_column_of(raw, cfg)
     if messages_column is not None:
@@ -342,6 +348,57 @@ def _canonical(raw: pd.DataFrame, cfg: FederationConfig, labels: list[str] | Non
         "response": pd.Series([responses[p] for p in positions], dtype=str),
     })
     return frame, positions
+
+
+def _preference_pairs(raw: pd.DataFrame, cfg: FederationConfig, where: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The canonical preference frame of ``raw``: every row kept, or DataError naming the first bad one's row and
+    column (a pair without a prompt or a reply, or whose replies are the same, teaches nothing, and leaving it
+    out silently would hide a broken export)."""
+    data = cfg.data
+    messages_column = messages_column_of(raw, cfg)
+    prompt_column = messages_column or data.prompt_column
+    try:
+        _require_columns(raw, {prompt_column: "data.messages_column" if messages_column else "data.prompt_column",
+                               data.chosen_column: "data.chosen_column",
+                               data.rejected_column: "data.rejected_column"}, where)
+    except DataError as exc:
+        raise DataError(f"{exc}; a preference row is a prompt (or a {DEFAULT_MESSAGES_COLUMN!r} column of the turns "
+                        "before the replies), a chosen and a rejected reply") from None
+    chosen = _strings(raw[data.chosen_column])
+    rejected = _strings(raw[data.rejected_column])
+    prompts = raw[prompt_column].tolist()
+    turns_before = []
+    for row in range(len(raw)):
+        what = f"{where}: row {row}"
+        if messages_column:
+            turns = _conversation(prompts[row], f"{what} of column {messages_column!r}", replies=False)
+            if turns is not None and turns[-1]["role"] != "user":
+                raise DataError(f"{what} of column {messages_column!r} ends with the {turns[-1]['role']}'s turn; "
+                                "the turns before a preference pair end with the user's, which the chosen and the "
+                                "rejected reply answer")
+        else:
+            text = _scalar_str(prompts[row])
+            turns = [{"role": "user", "content": text}] if text is not None else None
+        if turns is None or not any(turn["content"].strip() for turn in turns):
+            raise DataError(f"{what} has an empty prompt in column {prompt_column!r}; give every pair the prompt "
+                            "its replies answer, or remove the row")
+        for column, reply in ((data.chosen_column, chosen[row]), (data.rejected_column, rejected[row])):
+            if reply is None or not reply.strip():
+                raise DataError(f"{what} has no reply in column {column!r} (set by "
+                                f"data.{'chosen' if column == data.chosen_column else 'rejected'}_column); every "
+                                "pair needs a chosen and a rejected reply: fill it in or remove the row")
+        if chosen[row].strip() == rejected[row].strip():
+            raise DataError(f"{what}: columns {data.chosen_column!r} and {data.rejected_column!r} hold the same "
+                            f"reply ({_excerpt(chosen[row])}), which prefers nothing; fix or remove the row")
+        turns_before.append(turns)
+    frame = pd.DataFrame({"messages": pd.Series(turns_before, dtype=object),
+                          "chosen": pd.Series(chosen, dtype=str), "rejected": pd.Series(rejected, dtype=str)})
+    return frame, np.arange(len(raw), dtype=np.int64)
+
+
+def _excerpt(text: str) -> str:
+    text = " ".join(text.split())
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
 def messages_column_of(raw: pd.DataFrame, cfg: FederationConfig) -> str | None:
@@ -367,9 +424,10 @@ def _conversations(raw: pd.DataFrame, column: str, where: str) -> tuple[pd.DataF
     return frame, np.array(positions, dtype=np.int64)
 
 
-def _conversation(cell: Any, what: str) -> list[dict[str, str]] | None:
+def _conversation(cell: Any, what: str, *, replies: bool = True) -> list[dict[str, str]] | None:
     """A conversation cell as a list of ``{"role", "content"}`` dicts (None for a missing cell); DataError naming
-    ``what`` (the source, row and column) for anything else."""
+    ``what`` (the source, row and column) for anything else. ``replies``: it must hold an assistant turn (the
+    turns before a preference pair need none)."""
     if isinstance(cell, str):
         if not cell.strip():
             return None
@@ -399,7 +457,7 @@ def _conversation(cell: Any, what: str) -> list[dict[str, str]] | None:
             raise DataError(f"{what}: message {number} ({role}) has content {str(content)[:40]!r}, a "
                             f"{type(content).__name__}, not a string")
         turns.append({"role": role, "content": content})
-    if not any(turn["role"] == "assistant" for turn in turns):
+    if replies and not any(turn["role"] == "assistant" for turn in turns):
         raise DataError(f"{what} has no assistant turn, so nothing to learn from; {_CONVERSATION_FORM}")
     return turns
 
@@ -619,6 +677,8 @@ class _Loader:
         if frame.empty:
             if self.cfg.task == "classification":
                 column = "text column(s) " + ", ".join(map(repr, self.cfg.data.text_column))
+            elif self.cfg.task == "preference":
+                column = "every column"
             elif "messages" in frame.columns:
                 column = f"the assistant turns of column {messages_column_of(raw, self.cfg)!r}"
             else:

@@ -1,6 +1,8 @@
 """Evaluate an adapter on tenants' held-out data, per client, and combine the counts globally.
 
-Classification reports loss and accuracy; causal-LM reports loss and perplexity over the assistant (response) tokens.
+Classification reports loss and accuracy; causal-LM reports loss and perplexity over the assistant (response) tokens;
+preference reports the DPO loss, the preference accuracy (pairs whose chosen reply earns the larger implicit reward)
+and the mean reward margin, against the federation's starting model (:mod:`fedfm.preference`).
 Each client's result is a :class:`~fedfm.tasks.LossSums` of additive counts, so the global figures
 (the same as evaluating on the union of the tenants' evaluation sets) never average averages, and a
 client can evaluate where its data lives and send back only the counts.
@@ -70,15 +72,27 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _length(example) -> int:
+    """An example's tokens; a preference pair's, its longer conversation's."""
+    if "chosen" in example:
+        return max(_length(example["chosen"]), _length(example["rejected"]))
+    return len(example["input_ids"])
+
+
 @torch.no_grad()
 def _evaluate_frame(model, tokenizer, frame, cfg: FederationConfig) -> LossSums:
     device = next(model.parameters()).device
     examples = encode(frame, tokenizer, cfg)
     # Similar lengths together: less padding, same sums.
-    examples.sort(key=lambda example: len(example["input_ids"]))
+    examples.sort(key=_length)
     sums = LossSums()
     for batch in batches(examples, tokenizer.pad_token_id, _EVAL_BATCH):
         batch = {name: value.to(device) for name, value in batch.items()}
+        if cfg.task == "preference":
+            from fedfm.preference import evaluation_sums
+
+            sums.add(evaluation_sums(model, batch, cfg.preference))
+            continue
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums.add(batch_sums(logits, batch["labels"], cfg.task))
     return sums

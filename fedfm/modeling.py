@@ -69,8 +69,8 @@ def load_tokenizer(cfg: FederationConfig):
         if tokenizer.eos_token is None:
             raise ModelError(f"tokenizer of {cfg.model.name_or_path!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.task == "causal-lm" and tokenizer.eos_token is None:
-        raise ModelError(f"causal-lm needs an eos token; the tokenizer of {cfg.model.name_or_path!r} has none")
+    if cfg.task != "classification" and tokenizer.eos_token is None:
+        raise ModelError(f"{cfg.task} needs an eos token; the tokenizer of {cfg.model.name_or_path!r} has none")
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -104,7 +104,7 @@ def _base_model(cfg: FederationConfig) -> tuple[Any, Any, str]:
         return _load_base_model(cfg)
     labels = tuple(cfg.data.labels or ()) if cfg.task == "classification" else ()
     key = (resolve_model_source(cfg.model.name_or_path), cfg.model.revision, cfg.model.trust_remote_code, cfg.task,
-           labels, cfg.seed)
+           labels, cfg.seed, cfg.model.adapter)
     if key not in _BASE_MODELS:
         tokenizer, model, fingerprint = _load_base_model(cfg)
         _BASE_MODELS[key] = (tokenizer, model, fingerprint, torch.get_rng_state())
@@ -144,9 +144,27 @@ def _load_base_model(cfg: FederationConfig) -> tuple[Any, Any, str]:
     except (OSError, ValueError) as exc:
         raise ModelError(load_failure("model", cfg.model.name_or_path, exc)) from None
     model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.model.adapter:
+        model = _merge_start_adapter(model, cfg)
     _align(model)
+    # with model.adapter merged, the fingerprint is the merged model's: the federation's base is that model
     fingerprint = base_fingerprint(model, skip=info.get("missing_keys", ()))
     return tokenizer, model, fingerprint
+
+
+def _merge_start_adapter(model, cfg: FederationConfig):
+    """The base model with ``model.adapter`` (a PEFT adapter directory or hub id, such as another federation's
+    exported adapter) merged into its weights: the model the federation starts from, and, for preference, the
+    reference its evaluation measures rewards against (the LoRA trained on top starts at zero)."""
+    from peft import PeftModel
+
+    source = resolve_model_source(cfg.model.adapter)
+    try:
+        return PeftModel.from_pretrained(model, source, is_trainable=False).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(f"model.adapter {cfg.model.adapter!r} cannot be merged into {cfg.model.name_or_path!r}: "
+                         f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}; give the directory of a PEFT "
+                         "adapter (adapter_config.json and its weights) trained on this base model") from None
 
 
 # What torch's CPU allocator gives every tensor it allocates.
@@ -259,7 +277,8 @@ def load_adapter_tensors(model, tensors: Tensors, *, where: str) -> None:
                 f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, the model built from this "
                 f"config needs {tuple(value.shape)} (was lora.r changed?)"
             )
-    set_peft_model_state_dict(model, tensors)
+    # a plain dict: PEFT copies what it is given, and a file's tensors (adapters.StoredTensors) have no copy()
+    set_peft_model_state_dict(model, dict(tensors.items()))
 
 
 def export_peft_directory(directory: str | os.PathLike, tensors: Tensors, peft_config: dict[str, Any],

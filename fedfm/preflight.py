@@ -82,10 +82,10 @@ def check_model(cfg: FederationConfig) -> None:
 
 
 def check_conversations(cfg: FederationConfig) -> None:
-    """causal-lm, for ``fedfm validate``: every tenant's rows become training examples as a run makes them (the
-    chat template renders each conversation; without one, each is a prompt/response pair), or
-    :class:`~fedfm.errors.DataError` names the tenant, the split and the conversation."""
-    if cfg.task != "causal-lm":
+    """causal-lm and preference, for ``fedfm validate``: every tenant's rows become training examples as a run makes
+    them (the chat template renders each conversation, a pair's two; without one, each is a prompt/response pair),
+    or :class:`~fedfm.errors.DataError` names the tenant, the split and the conversation."""
+    if cfg.task == "classification":
         return
     from fedfm.data import load_client_data
     from fedfm.modeling import load_tokenizer

@@ -15,13 +15,15 @@ def write_metrics(path: Path, config: dict[str, Any], history: list[dict[str, An
 
 
 def quality_metric(task: str) -> str:
-    """The figure a run is judged by: accuracy for classification, perplexity for causal LM."""
-    return "accuracy" if task == "classification" else "perplexity"
+    """The figure a run is judged by: accuracy for classification, preference accuracy for preference, perplexity
+    for causal LM."""
+    return "perplexity" if task == "causal-lm" else "accuracy"
 
 
 def plot_report(path: Path, task: str, history: list[dict[str, Any]], title: str) -> None:
     """Curves per round: the global quality metric, evaluation loss (global and per client), and each
-    client's training loss."""
+    client's training loss; for preference also the mean reward margin (global and per client), its accuracy
+    per client beside the global one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,9 +31,20 @@ def plot_report(path: Path, task: str, history: list[dict[str, Any]], title: str
 
     metric = quality_metric(task)
     rounds = [record["round"] for record in history]
-    figure, (quality_axis, eval_axis, train_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
-    quality_axis.plot(rounds, [record["eval"]["global"][metric] for record in history], marker="o", color="black")
-    quality_axis.set_title(f"global {metric}")
+    preference = task == "preference"
+    figure, axes = plt.subplots(1, 4 if preference else 3, figsize=(20 if preference else 15, 4.2))
+    quality_axis, eval_axis, train_axis = axes[:3]
+    quality_axis.plot(rounds, [record["eval"]["global"][metric] for record in history], marker="o", color="black",
+                      label="global", linewidth=2)
+    quality_axis.set_title("preference accuracy (chosen reward above rejected)" if preference else f"global {metric}")
+    if preference:
+        _plot_clients(quality_axis, [(record["round"], record["eval"]["clients"]) for record in history], metric, 0.6)
+        margin_axis = axes[3]
+        margin_axis.plot(rounds, [record["eval"]["global"]["reward_margin"] for record in history], marker="o",
+                         color="black", label="global", linewidth=2)
+        _plot_clients(margin_axis, [(record["round"], record["eval"]["clients"]) for record in history],
+                      "reward_margin", 0.6)
+        margin_axis.set_title("mean reward margin (chosen − rejected)")
 
     eval_axis.plot(rounds, [record["eval"]["global"]["loss"] for record in history], marker="o", color="black",
                    label="global", linewidth=2)
@@ -41,11 +54,11 @@ def plot_report(path: Path, task: str, history: list[dict[str, Any]], title: str
                   0.8)
     train_axis.set_title("local training loss (mean over the round's steps)")
 
-    for axis in (quality_axis, eval_axis, train_axis):
+    for axis in axes:
         axis.set_xlabel("round")
         axis.set_xticks(rounds)
         axis.grid(alpha=0.3)
-    for axis in (eval_axis, train_axis):
+    for axis in axes[1:] if not preference else axes:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     figure.suptitle(title)

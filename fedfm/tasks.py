@@ -6,10 +6,13 @@
   tokenizer's own) the conversation is rendered with ``apply_chat_template``; without one, a prompt/response
   pair is ``prompt`` + ``response`` + eos. The loss covers the assistant turns only: every other position
   (system and user turns, the template's own text, padding) carries the ignore index.
+- ``preference``: each row is two such conversations, the turns before the replies followed by the chosen and by
+  the rejected assistant reply (:class:`Pair`); the loss is DPO's (:mod:`fedfm.preference`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -25,26 +28,37 @@ from fedfm.errors import DataError
 IGNORE_INDEX = -100
 
 Example = dict[str, list[int] | int]
+# A preference row: the conversation ending in the chosen reply and the one ending in the rejected reply.
+Pair = dict[str, Example]
 
 
-def encode(frame: pd.DataFrame, tokenizer, cfg: FederationConfig) -> list[Example]:
-    """Tokenize every row of a canonical frame once; batches are cut from the result."""
+def encode(frame: pd.DataFrame, tokenizer, cfg: FederationConfig) -> list[Example] | list[Pair]:
+    """Tokenize every row of a canonical frame once (a preference row into a :data:`Pair`); batches are cut from
+    the result."""
     if cfg.task == "classification":
         encoded = tokenizer(list(frame["text"]), truncation=True, max_length=cfg.model.max_length)
         return [
             {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
             for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], frame["label"])
         ]
-    template = cfg.model.chat_template or getattr(tokenizer, "chat_template", None)
-    examples = []
-    for number, conversation in enumerate(_as_conversations(frame)):
-        what = f"conversation {number} ({_excerpt(conversation)})"
-        if template:
-            ids, spans = _render(conversation, tokenizer, cfg.model.chat_template, what)
-        else:
-            ids, spans = _concatenate(conversation, tokenizer, cfg, what)
-        examples.append(_fit(ids, spans, cfg.model.max_length, what))
-    return examples
+    if cfg.task == "preference":
+        return [{reply: _conversation_example([*turns, {"role": "assistant", "content": text}], tokenizer, cfg,
+                                              f"the {reply} conversation of pair {number} ({_excerpt(turns)})")
+                 for reply, text in (("chosen", chosen), ("rejected", rejected))}
+                for number, (turns, chosen, rejected) in enumerate(zip(frame["messages"], frame["chosen"],
+                                                                        frame["rejected"]))]
+    return [_conversation_example(conversation, tokenizer, cfg, f"conversation {number} ({_excerpt(conversation)})")
+            for number, conversation in enumerate(_as_conversations(frame))]
+
+
+def _conversation_example(conversation: list[dict[str, str]], tokenizer, cfg: FederationConfig, what: str
+                          ) -> Example:
+    """One conversation as an example labelled on its assistant turns (``what`` names it in errors)."""
+    if cfg.model.chat_template or getattr(tokenizer, "chat_template", None):
+        ids, spans = _render(conversation, tokenizer, cfg.model.chat_template, what)
+    else:
+        ids, spans = _concatenate(conversation, tokenizer, cfg, what)
+    return _fit(ids, spans, cfg.model.max_length, what)
 
 
 def _as_conversations(frame: pd.DataFrame) -> list[list[dict[str, str]]]:
@@ -147,8 +161,11 @@ def _fit(ids: list[int], spans: list[tuple[int, int]], limit: int, what: str) ->
     return {"input_ids": ids[start:end], "attention_mask": [1] * (end - start), "labels": labels[start:end]}
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples into a batch."""
+def collate(examples: list[Example] | list[Pair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into a batch; a list of pairs becomes one batch of their chosen conversations
+    followed by their rejected ones (the policy scores both in one forward pass)."""
+    if examples and "chosen" in examples[0]:
+        examples = [pair["chosen"] for pair in examples] + [pair["rejected"] for pair in examples]
     width = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -166,32 +183,40 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
 
 @dataclass
 class LossSums:
-    """Additive evaluation counts: merge clients by adding, then read the global means."""
+    """Additive evaluation counts: merge clients by adding, then read the global means.
+
+    For ``preference`` the unit is a pair: ``loss_sum`` sums DPO losses, ``correct`` counts the pairs whose chosen
+    reply's implicit reward beats the rejected's, and ``margin_sum`` sums the reward margins (a signed float, so
+    the global mean margin is a sum over tenants like the rest)."""
 
     loss_sum: float = 0.0
-    count: int = 0  # examples (classification) or target tokens (causal-lm)
+    count: int = 0  # examples (classification), target tokens (causal-lm) or pairs (preference)
     correct: int = 0
     examples: int = 0
+    margin_sum: float = 0.0  # preference only
 
     def add(self, other: LossSums) -> None:
         self.loss_sum += other.loss_sum
         self.count += other.count
         self.correct += other.correct
         self.examples += other.examples
+        self.margin_sum += other.margin_sum
 
     @classmethod
     def parse(cls, data: Any, *, client: str, task: str) -> LossSums:
-        """A client's answer (the JSON object its evaluation sent), checked: exactly these four fields, counts
-        that are integers from 0 to MAX_SAMPLES, a finite non-negative loss sum, and counts that agree
-        (classification: as many scored as examples, at most that many correct; causal-lm: none correct,
-        since it scores tokens). Raises EvaluationError naming the client and what is wrong."""
+        """A client's answer (the JSON object its evaluation sent), checked: exactly the four counting fields (and
+        ``margin_sum``, for preference), counts that are integers from 0 to MAX_SAMPLES, a finite non-negative loss
+        sum, and counts that agree (classification and preference: as many scored as examples, at most that many
+        correct; causal-lm: none correct, since it scores tokens). Raises EvaluationError naming the client and
+        what is wrong."""
         from fedfm.adapters import MAX_SAMPLES
         from fedfm.errors import EvaluationError
 
         fields = ("loss_sum", "count", "correct", "examples")
-        if not isinstance(data, dict) or sorted(data) != sorted(fields):
+        expected = [*fields, "margin_sum"] if task == "preference" else list(fields)
+        if not isinstance(data, dict) or sorted(data) != sorted(expected):
             got = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
-            raise EvaluationError(f"client {client}'s evaluation must be an object with exactly {', '.join(fields)}; "
+            raise EvaluationError(f"client {client}'s evaluation must be an object with exactly {', '.join(expected)}; "
                                   f"it has {got}")
         for key in fields[1:]:
             value = data[key]
@@ -202,25 +227,40 @@ class LossSums:
         if type(loss) not in (int, float) or not math.isfinite(loss) or loss < 0:
             raise EvaluationError(f"client {client}'s evaluation loss_sum is {str(loss)[:40]}, not a finite sum "
                                   "of losses")
+        margin = data.get("margin_sum", 0.0)
+        if type(margin) not in (int, float) or not math.isfinite(margin):
+            raise EvaluationError(f"client {client}'s evaluation margin_sum is {str(margin)[:40]}, not a finite sum "
+                                  "of reward margins")
         sums = cls(**data)
-        if task == "classification" and not sums.correct <= sums.count == sums.examples:
+        if task != "causal-lm" and not sums.correct <= sums.count == sums.examples:
             raise EvaluationError(f"client {client}'s evaluation counts disagree: {sums.correct} correct of "
                                   f"{sums.count} scored, {sums.examples} examples")
-        if task != "classification" and sums.correct:
+        if task == "causal-lm" and sums.correct:
             raise EvaluationError(f"client {client}'s evaluation of a causal LM counts {sums.correct} correct "
                                   "predictions; it scores none")
         return sums
 
+    def answer(self, task: str) -> dict[str, float | int]:
+        """The fields a client's evaluation sends for ``task`` (what :meth:`parse` reads back)."""
+        fields = dataclasses.asdict(self)
+        if task != "preference":
+            del fields["margin_sum"]
+        return fields
+
     def scaled(self, factor: float) -> LossSums:
         """These sums as if from ``factor`` times as many examples (the same means)."""
         return LossSums(self.loss_sum * factor, self.count * factor, self.correct * factor,
-                        round(self.examples * factor))
+                        round(self.examples * factor), self.margin_sum * factor)
 
     def metrics(self, task: str) -> dict[str, float | int]:
         loss = self.loss_sum / self.count if self.count else float("nan")
         if task == "classification":
             accuracy = self.correct / self.count if self.count else float("nan")
             return {"loss": loss, "accuracy": accuracy, "samples": self.examples}
+        if task == "preference":
+            accuracy = self.correct / self.count if self.count else float("nan")
+            margin = self.margin_sum / self.count if self.count else float("nan")
+            return {"loss": loss, "accuracy": accuracy, "reward_margin": margin, "samples": self.examples}
         return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "samples": self.examples,
                 "tokens": self.count}
 

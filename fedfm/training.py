@@ -9,6 +9,9 @@ data for the configured steps, write the update (local − global) with its meta
 The global batch (``training.batch_size``) is split over processes and accumulation micro-steps, and
 every rank draws its slice of the same seeded batch order, so a run with 2 processes sees the same
 examples per optimizer step as a run with 1.
+
+For ``preference`` the loss is DPO's (:mod:`fedfm.preference`): before the first step each rank scores its own
+micro-batches with the round's model, in evaluation mode, as the reference.
 """
 
 from __future__ import annotations
@@ -164,18 +167,32 @@ def run_rank(cfg: FederationConfig, client: str, round_index: int, global_adapte
 
     micro = cfg.training.micro_batch_size
     accumulation = cfg.training.gradient_accumulation_steps
+
+    def micro_batch(step: int, accumulation_step: int) -> dict[str, torch.Tensor]:
+        """This rank's share of one accumulation micro-step of ``step``, on the engine's device."""
+        batch_indices = order[step * cfg.training.batch_size : (step + 1) * cfg.training.batch_size]
+        slot = accumulation_step * world + rank
+        indices = batch_indices[slot * micro : (slot + 1) * micro]
+        batch = collate([examples[i] for i in indices], loaded.tokenizer.pad_token_id)
+        return {name: value.to(engine.device) for name, value in batch.items()}
+
+    reference = None
+    if cfg.task == "preference":  # the round's model, before any step, on the very micro-batches the steps use
+        from fedfm.preference import batch_loss, reference_logps
+
+        reference = reference_logps(engine, (micro_batch(step, accumulation_step) for step in range(steps)
+                                             for accumulation_step in range(accumulation)), cfg.preference)
     losses: list[float] = []
     engine.train()
     loop_started = time.time()
     for step in range(steps):
-        batch_indices = order[step * cfg.training.batch_size : (step + 1) * cfg.training.batch_size]
         step_loss = torch.zeros(1)
         for accumulation_step in range(accumulation):
-            slot = accumulation_step * world + rank
-            indices = batch_indices[slot * micro : (slot + 1) * micro]
-            batch = collate([examples[i] for i in indices], loaded.tokenizer.pad_token_id)
-            batch = {name: value.to(engine.device) for name, value in batch.items()}
-            loss = engine(**batch).loss
+            batch = micro_batch(step, accumulation_step)
+            if reference is not None:
+                loss = batch_loss(engine, batch, reference[step * accumulation + accumulation_step], cfg.preference)
+            else:
+                loss = engine(**batch).loss
             engine.backward(loss + proximal() if proximal else loss)
             engine.step()
             step_loss += loss.detach().float().cpu() / accumulation  # the task's loss, comparable across rules

@@ -62,8 +62,10 @@ EVALUATION_FORMAT = "fedfm-masked-evaluation/1"
 _MASKED, _REVEALED, _EVALUATED = "masked update", "revealed shares", "masked evaluation"  # what a signature is for
 # The server state's record of a round's survivors, their keys and confirmations: what its evaluation needs.
 EVALUATION_STATE = "secagg.evaluation"
-# A client's evaluation counts as they travel masked: LossSums' four fields, in this order.
-_EVALUATION_FIELDS = ("loss_sum", "count", "correct", "examples")
+# A client's evaluation counts as they travel masked: LossSums' fields, in this order (margin_sum, a signed sum,
+# is 0 but for preference).
+_EVALUATION_FIELDS = ("loss_sum", "count", "correct", "examples", "margin_sum")
+_EVALUATION_COUNTS = ("count", "correct", "examples")
 _EVALUATION_LAYOUT = [("evaluation", (len(_EVALUATION_FIELDS),))]
 WEIGHT = "secagg.weight"  # the extra entries of a contribution, beside the adapter's tensors
 LOSS = "secagg.loss"
@@ -362,17 +364,19 @@ def sum_evaluations(cfg: FederationConfig, round_index: int, adapter_sha256: str
                       "add, and the survivors' counts stay masked without every one of them")
     values = secagg.decode(total, _EVALUATION_LAYOUT, cfg.secure_aggregation.fraction_bits)["evaluation"].tolist()
     figures = dict(zip(_EVALUATION_FIELDS, values))
-    counts = {name: round(figures[name]) for name in _EVALUATION_FIELDS[1:]}
+    counts = {name: round(figures[name]) for name in _EVALUATION_COUNTS}
     bound = len(survivors) * (cfg.policy.max_client_samples or MAX_SAMPLES)
     honest = (all(abs(figures[name] - counts[name]) < 1e-3 and 0 <= counts[name] <= bound for name in counts)
               and math.isfinite(figures["loss_sum"]) and figures["loss_sum"] > -1e-3
-              and (counts["correct"] <= counts["count"] == counts["examples"] if cfg.task == "classification"
-                   else counts["correct"] == 0))
+              and (counts["correct"] <= counts["count"] == counts["examples"] if cfg.task != "causal-lm"
+                   else counts["correct"] == 0)
+              and (cfg.task == "preference" or abs(figures["margin_sum"]) < 1e-3))
     if not honest:
         shown = ", ".join(f"{name} {value:.6g}" for name, value in figures.items())
         return None, (f"refused: the survivors' summed counts ({shown}) are not what honest counts add up to: a "
                       "survivor forged its evaluation")
-    summed = LossSums(max(figures["loss_sum"], 0.0), counts["count"], counts["correct"], counts["examples"])
+    summed = LossSums(max(figures["loss_sum"], 0.0), counts["count"], counts["correct"], counts["examples"],
+                      figures["margin_sum"])
     return summed, f"summed over the round's {len(survivors)} survivors, each tenant's counts masked"
 
 

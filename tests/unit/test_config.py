@@ -51,7 +51,7 @@ def test_overrides_apply_dotted_paths_and_switch_the_training_budget():
     ({"training": {"local_steps": 5, "local_epochs": 1}}, "set only one of training.local_steps and"),
     ({"training": {"batch_size": 10, "world_size": 4}}, "batch_size 10 must be a multiple of world_size"),
     ({"training": {"zero_stage": 4}}, "training.zero_stage"),
-    ({"task": "regression"}, "task: Input should be 'classification' or 'causal-lm'"),
+    ({"task": "regression"}, "task: Input should be 'classification', 'causal-lm' or 'preference'"),
     ({"lora": {"rank": 8}}, "lora.rank: Extra inputs are not permitted"),
 ])
 def test_bad_configs_name_the_field(data, message):

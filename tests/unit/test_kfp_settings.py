@@ -59,5 +59,8 @@ def test_the_shipped_example_configs_are_valid():
 
     examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
     assert len(examples) >= 2
-    gpu = {path.name: load_config(path) for path in examples}["federation-kfp-gpu.yaml"]
+    configs = {path.name: load_config(path) for path in examples}
+    gpu = configs["federation-kfp-gpu.yaml"]
     assert gpu.execution.kfp.client.accelerator_count == 1 and gpu.execution.kfp.retries == 2
+    dpo = configs["federation-dpo.yaml"]  # issue 20: the DPO federation that starts from an SFT adapter
+    assert dpo.task == "preference" and dpo.model.adapter == "/runs/sft/adapter" and dpo.preference.beta == 0.1
