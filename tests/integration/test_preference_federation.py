@@ -155,21 +155,67 @@ def test_an_unusable_start_adapter_is_named(tiny_config, tmp_path):
         build_model(cfg)
 
 
-def _strategy_cases() -> list:
+def _client_side(overrides: dict) -> bool:
+    """Whether these settings change what the clients train or send (a rule that freezes lora_A or keeps lora_B
+    local, privacy's clipping, compression): such a round is trained anew, not aggregated from others' updates."""
+    from fedfm.strategies import expected_update_shapes
+
+    base = _base_config()
+    cfg = base.with_overrides(overrides)
+    return (cfg.privacy.enabled or cfg.compression.method != "none" or cfg.preference.loss != base.preference.loss
+            or cfg.lora != base.lora or expected_update_shapes(cfg, cfg.client_names[0], 1, {}) is not None)
+
+
+def _base_config():
+    from fedfm.config import FederationConfig
+
+    return FederationConfig.parse({"task": "preference", "model": {"name_or_path": "tiny"}, "clients": 3,
+                                   "data": {"source": "builtin:topics-preferences", "partition": "iid"}})
+
+
+def _cases() -> list[dict]:
     from fedfm.strategies import STRATEGIES
 
-    cases = [pytest.param({"strategy.name": name}, id=name) for name in sorted(STRATEGIES)]
-    return cases + [
-        pytest.param({"privacy.noise_multiplier": 0.3, "privacy.clip_norm": 1.0, "privacy.noise_seed": 1}, id="dp"),
-        pytest.param({"policy.preset": "checks"}, id="checks"),
-        pytest.param({"preference.loss": "ipo", "compression.method": "int8"}, id="ipo-int8"),
-    ]
+    return [{"strategy.name": name} for name in sorted(STRATEGIES)] + [
+        {"policy.preset": "checks"},
+        {"privacy.noise_multiplier": 0.3, "privacy.clip_norm": 1.0, "privacy.noise_seed": 1},
+        {"preference.loss": "ipo", "compression.method": "int8"}]
 
 
-@pytest.mark.parametrize("overrides", _strategy_cases())
-def test_every_strategy_privacy_and_the_checks_aggregate_preference_updates(tiny_config, tmp_path, overrides):
-    """The DPO update is a LoRA update like any other: every registered rule, differential privacy, the preset's
-    checks and compressed updates take it, and the round's adapter is evaluated on the preference figures."""
+def _label(overrides: dict) -> str:
+    return overrides.get("strategy.name") or ("dp" if "privacy.noise_multiplier" in overrides else
+                                              "-".join(str(value) for value in overrides.values()))
+
+
+def test_every_strategy_and_the_checks_aggregate_preference_updates(preference_config, preference_simulated, tmp_path):
+    """The DPO update is a LoRA update like any other: every registered rule and the preset's checks take the
+    round-1 updates of the simulated federation (trained once, aggregated by each rule) into a new adapter."""
+    from fedfm.adapters import load_adapter
+    from fedfm.federation import aggregate_round
+
+    work = preference_simulated.output / "work"
+    global_uri = str(work / "round-0" / "global_adapter.safetensors")
+    updates = [(client, str(work / "round-1" / "updates" / f"{client}.safetensors"))
+               for client in preference_config.client_names]
+    start = load_adapter(global_uri).tensors
+    aggregated = [overrides for overrides in _cases() if not _client_side(overrides)]
+    assert len(aggregated) >= 10
+    for overrides in aggregated:
+        label = _label(overrides)
+        out = str(tmp_path / f"{label}.safetensors")
+        meta = aggregate_round(preference_config.with_overrides(overrides), 1, global_uri, updates, out,
+                               state_out=str(tmp_path / f"{label}.state"))
+        assert meta.metrics["missing"] == {}, label
+        moved = load_adapter(out).tensors
+        assert all(torch.isfinite(value).all() for value in moved.values()), label
+        assert any(not torch.equal(moved[name], start[name]) for name in start), label
+
+
+@pytest.mark.parametrize("overrides", [pytest.param(case, id=_label(case)) for case in _cases() if _client_side(case)])
+def test_rules_privacy_and_compression_that_change_the_clients_side_train_preference_rounds(tiny_config, tmp_path,
+                                                                                            overrides):
+    """Where the clients train or send otherwise (a rule's frozen or local factors, privacy's clipping, compressed
+    updates): a whole round, evaluated on the preference figures."""
     from fedfm.simulation import simulate
 
     cfg = tiny_config("preference", rounds=1, clients=3, **{**DPO_SETTINGS, "training.local_steps": 2, **overrides})
