@@ -69,11 +69,16 @@ _WHERE = {"local": "in the pipeline's pods (execution.mode local)",
           "kubernetes": "as Jobs in the tenants' namespaces (execution.mode kubernetes)"}
 
 
-def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE):
-    """The pipeline function for ``cfg`` (compile it, or call it under ``kfp.local``)."""
+def build_pipeline(cfg: FederationConfig, image: str = DEFAULT_IMAGE, *, retries: bool = True):
+    """The pipeline function for ``cfg`` (compile it, or call it under ``kfp.local``). Without ``retries`` no task
+    is retried: kfp.local follows KFP's retry policy, and a step of ``fedfm run`` that failed on this machine
+    would fail again after the backoff."""
     steps = build_components(image)
     default_config = cfg.as_dict()
     compiled = run_parameter_values(cfg)
+    if not retries:  # the tasks' settings only: the `config` parameter keeps the run's own
+        kfp = cfg.execution.kfp.model_copy(update={"retries": 0})
+        cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"kfp": kfp})})
     Outputs = NamedTuple("Outputs", [("adapter", Model), ("history", Artifact)])
     one_round = _secure_round if cfg.secure_aggregation.enabled else _plain_round
 

@@ -103,7 +103,7 @@ def run_local(cfg: FederationConfig | None, output: Path,
     else:
         runner = local.SubprocessRunner(use_venv=False)
     local.init(runner=runner, pipeline_root=str(output.absolute() / "kfp"), raise_on_error=True)
-    pipeline = build_pipeline(cfg, image or DEFAULT_IMAGE)
+    pipeline = build_pipeline(cfg, image or DEFAULT_IMAGE, retries=False)
 
     started = time.time()
     try:

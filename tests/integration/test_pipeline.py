@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from fedfm import events
 from fedfm.config import CENTRALIZED_CLIENT
 from fedfm.errors import FedFMError
 
@@ -247,6 +248,8 @@ def test_a_failing_step_is_reported_by_name_and_nothing_is_overwritten(tiny_conf
     with pytest.raises(FedFMError, match=r"step init failed: ModelError: cannot load tokenizer .*no-such-model"):
         run_local(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "run.log").exists()
+    seen, _ = events.read(tmp_path / "run" / "events.jsonl")  # not retried: it would fail again, after a backoff
+    assert [event["event"] for event in seen if event["step"] == "init"] == ["started", "failed"]
     with pytest.raises(FedFMError, match="is not empty; choose a new --output"):
         run_local(tiny_config(), tmp_path / "run")
 
