@@ -404,21 +404,20 @@ def load_adapter(uri: str | os.PathLike, *, who: str | None = None,
         copy.close()
         raise AdapterError(f"{where} is not a valid safetensors file (truncated or corrupt?): {exc}") from None
     meta = AdapterMeta.from_header(stored.metadata, where)
-    if content_sha256(stored) != meta.sha256:
+    # read once: a dict (as PEFT, safetensors, the decoders and the strategies' callers take it) is hashed as read
+    tensors: Mapping[str, torch.Tensor] = stored if streamed and meta.encoding is None else dict(stored)
+    if tensors is not stored:
+        copy.close()
+    if content_sha256(tensors) != meta.sha256:
         raise AdapterError(f"{where} fails its sha256 check: the tensor data was altered or damaged")
     if meta.encoding is not None:
-        with copy:
-            return Adapter(tensors=decompress(dict(stored), meta.encoding, where=where,
-                                              expected_shapes=expected_shapes), meta=meta)
+        return Adapter(tensors=decompress(tensors, meta.encoding, where=where, expected_shapes=expected_shapes),
+                       meta=meta)
     for name, dtype in stored.dtypes.items():
         if dtype != torch.float32:
-            copy.close()
             raise AdapterError(f"{where}: tensor {name} is {str(dtype).removeprefix('torch.')}, but a file without "
                                "an encoding holds float32 tensors; write it with fedfm.adapters.save_adapter")
-    if streamed:
-        return Adapter(tensors=stored, meta=meta)
-    with copy:  # a dict, as PEFT, safetensors and the strategies' callers take it
-        return Adapter(tensors=dict(stored), meta=meta)
+    return Adapter(tensors=tensors, meta=meta)
 
 
 # What of a global adapter's record its receivers (every tenant) may read: figures of the round as a whole.
