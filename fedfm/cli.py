@@ -427,6 +427,10 @@ def client_train(
 
     cfg = _job_config(config, client, data, world_size)
     result = train_client(cfg, client, round_index, global_adapter, output)
+    if result is None:
+        _console().print(f"client {client}, round {round_index}: this node's ranks trained; the first node writes "
+                         "the update")
+        return
     _console().print(f"client {client}, round {round_index}: {result.steps} steps on {result.samples} samples, "
                      f"train loss {result.train_loss:.4f}; update written to {output}")
 
@@ -675,6 +679,9 @@ def _size(count: float) -> str:
 
 def main() -> None:
     try:
+        from fedfm.storage import credentials_from_files
+
+        credentials_from_files()
         app()
     except FedFMError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)

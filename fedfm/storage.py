@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -177,3 +177,21 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Directories of files whose names and contents become environment variables of this process (and of the
+# processes it starts), later directories winning; a variable already set keeps its value. A tenant's storage
+# credentials (its Secrets) reach a multi-node fine-tune's Pods this way, as mounted Secret volumes, because a
+# Kubeflow Trainer TrainJob cannot give them envFrom: the precedence of a Job's envFrom under its env.
+CREDENTIAL_DIRS_ENV = "FEDFM_CREDENTIAL_DIRS"
+
+
+def credentials_from_files(environ: MutableMapping[str, str] = os.environ) -> None:
+    found: dict[str, str] = {}
+    for directory in filter(None, environ.get(CREDENTIAL_DIRS_ENV, "").split(":")):
+        for path in sorted(Path(directory).iterdir()):
+            # a mounted Secret shows each key as a file (a link into its hidden ..data folder): keys only
+            if path.name.isidentifier() and path.is_file():
+                found[path.name] = path.read_text()
+    for name, value in found.items():
+        environ.setdefault(name, value)

@@ -4,7 +4,10 @@
 data for the configured steps, write the update (local − global) with its metadata, compressed as
 ``compression`` says (with error feedback, plus what compression left out of earlier updates). With
 ``training.world_size > 1`` it runs ``world_size`` data-parallel DeepSpeed processes under
-``torch.distributed.run``; each process executes :func:`run_rank`, rank 0 writes the update.
+``torch.distributed.run``; each process executes :func:`run_rank`, rank 0 writes the update. Those
+processes may span nodes: on each node of a multi-node fine-tune (a Kubeflow Trainer TrainJob's Pods) the
+same command reads the layout from the environment Trainer's torch plugin sets (:func:`node_layout`), and
+starts its share of the ranks; only the first node's first process, global rank 0, writes the update.
 
 The global batch (``training.batch_size``) is split over processes and accumulation micro-steps, and
 every rank draws its slice of the same seeded batch order, so a run with 2 processes sees the same
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,8 +81,9 @@ class TrainResult:
 
 
 def train_client(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
-                 update_out: str, *, poison_data: PoisonData | None = None) -> TrainResult:
-    """Fine-tune ``client`` from ``global_adapter`` and write its update to ``update_out``.
+                 update_out: str, *, poison_data: PoisonData | None = None) -> TrainResult | None:
+    """Fine-tune ``client`` from ``global_adapter`` and write its update to ``update_out``. None on a node
+    other than the first of a multi-node fine-tune: its ranks trained, and the first node wrote the update.
 
     ``poison_data`` (simulated attackers, :mod:`fedfm.attacks`) replaces the client's training frame
     with what it returns, e.g. the frame with flipped labels; it runs in this process, so it needs
@@ -366,8 +370,47 @@ def _use_cpu_accelerator_without_gpu() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where this node's ranks sit among all of a fine-tune's: ``nodes`` nodes of ``processes`` ranks each,
+    this one the ``node_rank``-th, meeting at ``master_addr``:``master_port`` (the first node)."""
+
+    nodes: int
+    node_rank: int
+    processes: int
+    master_addr: str
+    master_port: int
+
+
+# What Kubeflow Trainer's torch plugin sets on every node of a TrainJob (torchrun's own PET_* variables).
+_TRAINER_ENV = ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+
+
+def node_layout(client: str, world_size: int, environ: Mapping[str, str] = os.environ) -> NodeLayout:
+    """The layout of a fine-tune of ``world_size`` processes: one node (this machine), or, where Trainer's
+    environment says there are several, this node's place among them. ``world_size`` is all nodes' ranks
+    together and must split evenly over them (and equal ``PET_NPROC_PER_NODE`` per node where it is set)."""
+    if int(environ.get("PET_NNODES") or 1) <= 1:
+        return NodeLayout(1, 0, world_size, "127.0.0.1", _free_port())
+    missing = [name for name in _TRAINER_ENV if not environ.get(name)]
+    if missing:
+        raise TrainingError(f"client {client}: a multi-node fine-tune (PET_NNODES={environ['PET_NNODES']}) needs "
+                            f"{', '.join(missing)} in its environment, as Kubeflow Trainer sets them")
+    try:
+        nodes, node_rank = int(environ["PET_NNODES"]), int(environ["PET_NODE_RANK"])
+        port = int(environ["PET_MASTER_PORT"])
+        per_node = int(environ.get("PET_NPROC_PER_NODE") or 0) or world_size // nodes
+    except ValueError as exc:
+        raise TrainingError(f"client {client}: Kubeflow Trainer's PET_* environment is not numeric: {exc}") from None
+    if per_node * nodes != world_size or not 0 <= node_rank < nodes:
+        raise TrainingError(f"client {client}: training.world_size {world_size} is not {nodes} nodes × {per_node} "
+                            f"processes (node rank {node_rank}): the TrainJob and the config disagree")
+    return NodeLayout(nodes, node_rank, per_node, environ["PET_MASTER_ADDR"], port)
+
+
 def _launch_ranks(cfg: FederationConfig, client: str, round_index: int, global_adapter: str,
-                  update_out: str) -> TrainResult:
+                  update_out: str) -> TrainResult | None:
+    layout = node_layout(client, cfg.training.world_size)
     with tempfile.TemporaryDirectory(prefix="fedfm-ranks-") as scratch:
         spec = Path(scratch) / "spec.json"
         result_path = Path(scratch) / "result.json"
@@ -378,10 +421,11 @@ def _launch_ranks(cfg: FederationConfig, client: str, round_index: int, global_a
         env = dict(os.environ)
         if not torch.cuda.is_available():
             # ranks share this machine's cores; without a cap each would start one thread per core
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.training.world_size)))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                   "--nproc_per_node", str(cfg.training.world_size), "--master_addr", "127.0.0.1",
-                   "--master_port", str(_free_port()), "-m", "fedfm.training", str(spec)]
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // layout.processes)))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(layout.nodes),
+                   "--node_rank", str(layout.node_rank), "--nproc_per_node", str(layout.processes),
+                   "--master_addr", layout.master_addr, "--master_port", str(layout.master_port),
+                   "-m", "fedfm.training", str(spec)]
         tail: collections.deque[str] = collections.deque(maxlen=_TORCHRUN_LOG_TAIL)
         reason = None  # a rank that fails on bad input says why on a "FedFMError: ..." line (_rank_main)
         # a session of their own, so that the launcher and its ranks can be stopped together
@@ -400,6 +444,8 @@ def _launch_ranks(cfg: FederationConfig, client: str, round_index: int, global_a
                 with contextlib.suppress(ProcessLookupError):  # they may all have exited already
                     os.killpg(process.pid, signal.SIGKILL)
                 raise
+        if code == 0 and layout.node_rank > 0:
+            return None  # rank 0, on the first node, wrote the update
         if code != 0 or not result_path.exists():
             raise TrainingError(
                 f"client {client}: {cfg.training.world_size} DeepSpeed processes exited with status {code}: "

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="watch only these namespaces (repeatable); default: the whole cluster")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     parser.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    parser.add_argument("--training-runtime", default=None,
+                        help="the Kubeflow Trainer ClusterTrainingRuntime multi-node clients' fine-tunes run on "
+                             "(the chart's, with trainer.enabled); default: none, such clients are refused")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
 
@@ -30,9 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port)
     import fedfm.operators.handlers  # noqa: F401  (registers the handlers)
-    from fedfm.operators import kube
+    from fedfm.operators import kube, trainer
 
     kube.watch_only(args.namespace)
+    trainer.use_runtime(args.training_runtime)
 
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, standalone=True,
              liveness_endpoint=args.liveness)

@@ -198,8 +198,13 @@ def federated_client_crd() -> dict:
     quantity = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
     resources = _object({
         "cpu": quantity, "memory": quantity,
-        "gpus": _INTEGER | {"minimum": 0, "description": "nvidia.com/gpu per Job; DeepSpeed runs one process each"},
-        "processes": _INTEGER | {"minimum": 1, "description": "DeepSpeed processes when there are no GPUs"},
+        "gpus": _INTEGER | {"minimum": 0, "description": "nvidia.com/gpu per Pod (per node); DeepSpeed runs one "
+                                                        "process each"},
+        "processes": _INTEGER | {"minimum": 1, "description": "DeepSpeed processes per Pod when there are no GPUs"},
+        "nodes": _INTEGER | {"minimum": 1, "description": (
+            "nodes the client's fine-tune spans, each a Pod with the resources above: more than 1 runs it as a "
+            "Kubeflow Trainer TrainJob (the chart's trainer.enabled; Trainer installed in the cluster) whose "
+            "DeepSpeed processes, nodes × gpus (or processes), train as one data-parallel group")},
         "nodeSelector": {"type": "object", "additionalProperties": _STRING},
         "tolerations": {"type": "array", "items": _FREE_FORM},
     })
@@ -266,6 +271,8 @@ def client_round_crd() -> dict:
     status = _object({
         "phase": {"type": "string", "enum": [PENDING, RUNNING, SUCCEEDED, FAILED, TIMED_OUT]},
         "jobName": _STRING,
+        "jobKind": {"type": "string", "enum": ["Job", "TrainJob"],
+                    "description": "what runs the round: a batch/v1 Job, or a Kubeflow Trainer TrainJob (multi-node)"},
         "startedAt": _TIME,
         "finishedAt": _TIME,
         "deadline": _TIME,

@@ -1,6 +1,7 @@
 """The FedFM operator's handlers (kopf).
 
-- ``ClientRound`` → a Job in the tenant namespace; the Job's outcome → the round's final phase. A
+- ``ClientRound`` → a Job in the tenant namespace (a Kubeflow Trainer TrainJob for a multi-node client's
+  fine-tune, ``fedfm.operators.trainer``); its outcome → the round's final phase. A
   training round's update is validated (fingerprint, keys, shapes, finite) before it counts; a bad one
   fails the round with reason ``InvalidUpdate``, which quarantines the client. Deadlines are enforced.
 - ``FederatedClient`` status is derived from its ClientRounds and its Federation every few seconds:
@@ -31,11 +32,13 @@ from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDER
                                  FINAL_PHASES, GROUP, INVALID_UPDATE, LABEL_CLIENT, LABEL_CLIENT_ROUND,
                                  LABEL_FEDERATION, PENDING, QUARANTINED, READY, RUNNING, SUCCEEDED, TIMED_OUT,
                                  SECURE, TRAIN, TRAINING, VERSION, condition, set_condition)
-from fedfm.operators import tenant
-from fedfm.operators.jobs import job_manifest
+from fedfm.operators import tenant, trainer
+from fedfm.operators.jobs import TRAIN_JOBS, TRAINER_GROUP, TRAINER_VERSION, job_manifest, nodes, \
+    train_job_manifest, trains_on_nodes
 from fedfm.trust import grants
 from fedfm.trust.secure_round import check_secure_output
 
+JOB, TRAIN_JOB = "Job", "TrainJob"  # what runs a round (ClientRound status.jobKind)
 STATUS_INTERVAL = 2.0  # seconds between derivations of FederatedClient and Federation status
 DEADLINE_INTERVAL = 1.0
 STORAGE_RETRY_INTERVAL = 5.0  # seconds between tries to read a finished round's files from a failing storage
@@ -95,15 +98,27 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
         return
     keys = _signing_keys(_enrolled(spec["federation"]["name"], spec["federation"]["namespace"])) \
         if spec["purpose"] == SECURE else None
+    kind = TRAIN_JOB if trains_on_nodes(client_round, federated_client) else JOB
     try:
-        kube.batch().create_namespaced_job(namespace, job_manifest(client_round, federated_client, keys, root))
-        _event(body, True, "JobCreated", f"Job {name} runs the {spec['purpose'].lower()} of round "
-                                         f"{spec['round']} for client {spec['client']}")
+        if kind == TRAIN_JOB:
+            problem = trainer.unavailable()
+            if problem:
+                _finish(client_round, FAILED, *problem)
+                return
+            trainer.create(namespace, train_job_manifest(client_round, federated_client, trainer.runtime(), keys,
+                                                         root))
+        else:
+            kube.batch().create_namespaced_job(namespace, job_manifest(client_round, federated_client, keys, root))
+        _event(body, True, f"{kind}Created", f"{kind} {name} runs the {spec['purpose'].lower()} of round "
+                                             f"{spec['round']} for client {spec['client']}")
     except ApiException as exc:
+        if kind == TRAIN_JOB and exc.status == 404:  # Trainer's CRDs went away since the check
+            _finish(client_round, FAILED, "TrainerNotInstalled", f"the cluster serves no TrainJobs: {exc.reason}")
+            return
         if exc.status != 409:  # 409: it exists already (an operator restart): adopt it
             raise
     started = status.get("startedAt") or kube.now()
-    patch.status.update(jobName=name, startedAt=started, outputURI=spec["outputURI"])
+    patch.status.update(jobName=name, jobKind=kind, startedAt=started, outputURI=spec["outputURI"])
     # Only a round without a phase gets one here, checked against the round as it is now (with its
     # resourceVersion): on resume ``status`` may be stale, and a Job event may have finished the round
     # meanwhile; a plain patch from the stale view would put a Succeeded round back to Pending for good.
@@ -180,6 +195,28 @@ def job_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
         _advance(namespace, client_round["metadata"]["name"], {"phase": RUNNING}, from_phases=(None, PENDING))
 
 
+@kopf.on.event(TRAINER_GROUP, TRAINER_VERSION, TRAIN_JOBS, labels={LABEL_CLIENT_ROUND: kopf.PRESENT})
+def train_job_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
+    """Follow a multi-node round's TrainJob as a Job: Running while its nodes run, then the round's final phase.
+    (Without Trainer's CRDs kopf serves no TrainJobs and this never runs; it starts when they are installed.)"""
+    client_round = kube.get_client_round(namespace, body["metadata"]["labels"][LABEL_CLIENT_ROUND])
+    if client_round is None or (client_round.get("status") or {}).get("phase") in FINAL_PHASES:
+        return
+    outcome = trainer.outcome(body)
+    if outcome is None:
+        return
+    state, reason, message = outcome
+    if state == "Complete":
+        _complete(client_round)
+    elif state == "Failed" and reason == "DeadlineExceeded":  # the TrainJob's activeDeadlineSeconds is the round's
+        _finish(client_round, TIMED_OUT, "DeadlineExceeded", _deadline_message(client_round["spec"]))
+    elif state == "Failed":
+        why = ": ".join(part for part in (reason, message) if part)
+        _finish(client_round, FAILED, "TrainJobFailed", "the TrainJob failed" + (f": {why}" if why else ""))
+    else:
+        _advance(namespace, client_round["metadata"]["name"], {"phase": RUNNING}, from_phases=(None, PENDING))
+
+
 @kopf.timer(GROUP, VERSION, CLIENT_ROUNDS, interval=DEADLINE_INTERVAL,
             when=lambda status, **_: status.get("phase") not in FINAL_PHASES and bool(status.get("deadline")))
 def enforce_deadline(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: Any) -> None:
@@ -187,16 +224,25 @@ def enforce_deadline(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_:
         return
     client_round = copy.deepcopy(dict(body))
     if _finish(client_round, TIMED_OUT, "DeadlineExceeded", _deadline_message(spec)):
-        kube.delete_job(body["metadata"]["namespace"], body["metadata"]["name"])
+        _stop(client_round)
 
 
 def _deadline_message(spec: dict) -> str:
     return f"no result within the {float(spec['deadlineSeconds']):g} s deadline; the Job was stopped"
 
 
+def _stop(client_round: dict) -> None:
+    """Delete what runs the round (its Job, or its TrainJob and with it the node Pods)."""
+    meta = client_round["metadata"]
+    if (client_round.get("status") or {}).get("jobKind") == TRAIN_JOB:
+        trainer.delete(meta["namespace"], meta["name"])
+    else:
+        kube.delete_job(meta["namespace"], meta["name"])
+
+
 @kopf.on.delete(GROUP, VERSION, CLIENT_ROUNDS)
-def client_round_deleted(name: str, namespace: str, **_: Any) -> None:
-    kube.delete_job(namespace, name)
+def client_round_deleted(body: kopf.Body, **_: Any) -> None:
+    _stop(copy.deepcopy(dict(body)))
 
 
 def _complete(client_round: dict) -> None:
@@ -330,6 +376,7 @@ def client_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: s
     enrolled = phase in (READY, TRAINING)
     new["conditions"] = set_condition(status.get("conditions"), condition("Enrolled", enrolled, phase, reason,
                                                                           kube.now()))
+    new["conditions"] = _multi_node_condition(new["conditions"], {"spec": dict(spec)})
     changed = {key: value for key, value in new.items() if status.get(key) != value}
     if changed:
         patch.status.update(changed)
@@ -338,13 +385,25 @@ def client_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: s
     metrics.client_phase(namespace, name, reference["name"], phase)
 
 
+def _multi_node_condition(conditions: list[dict], federated_client: dict) -> list[dict]:
+    """A multi-node client's ``MultiNode`` condition: whether its fine-tunes can run as TrainJobs here (Trainer
+    installed, the chart's runtime named). A one-node client has none."""
+    count = nodes(federated_client)
+    if count == 1:
+        return [c for c in conditions if c.get("type") != trainer.CONDITION]
+    problem = trainer.unavailable()
+    reason, message = problem or ("TrainJob", f"fine-tunes run as Kubeflow Trainer TrainJobs of {count} nodes on "
+                                              f"the ClusterTrainingRuntime {trainer.runtime()}")
+    return set_condition(conditions, condition(trainer.CONDITION, problem is None, reason, message, kube.now()))
+
+
 @kopf.on.delete(GROUP, VERSION, FEDERATED_CLIENTS)
 def client_withdrawn(name: str, namespace: str, spec: kopf.Spec, **_: Any) -> None:
     """A tenant that withdraws stops its unfinished rounds."""
     for client_round in kube.list_objects(CLIENT_ROUNDS, namespace, f"{LABEL_CLIENT}={name}"):
         if (client_round.get("status") or {}).get("phase") not in FINAL_PHASES:
             _finish(client_round, FAILED, "ClientWithdrew", f"FederatedClient {name} was deleted")
-            kube.delete_job(namespace, client_round["metadata"]["name"])
+            _stop(client_round)
     metrics.client_phase(namespace, name, spec["federationRef"]["name"], None)
 
 

@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from fedfm.operators.api import (API_VERSION, EVALUATE, LABEL_CLIENT, LABEL_CLIENT_ROUND, LABEL_FEDERATION,
-                                 LABEL_PURPOSE, LABEL_ROUND, SECURE)
+                                 LABEL_PURPOSE, LABEL_ROUND, SECURE, TRAIN)
 from fedfm.operators.tenant import job_config, state_volume, storage_grant
+from fedfm.storage import CREDENTIAL_DIRS_ENV
 from fedfm.trust import grants
 from fedfm.trust.signing import REGISTRY_ENV
 
@@ -18,10 +19,28 @@ CONFIG_ENV = "FEDFM_CONFIG"
 SCRATCH = "/tmp"
 
 
-def world_size(federated_client: dict) -> int:
-    """DeepSpeed processes: one per GPU asked for, else the processes asked for, else one."""
+def processes_per_node(federated_client: dict) -> int:
+    """DeepSpeed processes on each node (Pod): one per GPU asked for, else the processes asked for, else one."""
     resources = federated_client["spec"].get("resources") or {}
     return int(resources.get("gpus") or 0) or int(resources.get("processes") or 0) or 1
+
+
+def nodes(federated_client: dict) -> int:
+    """Nodes (Pods) a fine-tune of the client spans: more than one runs it as a Kubeflow Trainer TrainJob."""
+    return int((federated_client["spec"].get("resources") or {}).get("nodes") or 1)
+
+
+def world_size(federated_client: dict) -> int:
+    """DeepSpeed processes of one fine-tune, on all its nodes."""
+    return nodes(federated_client) * processes_per_node(federated_client)
+
+
+def trains_on_nodes(client_round: dict, federated_client: dict) -> bool:
+    """Whether the round's work is a fine-tune of a multi-node client: a TrainJob's, not a Job's. Its other
+    work (evaluation, the protocol steps around the secure fine-tune) is light and runs in one Pod."""
+    spec = client_round["spec"]
+    trains = spec["purpose"] == TRAIN or (spec["purpose"] == SECURE and spec.get("secureStep") == "train")
+    return trains and nodes(federated_client) > 1
 
 
 def cpu_cores(quantity: int | float | str) -> float:
@@ -40,7 +59,7 @@ def threads_per_process(federated_client: dict) -> int | None:
         cores = int(cpu_cores(cpu))
     except (ValueError, OverflowError):  # not a quantity ("lots", "inf"): the apiserver refuses the Job
         return None
-    return max(1, cores // world_size(federated_client))
+    return max(1, cores // processes_per_node(federated_client))
 
 
 def data_location(federated_client: dict) -> str:
@@ -81,6 +100,61 @@ def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[
     step also gets the federation's ``signing_keys`` (client → public key, from the FederatedClients), which
     it verifies its peers' messages with. ``storage_root``: where the federation's objects are, which the Job
     reaches with the tenant's own credential to them (``spec.federationStorage``), never the platform's."""
+    labels, pod = _pod(client_round, federated_client, signing_keys, storage_root, secrets_as_files=False)
+    job_spec: dict[str, Any] = {"backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": pod}}
+    deadline = _deadline(client_round)
+    if deadline:
+        job_spec["activeDeadlineSeconds"] = deadline
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _owned(client_round, labels), "spec": job_spec}
+
+
+# Kubeflow Trainer (v2): the TrainJob a multi-node client's fine-tune becomes.
+TRAINER_GROUP, TRAINER_VERSION, TRAIN_JOBS = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+# The runtime's replicated Job whose Pods train, and their training container: what Trainer's torch plugin
+# configures (node rank, number of nodes, master address and port as PET_* variables) and what the
+# TrainJob's ``trainer`` and ``runtimePatches`` fill in. The chart's ClusterTrainingRuntime has exactly these.
+TRAINER_NODE = "node"
+PATCH_MANAGER = "fedfm.dev/operator"
+# Where a multi-node Pod finds the tenant's Secrets it would get through envFrom as a Job's: a TrainJob can
+# patch volumes into its Pods but not envFrom, so each Secret is a read-only volume under here and the
+# ``fedfm`` command exports its keys (fedfm.storage.credentials_from_files).
+SECRET_ENV_MOUNT = "/var/run/fedfm/credentials"
+
+
+def train_job_manifest(client_round: dict, federated_client: dict, runtime: str,
+                       signing_keys: dict[str, str] | None = None, storage_root: str | None = None) -> dict[str, Any]:
+    """The Kubeflow Trainer ``TrainJob`` of a multi-node client's fine-tune: ``nodes`` Pods of the training
+    ``runtime`` (a ClusterTrainingRuntime the chart installs), each running the same command in the same image,
+    under the same ServiceAccount, with the same data, resources per node and hardening as the Job of a
+    one-node client (:func:`job_manifest`); owned by the ClientRound. Only global rank 0 (node 0's first
+    process) writes what the round produces."""
+    labels, pod = _pod(client_round, federated_client, signing_keys, storage_root, secrets_as_files=True)
+    container = pod.pop("containers")[0]
+    trainer = {"image": container["image"], "command": container["command"], "env": container["env"],
+               "numNodes": nodes(federated_client), "numProcPerNode": processes_per_node(federated_client)}
+    if container["resources"]:
+        trainer["resourcesPerNode"] = container["resources"]
+    pod.pop("restartPolicy")  # the runtime's (Never): a failed node fails the TrainJob, as a failed Pod a Job
+    patch = {"name": TRAINER_NODE, "template": {"spec": {"template": {
+        "metadata": {"labels": labels},
+        "spec": {**pod, "containers": [{"name": TRAINER_NODE, "securityContext": container["securityContext"],
+                                        "volumeMounts": container["volumeMounts"]}]}}}}}
+    spec: dict[str, Any] = {
+        "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": "ClusterTrainingRuntime", "name": runtime},
+        "trainer": trainer,
+        "runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {
+            "metadata": {"labels": labels}, "spec": {"replicatedJobs": [patch]}}}}],
+    }
+    deadline = _deadline(client_round)
+    if deadline:
+        spec["activeDeadlineSeconds"] = deadline
+    return {"apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}", "kind": "TrainJob",
+            "metadata": _owned(client_round, labels), "spec": spec}
+
+
+def _pod(client_round: dict, federated_client: dict, signing_keys: dict[str, str] | None,
+         storage_root: str | None, secrets_as_files: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """The labels and the Pod spec of the round's work, whichever object runs it."""
     meta, spec = client_round["metadata"], client_round["spec"]
     client_spec = federated_client["spec"]
     labels = {
@@ -110,7 +184,7 @@ def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[
     if storage_root and storage_grant(federated_client):
         container["env"] += _storage_grant_env(storage_root, storage_grant(federated_client))
     # the tenant's own variables, but none of the above: the config the Job runs is the operator's
-    own = {item["name"] for item in container["env"]}
+    own = {item["name"] for item in container["env"]} | {CREDENTIAL_DIRS_ENV}
     container["env"] += [{"name": item["name"], "value": str(item["value"])}
                          for item in client_spec.get("env") or [] if item["name"] not in own]
     threads = threads_per_process(federated_client)
@@ -122,9 +196,17 @@ def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[
                            "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS}
     data, state = client_spec["data"], client_spec.get("state") or {}
     # the tenant's Secrets: its data's credentials, then its state's (a key in both takes the state's value)
-    secrets = [part["secretRef"]["name"] for part in (data, state) if "secretRef" in part]
-    if secrets:
-        container["envFrom"] = [{"secretRef": {"name": name}} for name in dict.fromkeys(secrets)]
+    secrets = list(dict.fromkeys(part["secretRef"]["name"] for part in (data, state) if "secretRef" in part))
+    if secrets and not secrets_as_files:
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in secrets]
+    elif secrets:
+        directories = []
+        for index, name in enumerate(secrets):
+            volume, directory = f"env-{index}", f"{SECRET_ENV_MOUNT}/{index}"
+            pod["volumes"].append({"name": volume, "secret": {"secretName": name}})
+            container["volumeMounts"].append({"name": volume, "mountPath": directory, "readOnly": True})
+            directories.append(directory)
+        container["env"].append({"name": CREDENTIAL_DIRS_ENV, "value": ":".join(directories)})
     if "pvc" in data:
         container["volumeMounts"].append({"name": "data", "mountPath": DATA_MOUNT, "readOnly": True})
         pod["volumes"].append({"name": "data", "persistentVolumeClaim": {"claimName": data["pvc"]["claimName"],
@@ -140,21 +222,20 @@ def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[
         pod["nodeSelector"] = resources["nodeSelector"]
     if resources.get("tolerations"):
         pod["tolerations"] = resources["tolerations"]
-    job_spec: dict[str, Any] = {"backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": pod}}
-    if spec.get("deadlineSeconds"):
-        job_spec["activeDeadlineSeconds"] = max(1, int(spec["deadlineSeconds"]))
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "labels": labels,
+    return labels, pod
+
+
+def _deadline(client_round: dict) -> int | None:
+    seconds = client_round["spec"].get("deadlineSeconds")
+    return max(1, int(seconds)) if seconds else None
+
+
+def _owned(client_round: dict, labels: dict[str, str]) -> dict[str, Any]:
+    """Metadata of what runs the round: its name, its namespace, owned by it (deleting it deletes them)."""
+    meta = client_round["metadata"]
+    return {"name": meta["name"], "namespace": meta["namespace"], "labels": labels,
             "ownerReferences": [{"apiVersion": API_VERSION, "kind": "ClientRound", "name": meta["name"],
-                                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}],
-        },
-        "spec": job_spec,
-    }
+                                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]}
 
 
 def _storage_grant_env(root: str, secret: str) -> list[dict[str, Any]]:

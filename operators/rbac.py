@@ -1,7 +1,7 @@
 """The RBAC model of cluster mode, as manifests.
 
 - The **operator** (ClusterRole ``fedfm-operator``) reads and patches the three kinds, writes their
-  status, creates, follows and deletes Jobs, posts Events, and reads CRDs (kopf discovers its resources
+  status, creates, follows and deletes Jobs (and Kubeflow Trainer's TrainJobs), posts Events, and reads CRDs (kopf discovers its resources
   that way) — and nothing else (no Secrets, no Pods).
 - The **pipeline** (Role ``fedfm-pipeline`` in each enrolled tenant namespace, bound to the pipeline's
   service account) may create, get, list and watch ClientRounds there, and nothing in a namespace
@@ -41,6 +41,8 @@ def operator_cluster_role() -> dict:
                 _rule([GROUP], _KINDS, ["get", "list", "watch", "patch"]),
                 _rule([GROUP], [f"{kind}/status" for kind in _KINDS], ["get", "patch"]),
                 _rule(["batch"], ["jobs"], ["get", "list", "watch", "create", "delete"]),
+                # multi-node clients' fine-tunes (Kubeflow Trainer); unused where Trainer is not installed
+                _rule(["trainer.kubeflow.org"], ["trainjobs"], ["get", "list", "watch", "create", "delete"]),
                 # kopf discovers the resources it serves by watching the CRDs (read-only)
                 _rule(["apiextensions.k8s.io"], ["customresourcedefinitions"], ["get", "list", "watch"]),
                 _rule([""], ["events"], ["create"]),

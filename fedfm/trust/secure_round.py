@@ -406,7 +406,8 @@ def client_step(cfg: FederationConfig, client: str, round_index: int, phase: str
         from fedfm.training import train_client
 
         plain = private_update_uri(cfg, client, round_index)
-        train_client(cfg, client, round_index, inputs["global"], plain)
+        if train_client(cfg, client, round_index, inputs["global"], plain) is None:
+            return  # a node other than the first of a multi-node fine-tune: the first masks and sends
         noise = {name: float(inputs[name]) for name in ("clip_norm", "noise_stddev", "count_stddev") if name in inputs}
         mask(cfg, client, round_index, plain, inputs["keys"], output, noise)
     elif phase == "confirm":
