@@ -1,8 +1,8 @@
 """The RBAC model of cluster mode, as manifests.
 
 - The **operator** (ClusterRole ``fedfm-operator``) reads and patches the three kinds, writes their
-  status, creates, follows and deletes Jobs (and Kubeflow Trainer's TrainJobs), posts Events, and reads CRDs (kopf discovers its resources
-  that way) — and nothing else (no Secrets, no Pods).
+  status, creates, follows and deletes Jobs (and Kubeflow Trainer's TrainJobs), posts Events, and reads
+  CRDs (kopf discovers its resources that way) — and nothing else (no Secrets, no Pods).
 - The **pipeline** (Role ``fedfm-pipeline`` in each enrolled tenant namespace, bound to the pipeline's
   service account) may create, get, list and watch ClientRounds there, and nothing in a namespace
   that never enrolled; in the platform namespace it may read the Federation and patch its status.

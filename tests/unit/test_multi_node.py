@@ -271,8 +271,8 @@ def test_the_chart_installs_the_runtime_the_trainjobs_patch_and_runs_the_operato
     ({"PET_NNODES": "1"}, (1, 0, 4)),
     ({"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "10.0.0.7", "PET_MASTER_PORT": "29400"},
      NodeLayout(2, 1, 2, "10.0.0.7", 29400)),
-    ({"PET_NNODES": "4", "PET_NODE_RANK": "0", "PET_MASTER_ADDR": "m", "PET_MASTER_PORT": "1", "PET_NPROC_PER_NODE": "1"},
-     NodeLayout(4, 0, 1, "m", 1)),
+    ({"PET_NNODES": "4", "PET_NODE_RANK": "0", "PET_MASTER_ADDR": "m", "PET_MASTER_PORT": "1",
+      "PET_NPROC_PER_NODE": "1"}, NodeLayout(4, 0, 1, "m", 1)),
 ])
 def test_the_node_layout_is_what_trainers_environment_says(environ, layout):
     found = node_layout("a", 4, environ)
