@@ -6,6 +6,7 @@ FedFM's two images when they are missing (a fresh machine: minutes, once), start
 CRD in charts/fedfm/crds/*.yaml (plus the harness's own HarnessWidget CRD) and waits until they are
 Established. Yields a ``node.Node`` (a ``kube.ControlPlane``); stops everything afterwards. Without root it
 is a control plane with no kubelet, and ``node`` skips the tests that need Pods to run.
+``trainer`` (session): Kubeflow Trainer's CRDs installed and its controller played (trainer_harness.py).
 Helpers: ``from kube import apply, wait_for, ...`` (this folder is on sys.path).
 FEDFM_SKIP_CLUSTER=1 skips these tests instead.
 """
@@ -68,6 +69,23 @@ def node(control_plane):
         pytest.skip("a test node (containerd, kubelet, iptables) needs root" if os.geteuid() != 0
                     else "FEDFM_SKIP_NODE=1")
     return control_plane
+
+
+@pytest.fixture(scope="session")
+def trainer(control_plane):
+    """Kubeflow Trainer v2 on the session's cluster, played by tests/cluster/trainer_harness.py: its CRDs
+    (from ../shared/vendor/kubeflow-trainer, stripped for v1.20) installed once, and a ``TrainerController``
+    for all namespaces running until the session ends (it turns TrainJobs into node Pods, which run only
+    where the cluster is a ``node``). Skips where the vendored files are missing."""
+    from trainer_harness import VENDOR, TrainerController, install_trainer
+    if not (VENDOR / "crds").is_dir():
+        pytest.skip(f"Kubeflow Trainer's CRDs are not at {VENDOR}/crds")
+    install_trainer(control_plane)
+    controller = TrainerController(control_plane).start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
 
 
 @pytest.fixture
