@@ -87,6 +87,7 @@ def jobs(node, trainer):
     local["kind"], local["metadata"] = "TrainingRuntime", {"name": "tenant-torch", "namespace": namespace}
     node.apply(local)
     image = node.images["fedfm"]
+    late = f"late-{namespace}"   # a ClusterTrainingRuntime that a test creates only later
     manifests = {
         "allreduce": _trainjob("allreduce", ["python", "-c", ALLREDUCE], image,
                                env={"FEDFM_LAYER": "trainer"},
@@ -94,7 +95,7 @@ def jobs(node, trainer):
                                             env={"FEDFM_PATCHED": "yes", "FEDFM_LAYER": "patch"})),
         "crash": _trainjob("crash", ["sh", "-c", '[ "$PET_NODE_RANK" = 1 ] && exit 1; exec sleep 600'], image),
         "slow": _trainjob("slow", ["sleep", "600"], image, nodes=1, deadline=3),
-        "missing": _trainjob("missing", ["true"], image, runtime={"name": "no-such-runtime"}),
+        "missing": _trainjob("missing", ["true"], image, nodes=1, runtime={"name": late}),
         "local": _trainjob("local", ["sh", "-c", "echo NODE $PET_NNODES $PET_NODE_RANK $PET_MASTER_ADDR"], image,
                            nodes=None, runtime={"kind": "TrainingRuntime", "name": "tenant-torch"}),
         "adopt": _trainjob("adopt", ["sleep", "600"], image, patch=_patch(grace=1)),
@@ -103,20 +104,21 @@ def jobs(node, trainer):
     manifests["paused"]["spec"]["suspend"] = True
     for manifest in manifests.values():
         node.apply(manifest, namespace)
-    yield {"namespace": namespace, "manifests": manifests,
+    yield {"namespace": namespace, "manifests": manifests, "late": late,
            "trainjobs": resource_for(node.admin, API_VERSION, "TrainJob")}
     core.delete_namespace(namespace)
+    node.delete({"apiVersion": API_VERSION, "kind": "ClusterTrainingRuntime", "metadata": {"name": late}})
 
 
 def _get(jobs, name: str) -> dict:
     return jobs["trainjobs"].get(name=name, namespace=jobs["namespace"]).to_dict()
 
 
-def _outcome(node, jobs, name: str, timeout: float = 90) -> dict:
-    """The TrainJob's Complete/Failed condition, once it has one."""
+def _outcome(node, jobs, name: str, timeout: float = 90, terminal: bool = True) -> dict:
+    """The TrainJob's Complete/Failed condition, once it has one (``terminal``: not a transient Failed)."""
     def done():
         tj = _get(jobs, name)
-        kind = finished(tj)
+        kind = finished(tj, terminal)
         return kind and next(c for c in tj["status"]["conditions"] if c["type"] == kind)
     return wait_for(done, timeout, 0.5, lambda: f"TrainJob {name} never finished: {_get(jobs, name).get('status')};"
                                                 f" kubelet log:\n{node.log_tail()}")
@@ -141,7 +143,7 @@ def test_trainer_crds_are_established_on_v120_and_keep_every_field_fedfm_writes(
     assert stored["activeDeadlineSeconds"] == 300
     assert stored["runtimeRef"] == sent["runtimeRef"]
     assert _get(jobs, "missing")["spec"]["runtimeRef"] == {  # the CRD's defaults
-        "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "no-such-runtime"}
+        "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": jobs["late"]}
 
 
 def test_two_node_pods_all_reduce_over_gloo_with_the_torch_plugins_environment(node, jobs, trainer):
@@ -186,25 +188,32 @@ def test_a_namespaced_runtime_gives_its_node_count_and_node_zero_its_own_ip(node
     assert node.pod_logs(jobs["namespace"], pod.metadata.name).split() == ["NODE", "1", "0", pod.status.pod_ip]
 
 
-def test_a_missing_runtime_fails_the_trainjob_without_pods(node, jobs):
-    outcome = _outcome(node, jobs, "missing", timeout=20)
+def test_a_missing_runtime_fails_the_trainjob_without_pods_until_it_comes(node, jobs):
+    outcome = _outcome(node, jobs, "missing", timeout=20, terminal=False)
     assert (outcome["type"], outcome["reason"]) == ("Failed", "TrainingRuntimeNotFound")
-    assert "no-such-runtime" in outcome["message"]
+    assert jobs["late"] in outcome["message"]
     assert not _pods(node, jobs, "missing")
+    assert not finished(_get(jobs, "missing"), terminal=True)   # transient: the runtime may still come
+    late = vendored_runtime("torch-distributed")
+    late["metadata"] = {"name": jobs["late"]}
+    node.apply(late)
+    assert _outcome(node, jobs, "missing")["type"] == "Complete"
 
 
 def test_a_failed_node_fails_the_trainjob_and_stops_the_others(node, jobs):
     outcome = _outcome(node, jobs, "crash")
-    assert (outcome["type"], outcome["reason"]) == ("Failed", "JobsFailed")
+    assert (outcome["type"], outcome["reason"]) == ("Failed", "FailedJobs")
     assert "crash-node-0-1" in outcome["message"] and "exited with code 1" in outcome["message"]
     wait_for(lambda: [p.metadata.name for p in _pods(node, jobs, "crash")] == ["crash-node-0-1"], 30,
              message="node 0 of the failed TrainJob was not deleted")
-    assert _get(jobs, "crash")["status"]["jobsStatus"][0]["failed"] == 1
+    assert _get(jobs, "crash")["status"]["jobsStatus"] == [{"name": "node", "active": 0, "ready": 0, "succeeded": 0,
+                                                            "failed": 1, "suspended": 0}]
 
 
 def test_the_deadline_fails_the_trainjob_and_deletes_its_pods(node, jobs):
     outcome = _outcome(node, jobs, "slow", timeout=30)
     assert (outcome["type"], outcome["reason"]) == ("Failed", "DeadlineExceeded")
+    assert _get(jobs, "slow")["status"]["jobsStatus"][0]["active"] == 0
     wait_for(lambda: not _pods(node, jobs, "slow"), 30, message="the pods outlived the deadline")
 
 

@@ -11,10 +11,18 @@ gets instead:
   ``deepspeed-distributed``) as a dict, to apply.
 - :class:`TrainerController`: a background thread that turns every TrainJob into the node Pods that
   Trainer + its torch plugin + JobSet + the Job controller would run, and keeps the TrainJob's status
-  (``jobsStatus``, conditions ``Complete`` / ``Failed`` / ``Suspended``) as Trainer does.
+  (``jobsStatus``, conditions ``Complete`` / ``Failed`` / ``Suspended``) as Trainer does. Conditions and
+  reasons are Trainer's: ``Complete`` (``AllJobsCompleted``, JobSet's, which Trainer copies), ``Failed``
+  (``FailedJobs``, JobSet's; ``DeadlineExceeded``; ``TrainingRuntimeNotSupported`` for a runtimeRef of
+  another kind or apiGroup, transient), ``Suspended`` (``Suspended`` / ``Resumed``).
 
 The ``trainer`` session fixture (conftest.py) installs the CRDs on the session's cluster and runs one
-controller for all namespaces; a test applies a runtime and a TrainJob and waits on the TrainJob's conditions.
+controller for all namespaces; a test applies a runtime (e.g. ``plane.apply(vendored_runtime())``) and a
+TrainJob and waits on the TrainJob's conditions (:func:`finished`). The Pods are ``{trainjob}-node-0-{i}``,
+labelled ``trainer.kubeflow.org/trainjob-name``. ``controller.sync()`` runs one pass synchronously; the
+controller's ``errors`` lists what failed in its passes. The Pods get, in the trainer container ``node``:
+``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT`` (29400)
+and ``JOB_COMPLETION_INDEX`` (= node rank, as an Indexed Job sets it).
 
 Deviations from real Trainer, on purpose or because this cluster is what it is:
 
@@ -30,9 +38,18 @@ Deviations from real Trainer, on purpose or because this cluster is what it is:
   replicated jobs of the runtime are ignored, and so is ``spec.initializer``. Only the torch plugin's
   environment is set (the MPI plugin of ``deepspeed-distributed``, its launcher and SSH keys, are not played).
 - ``numProcPerNode: auto`` is the trainer container's ``nvidia.com/gpu`` limit, else 1 (CPU).
-- ``activeDeadlineSeconds`` counts from when this controller first saw the TrainJob unsuspended (after a
-  restart of the controller: from the oldest node Pod's creation). At the deadline every node Pod is deleted.
-  On a failed Pod the still active Pods are deleted; finished ones stay (their logs are the evidence).
+- A runtimeRef naming a runtime that does not exist: ``Failed`` with reason ``TrainingRuntimeNotFound``, no
+  Pods; transient: cleared, and the Pods made, once the runtime exists. Real Trainer (v2.3) sets no condition
+  then: its reconcile fails, it records an Event (``TrainJobResourcesCreationFailed``) and retries with
+  backoff, so the TrainJob stays without a terminal condition until its deadline. Code under test must not
+  rely on this condition to end a round.
+- Condition messages: ``Failed``/``FailedJobs`` names the failed Pod and its container's exit code and
+  reason ("jobset failed due to one or more job failures: pod X-node-0-1 failed: container node exited with
+  code 1 (Error)"); JobSet's message stops at the colon, so code under test must not parse the rest.
+- ``activeDeadlineSeconds`` counts from the TrainJob's creation, or from its last resume (the ``Suspended``
+  condition's transition to False), as Trainer's; at the deadline every node Pod is deleted at once (grace
+  period 0; Trainer deletes the JobSet and the Pods terminate gracefully). On a failed Pod the still active
+  Pods are deleted (JobSet's failure policy); finished ones stay, their logs being the evidence.
 - ``schedulingGates`` in runtime patches are dropped (v1.20 Pods have no such field). No webhook: what
   Trainer's admission webhook and the CRDs' CEL rules would refuse (see :func:`strip_for_v120`) is accepted.
 - Image pulls: the image is used as given and ``imagePullPolicy`` as the runtime sets it (unset: the
@@ -68,6 +85,10 @@ ANCESTOR = f"{GROUP}/trainjob-ancestor-step"        # label on the runtime's rep
 TRAINER_STEP = "trainer"
 TRAINER_CONTAINER = "node"
 MASTER_PORT = 29400
+RUNTIME_NOT_SUPPORTED = "TrainingRuntimeNotSupported"   # Trainer's reason (a kind/apiGroup it has no runtime for)
+RUNTIME_NOT_FOUND = "TrainingRuntimeNotFound"           # the harness's (see the module's docstring)
+TRANSIENT = (RUNTIME_NOT_SUPPORTED, RUNTIME_NOT_FOUND)
+MANAGED_BY = f"{GROUP}/trainjob-controller"              # spec.managedBy's default
 # Pod-level fields a runtime patch may set (the TrainJob CRD's schema of runtimePatches)
 PATCHABLE_POD_FIELDS = ("serviceAccountName", "volumes", "securityContext", "nodeSelector", "tolerations",
                         "affinity", "imagePullSecrets", "terminationGracePeriodSeconds", "initContainers")
@@ -274,7 +295,8 @@ def node_pod(trainjob: dict, runtime: dict, index: int, master_addr: str | None)
     pet = [{"name": "PET_NNODES", "value": str(nodes)}, {"name": "PET_NPROC_PER_NODE", "value": str(procs)},
            {"name": "PET_NODE_RANK", "value": str(index)}, master,
            {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)}]
-    node["env"] = _merge_env(_merge_env(node.get("env") or [], trainer.get("env") or []), pet)
+    indexed = [{"name": "JOB_COMPLETION_INDEX", "value": str(index)}]   # what an Indexed Job sets
+    node["env"] = _merge_env(_merge_env(node.get("env") or [], trainer.get("env") or []), indexed + pet)
 
     pod_spec.pop("schedulingGates", None)
     pod_spec.setdefault("restartPolicy", "Never")
@@ -311,12 +333,13 @@ def _condition(status: dict, kind: str) -> dict | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == kind), None)
 
 
-def finished(trainjob: dict) -> str | None:
-    """"Complete" or "Failed" where that condition is True, else None."""
+def finished(trainjob: dict, terminal: bool = False) -> str | None:
+    """"Complete" or "Failed" where that condition is True, else None. ``terminal``: not a Failed whose
+    reason is transient (a runtime not found or not supported: Trainer clears it once the runtime is there)."""
     status = trainjob.get("status") or {}
     for kind in ("Complete", "Failed"):
         cond = _condition(status, kind)
-        if cond and cond.get("status") == "True":
+        if cond and cond.get("status") == "True" and not (terminal and cond.get("reason") in TRANSIENT):
             return kind
     return None
 
@@ -347,7 +370,6 @@ class TrainerController:
         self.namespaces = list(namespaces) if namespaces is not None else None
         self.interval = interval
         self.errors: list[str] = []
-        self._started: dict[str, float] = {}        # TrainJob uid -> wall time it started running
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._api: client.ApiClient | None = None
@@ -401,16 +423,12 @@ class TrainerController:
 
     def sync(self) -> None:
         """One pass over every TrainJob (what the background thread does every ``interval`` s)."""
-        seen = set()
         for tj in self._list_trainjobs():
-            seen.add(tj["metadata"]["uid"])
             try:
                 self.reconcile(tj)
             except Exception as exc:  # noqa: BLE001
                 self._error(f"TrainJob {tj['metadata']['namespace']}/{tj['metadata']['name']}: "
                             f"{type(exc).__name__}: {exc}")
-        for uid in set(self._started) - seen:   # deleted: its Pods go with the garbage collector
-            del self._started[uid]
 
     def _pods(self, trainjob: dict) -> dict[str, dict]:
         meta = trainjob["metadata"]
@@ -456,6 +474,10 @@ class TrainerController:
         conditions = [c for c in conditions if c.get("type") != kind] + [new]
         self._patch_status(trainjob, {"conditions": conditions, **(extra or {})})
 
+    def _clear_condition(self, trainjob: dict, kind: str) -> None:
+        conditions = [c for c in (trainjob.get("status") or {}).get("conditions") or [] if c.get("type") != kind]
+        self._patch_status(trainjob, {"conditions": conditions})
+
     def _delete_pods(self, pods: Iterable[dict]) -> None:
         for pod in pods:
             if pod["metadata"].get("deletionTimestamp"):
@@ -466,6 +488,7 @@ class TrainerController:
             except client.ApiException as exc:
                 if exc.status != 404:
                     raise
+            pod["metadata"]["deletionTimestamp"] = _now()   # no longer active in the jobsStatus written next
 
     def _jobs_status(self, name: str, pods: dict[str, dict], suspended: int = 0) -> list[dict]:
         counts = {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
@@ -485,38 +508,45 @@ class TrainerController:
     def reconcile(self, tj: dict) -> None:
         """Bring one TrainJob a step forward: runtime, Pods, deadline, status."""
         meta, spec = tj["metadata"], tj.get("spec") or {}
-        if meta.get("deletionTimestamp") or finished(tj):
+        if meta.get("deletionTimestamp") or finished(tj, terminal=True):
+            return   # a deleted TrainJob's Pods go with the garbage collector; a finished one stays as it is
+        if spec.get("managedBy", MANAGED_BY) != MANAGED_BY:
+            return   # another controller's (Kueue's MultiKueue), as Trainer skips it
+        ref = spec.get("runtimeRef") or {}
+        kind, group = ref.get("kind") or "ClusterTrainingRuntime", ref.get("apiGroup") or GROUP
+        if group != GROUP or kind not in ("ClusterTrainingRuntime", "TrainingRuntime"):
+            self._set_condition(tj, "Failed", "True", RUNTIME_NOT_SUPPORTED,
+                                f"unsupported runtime: {kind}.{group}")
             return
-        uid = meta["uid"]
         runtime = self._runtime(tj)
         if runtime is None:
-            ref = spec.get("runtimeRef") or {}
-            self._set_condition(tj, "Failed", "True", "TrainingRuntimeNotFound",
-                                f"{ref.get('kind') or 'ClusterTrainingRuntime'} {ref.get('name')} "
-                                f"({ref.get('apiGroup') or GROUP}) not found")
+            self._set_condition(tj, "Failed", "True", RUNTIME_NOT_FOUND,
+                                f"{kind} {ref.get('name')} not found"
+                                + (f" in namespace {meta['namespace']}" if kind == "TrainingRuntime" else ""))
             return
+        if (_condition(tj.get("status") or {}, "Failed") or {}).get("reason") in TRANSIENT:
+            self._clear_condition(tj, "Failed")   # the runtime came: as Trainer, the failure was transient
         rjob_name = trainer_step(runtime)["name"]
         pods = self._pods(tj)
         nodes, _ = node_counts(tj, runtime)
 
         if spec.get("suspend"):
             self._delete_pods(pods.values())
-            self._started.pop(uid, None)
             self._set_condition(tj, "Suspended", "True", "Suspended", "TrainJob is suspended",
                                 {"jobsStatus": self._jobs_status(rjob_name, {}, suspended=1)})
             return
         if (_condition(tj.get("status") or {}, "Suspended") or {}).get("status") == "True":
             self._set_condition(tj, "Suspended", "False", "Resumed", "TrainJob is resumed")
 
-        if uid not in self._started:
-            created = [_timestamp(p["metadata"]["creationTimestamp"])
-                       for p in pods.values() if p["metadata"].get("creationTimestamp")]
-            self._started[uid] = min(created) if created else time.time()
+        # the deadline counts from the TrainJob's creation, or from its last resume (as Trainer's)
+        resumed = _condition(tj.get("status") or {}, "Suspended")
+        started = max(_timestamp(meta["creationTimestamp"]),
+                      _timestamp(resumed["lastTransitionTime"]) if resumed else 0.0)
         deadline = spec.get("activeDeadlineSeconds")
-        if deadline is not None and time.time() >= self._started[uid] + deadline:
+        if deadline is not None and time.time() >= started + deadline:
             self._delete_pods(pods.values())
             self._set_condition(tj, "Failed", "True", "DeadlineExceeded",
-                                f"TrainJob ran longer than its activeDeadlineSeconds ({deadline} s)",
+                                f"TrainJob exceeded its active deadline ({deadline} s)",
                                 {"jobsStatus": self._jobs_status(rjob_name, pods)})
             return
 
@@ -525,13 +555,13 @@ class TrainerController:
             self._delete_pods(p for p in pods.values() if (p.get("status") or {}).get("phase")
                               not in ("Failed", "Succeeded"))
             message = "; ".join(_pod_failure(p) for p in sorted(failed, key=lambda p: p["metadata"]["name"]))
-            self._set_condition(tj, "Failed", "True", "JobsFailed", f"replicated job {rjob_name} failed: {message}",
+            self._set_condition(tj, "Failed", "True", "FailedJobs",
+                                f"jobset failed due to one or more job failures: {message}",
                                 {"jobsStatus": self._jobs_status(rjob_name, pods)})
             return
         names = [pod_name(meta["name"], i) for i in range(nodes)]
         if all((pods.get(n, {}).get("status") or {}).get("phase") == "Succeeded" for n in names):
-            self._set_condition(tj, "Complete", "True", "JobsCompleted",
-                                f"all {nodes} node Pods of replicated job {rjob_name} succeeded",
+            self._set_condition(tj, "Complete", "True", "AllJobsCompleted", "jobset completed successfully",
                                 {"jobsStatus": self._jobs_status(rjob_name, pods)})
             return
 
