@@ -16,7 +16,8 @@ import pytest
 from kubernetes import client
 
 from kube import crd_established, resource_for, service_account_token, wait_for
-from trainer_harness import API_VERSION, TRAINJOB_NAME, TrainerController, finished, trainer_crds, vendored_runtime
+from trainer_harness import (API_VERSION, TRAINJOB_NAME, TrainerController, finished, node_pod, trainer_crds,
+                             vendored_runtime)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -127,6 +128,39 @@ def _outcome(node, jobs, name: str, timeout: float = 90, terminal: bool = True) 
 def _pods(node, jobs, name: str) -> list:
     return client.CoreV1Api(node.admin).list_namespaced_pod(
         jobs["namespace"], label_selector=f"{TRAINJOB_NAME}={name}").items
+
+
+def test_a_node_pod_layers_runtime_patches_and_trainer_as_trainer_does():
+    """No cluster needed: the Pod manifest of node_pod for a runtime with its own env, volumes and gates."""
+    runtime = vendored_runtime("torch-distributed")
+    runtime["spec"]["mlPolicy"] = {"numNodes": 3, "torch": {"numProcPerNode": "auto"}}
+    pod_spec = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    pod_spec["volumes"] = [{"name": "scratch", "emptyDir": {"medium": "Memory"}}, {"name": "keep", "emptyDir": {}}]
+    pod_spec["schedulingGates"] = [{"name": "later"}]
+    pod_spec["containers"][0]["env"] = [{"name": "FROM", "value": "runtime"}, {"name": "KEEP", "value": "1"}]
+    pod_spec["containers"][0]["volumeMounts"] = [{"name": "keep", "mountPath": "/tmp"}]
+    trainjob = _trainjob("tj", ["python"], "img:1", nodes=None, patch=_patch(env={"FROM": "patch"}),
+                         env={"PET_NNODES": "99"})
+    trainjob["metadata"].update(namespace="ns", uid="uid-1")
+    del trainjob["spec"]["trainer"]["numProcPerNode"]
+    trainjob["spec"]["trainer"]["resourcesPerNode"] = {"limits": {"nvidia.com/gpu": "4"}}
+    pod = node_pod(trainjob, runtime, 2, "10.244.0.7")
+    assert pod["metadata"]["name"] == "tj-node-0-2"
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    spec = pod["spec"]
+    assert "schedulingGates" not in spec and spec["restartPolicy"] == "Never"
+    assert spec["volumes"] == [{"name": "scratch", "emptyDir": {"medium": "Memory"}},  # merged by name, deeply
+                               {"name": "keep", "emptyDir": {}}]
+    [container] = spec["containers"]
+    assert container["image"] == "img:1" and container["command"] == ["python"]
+    assert container["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}]   # merged by mountPath
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FROM"] == "patch" and env["KEEP"] == "1" and env["OMP_NUM_THREADS"] == "1"
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_NODE_RANK"]) == ("3", "4", "2")
+    assert (env["PET_MASTER_ADDR"], env["PET_MASTER_PORT"], env["JOB_COMPLETION_INDEX"]) == (
+        "10.244.0.7", "29400", "2")
+    master = node_pod(trainjob, runtime, 0, None)["spec"]["containers"][0]["env"]
+    assert {"name": "PET_MASTER_ADDR", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in master
 
 
 def test_trainer_crds_are_established_on_v120_and_keep_every_field_fedfm_writes(node, jobs):

@@ -39,19 +39,22 @@ Deviations from real Trainer, on purpose or because this cluster is what it is:
   environment is set (the MPI plugin of ``deepspeed-distributed``, its launcher and SSH keys, are not played).
 - ``numProcPerNode: auto`` is the trainer container's ``nvidia.com/gpu`` limit, else 1 (CPU).
 - A runtimeRef naming a runtime that does not exist: ``Failed`` with reason ``TrainingRuntimeNotFound``, no
-  Pods; transient: cleared, and the Pods made, once the runtime exists. Real Trainer (v2.3) sets no condition
-  then: its reconcile fails, it records an Event (``TrainJobResourcesCreationFailed``) and retries with
-  backoff, so the TrainJob stays without a terminal condition until its deadline. Code under test must not
-  rely on this condition to end a round.
+  Pods; transient: cleared, and the Pods made, once the runtime exists. Real Trainer (v2.3, as its code
+  reads) sets no condition then: building the JobSet fails, it records an Event
+  (``TrainJobResourcesCreationFailed``) and retries with backoff, so the TrainJob has no terminal condition
+  until its deadline. Code under test must not rely on this condition to end a round.
 - Condition messages: ``Failed``/``FailedJobs`` names the failed Pod and its container's exit code and
   reason ("jobset failed due to one or more job failures: pod X-node-0-1 failed: container node exited with
-  code 1 (Error)"); JobSet's message stops at the colon, so code under test must not parse the rest.
+  code 1 (Error)"); JobSet's own message ends before the colon, so code under test must not parse the rest.
 - ``activeDeadlineSeconds`` counts from the TrainJob's creation, or from its last resume (the ``Suspended``
   condition's transition to False), as Trainer's; at the deadline every node Pod is deleted at once (grace
   period 0; Trainer deletes the JobSet and the Pods terminate gracefully). On a failed Pod the still active
   Pods are deleted (JobSet's failure policy); finished ones stay, their logs being the evidence.
 - ``schedulingGates`` in runtime patches are dropped (v1.20 Pods have no such field). No webhook: what
-  Trainer's admission webhook and the CRDs' CEL rules would refuse (see :func:`strip_for_v120`) is accepted.
+  Trainer's admission webhook and the CRDs' CEL rules would refuse (see :func:`strip_for_v120`) is accepted,
+  e.g. ``PET_*`` variables in ``spec.trainer.env`` (here the torch plugin's values win) or a changed
+  ``spec.trainer``. Runtime patches merge as Kubernetes' strategic merge would: objects deeply, lists of
+  objects by ``name`` (``volumeMounts`` by ``mountPath``), ``tolerations`` and other lists replaced.
 - Image pulls: the image is used as given and ``imagePullPolicy`` as the runtime sets it (unset: the
   apiserver's default, IfNotPresent for a non-``latest`` tag), as the operator's Jobs rely on: the test
   images are tagged by digest and loaded into the node's containerd.
@@ -378,15 +381,20 @@ class TrainerController:
     def start(self) -> "TrainerController":
         if self._thread and self._thread.is_alive():
             return self
+        self._connect()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="trainer-controller", daemon=True)
+        self._thread.start()
+        return self
+
+    def _connect(self) -> None:
+        if self._api is not None:
+            return
         # a client of its own: a thread of the test process shares nothing with the tests' clients
         plane = self._plane_or_api
         self._api = plane.api_client() if hasattr(plane, "api_client") else plane
         self._core = client.CoreV1Api(self._api)
         self._trainjobs = resource_for(self._api, API_VERSION, "TrainJob")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="trainer-controller", daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -423,6 +431,7 @@ class TrainerController:
 
     def sync(self) -> None:
         """One pass over every TrainJob (what the background thread does every ``interval`` s)."""
+        self._connect()
         for tj in self._list_trainjobs():
             try:
                 self.reconcile(tj)
