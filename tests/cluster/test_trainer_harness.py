@@ -78,6 +78,7 @@ def _trainjob(name: str, command: list[str], image: str, nodes: int | None = 2, 
 def jobs(node, trainer):
     """A tenant-like namespace (ServiceAccount with its token), the vendored torch-distributed runtime, a
     namespaced TrainingRuntime, and every TrainJob of this file, created at once."""
+    trainer.install()
     namespace = f"trainer-{uuid.uuid4().hex[:5]}"
     node.create_namespace(namespace)
     core = client.CoreV1Api(node.admin)

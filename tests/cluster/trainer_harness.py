@@ -16,11 +16,14 @@ gets instead:
   (``FailedJobs``, JobSet's; ``DeadlineExceeded``; ``TrainingRuntimeNotSupported`` for a runtimeRef of
   another kind or apiGroup, transient), ``Suspended`` (``Suspended`` / ``Resumed``).
 
-The ``trainer`` session fixture (conftest.py) installs the CRDs on the session's cluster and runs one
-controller for all namespaces; a test applies a runtime (e.g. ``plane.apply(vendored_runtime())``) and a
-TrainJob and waits on the TrainJob's conditions (:func:`finished`). The Pods are ``{trainjob}-node-0-{i}``,
-labelled ``trainer.kubeflow.org/trainjob-name``. ``controller.sync()`` runs one pass synchronously; the
-controller's ``errors`` lists what failed in its passes. The Pods get, in the trainer container ``node``:
+The ``trainer`` session fixture (conftest.py) yields a controller for all namespaces of the session's
+cluster, not yet started: ``trainer.install()`` installs the CRDs and starts it (idempotent; a test may
+first check what happens on a cluster without Trainer, as long as no earlier test of the session installed
+it). The fixture stops the controller at the end (the CRDs stay). A test applies a runtime (e.g.
+``plane.apply(vendored_runtime())``) and a TrainJob and waits on the TrainJob's conditions (:func:`finished`).
+The Pods are ``{trainjob}-node-0-{i}``, labelled ``trainer.kubeflow.org/trainjob-name``. ``controller.sync()``
+runs one pass synchronously; ``controller.errors`` lists what failed in its passes. The Pods get, in the
+trainer container ``node``:
 ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT`` (29400)
 and ``JOB_COMPLETION_INDEX`` (= node rank, as an Indexed Job sets it).
 
@@ -378,6 +381,17 @@ class TrainerController:
         self._api: client.ApiClient | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
+    def install(self, vendor: Path = VENDOR) -> "TrainerController":
+        """Kubeflow Trainer on the cluster: its CRDs (:func:`install_trainer`), then this controller started.
+        Idempotent. (The ``trainer`` fixture yields the controller before this, so that a test may first see
+        a cluster without Trainer.)"""
+        install_trainer(self._plane_or_api, vendor)
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
     def start(self) -> "TrainerController":
         if self._thread and self._thread.is_alive():
             return self
