@@ -6,6 +6,8 @@ FedFM's two images when they are missing (a fresh machine: minutes, once), start
 CRD in charts/fedfm/crds/*.yaml (plus the harness's own HarnessWidget CRD) and waits until they are
 Established. Yields a ``node.Node`` (a ``kube.ControlPlane``); stops everything afterwards. Without root it
 is a control plane with no kubelet, and ``node`` skips the tests that need Pods to run.
+``trainer`` (session): Kubeflow Trainer's controller played (trainer_harness.py); ``trainer.install()``
+installs its CRDs and starts it.
 Helpers: ``from kube import apply, wait_for, ...`` (this folder is on sys.path).
 FEDFM_SKIP_CLUSTER=1 skips these tests instead.
 """
@@ -68,6 +70,23 @@ def node(control_plane):
         pytest.skip("a test node (containerd, kubelet, iptables) needs root" if os.geteuid() != 0
                     else "FEDFM_SKIP_NODE=1")
     return control_plane
+
+
+@pytest.fixture(scope="session")
+def trainer(control_plane):
+    """Kubeflow Trainer v2 for the session's cluster, played by tests/cluster/trainer_harness.py: a
+    ``TrainerController`` for all namespaces, not started; ``trainer.install()`` installs Trainer's CRDs
+    (from ../shared/vendor/kubeflow-trainer, stripped for v1.20) and starts it (idempotent), so that a test
+    may first see the cluster without Trainer. It turns TrainJobs into node Pods (which run only where the
+    cluster is a ``node``) until the session ends. Skips where the vendored files are missing."""
+    from trainer_harness import VENDOR, TrainerController
+    if not (VENDOR / "crds").is_dir():
+        pytest.skip(f"Kubeflow Trainer's CRDs are not at {VENDOR}/crds")
+    controller = TrainerController(control_plane)
+    try:
+        yield controller
+    finally:
+        controller.stop()
 
 
 @pytest.fixture
