@@ -454,7 +454,8 @@ def aggregate_part(counts: list[int], update_mb: float, repeats: int, scratch: P
             print(f"   {count:4d} {'cold' if cold else 'warm':>5s} {read:7.2f} {volume / read / 1e9:9.2f} "
                   f"{aggregate:11.2f} {volume / aggregate / 1e9:6.2f} {read / aggregate:14.2f} {max(growth):18.0f}")
     worst = min(ratios)
-    print(f"   read / aggregate: {worst:.2f}–{max(ratios):.2f} (target >= 0.5: {'met' if worst >= 0.5 else 'NOT met'})")
+    verdict = "met" if worst >= 0.5 else "NOT met"
+    print(f"   read / aggregate: {worst:.2f}–{max(ratios):.2f} (target >= 0.5: {verdict})")
 
 
 # --- main ------------------------------------------------------------------------------------------
