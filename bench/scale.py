@@ -147,7 +147,7 @@ def simulate_part(plan: list[tuple[int, int]], scratch: Path) -> None:
               f"{overhead / step:13.2f} {peaks[clients, steps]:8.0f} {result['total']:6.0f}"
               f"   (CPUs busy {(busy_after - busy) / max(1, total_after - total):.0%})")
     worst = max(ratios.values())
-    print("   (wall/client: the round's fine-tunes from the first start to the aggregate step, / N; step and setup:")
+    print("   (wall/client: the round's fine-tunes, first start to the aggregate step, / N; step and setup:")
     print("   means over the clients; 'setup' is the part of the overhead inside the training function before the loop)")
     print(f"   fixed per-client overhead / one step: {min(ratios.values()):.2f}–{worst:.2f} "
           f"(target <= 1: {'met' if worst <= 1 else 'NOT met'})")
@@ -407,7 +407,7 @@ def aggregate_part(counts: list[int], update_mb: float, repeats: int, scratch: P
     print(f"\n3. aggregate step (aggregate_round: read, verify sha256, validate, FedAvg, write) over N updates of "
           f"{size / MB:.1f} MB ({len(layout)} tensors) vs reading the same files; median of {repeats}, alternating")
     print(f"   {'N':>4s} {'cache':>5s} {'read s':>7s} {'read GB/s':>9s} {'aggregate s':>11s} {'GB/s':>6s} "
-          f"{'read/aggregate':>14s} {'peak RSS growth MB':>18s}")
+          f"{'read/aggregate':>14s}")
     folder = scratch / "aggregate"
     folder.mkdir()
     peft = {"r": 16, "lora_alpha": 32}
@@ -433,7 +433,7 @@ def aggregate_part(counts: list[int], update_mb: float, repeats: int, scratch: P
         cfg = FederationConfig.parse({"name": "scale", "clients": count, "strategy": {"name": "fedavg"}})
         pairs = [(client.name, str(path)) for client, path in zip(cfg.clients, paths)]
         for cold in (False, True):
-            reads, aggregates, growth = [], [], []
+            reads, aggregates = [], []
             for attempt in range(repeats + (0 if cold else 1)):  # warm: one warm-up call of each first
                 if cold:
                     _evict(paths)
@@ -444,22 +444,19 @@ def aggregate_part(counts: list[int], update_mb: float, repeats: int, scratch: P
                 if cold:
                     _evict(paths)
                 out = folder / f"out-{count}-{cold}-{attempt}"
-                base = _status_kib("VmRSS")
-                Path("/proc/self/clear_refs").write_text("5")
                 started = time.perf_counter()
                 meta = aggregate_round(cfg, 1, global_uri, pairs, str(out / "global.safetensors"),
                                        state_out=str(out / "state"))
                 aggregates.append(time.perf_counter() - started)
-                growth.append((_status_kib("VmHWM") - base) * 1024 / MB)
                 shutil.rmtree(out)
                 if len(meta.metrics["counted"]) != count:
                     raise SystemExit(f"aggregate counted {len(meta.metrics['counted'])} of {count}")
             if not cold:
-                reads, aggregates, growth = reads[1:], aggregates[1:], growth[1:]
+                reads, aggregates = reads[1:], aggregates[1:]
             read, aggregate = statistics.median(reads), statistics.median(aggregates)
             ratios.append(read / aggregate)
             print(f"   {count:4d} {'cold' if cold else 'warm':>5s} {read:7.2f} {volume / read / 1e9:9.2f} "
-                  f"{aggregate:11.2f} {volume / aggregate / 1e9:6.2f} {read / aggregate:14.2f} {max(growth):18.0f}")
+                  f"{aggregate:11.2f} {volume / aggregate / 1e9:6.2f} {read / aggregate:14.2f}")
     worst = min(ratios)
     verdict = "met" if worst >= 0.5 else "NOT met"
     print(f"   read / aggregate: {worst:.2f}–{max(ratios):.2f} (target >= 0.5: {verdict})")
