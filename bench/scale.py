@@ -148,7 +148,7 @@ def simulate_part(plan: list[tuple[int, int]], scratch: Path) -> None:
               f"   (CPUs busy {(busy_after - busy) / max(1, total_after - total):.0%})")
     worst = max(ratios.values())
     print("   (wall/client: the round's fine-tunes, first start to the aggregate step, / N; step and setup:")
-    print("   means over the clients; 'setup' is the part of the overhead inside the training function before the loop)")
+    print("   means over the clients; 'setup' is the part of the overhead in the training function before the loop)")
     print(f"   fixed per-client overhead / one step: {min(ratios.values()):.2f}–{worst:.2f} "
           f"(target <= 1: {'met' if worst <= 1 else 'NOT met'})")
     for steps in sorted({s for _, s in peaks}):
