@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfm-stack
 ARGS  ?=
 
-.PHONY: venv run test compile images lock bench-quality bench-overhead bench-aggregate bench-secagg bench-robust clean
+.PHONY: venv run test compile images lock bench-quality bench-overhead bench-aggregate bench-secagg bench-robust bench-scale clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/install-stack.sh
 	scripts/install-stack.sh $(VENV)
@@ -49,6 +49,9 @@ bench-secagg: venv
 
 bench-robust: venv
 	$(PY) bench/robust.py $(ARGS)
+
+bench-scale: venv
+	$(PY) bench/scale.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs pipeline.yaml .pytest_cache
