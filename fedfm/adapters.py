@@ -226,13 +226,9 @@ class StoredTensors(Mapping[str, torch.Tensor]):
         place = self._places[name]
         tensor = torch.empty(place.shape, dtype=place.dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        begin = self._data_start + place.begin
-        if isinstance(self._handle, io.BytesIO):  # a copy held in memory (a small file): copied out of it
-            buffer[:] = memoryview(self._handle.getvalue())[begin:begin + len(buffer)]
-            return tensor
         done, fd = 0, self._handle.fileno()
         while done < len(buffer):
-            got = os.preadv(fd, [buffer[done:]], begin + done)
+            got = os.preadv(fd, [buffer[done:]], self._data_start + place.begin + done)
             if got <= 0:  # the copy is this process's: only a damaged disk truncates it
                 raise AdapterError(f"{self._where}: tensor {name} ends early (the local copy was truncated)")
             done += got

@@ -8,7 +8,6 @@ minio) publish an object only once its upload completes.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from collections.abc import Callable, MutableMapping
@@ -22,9 +21,6 @@ from fedfm.trust.grants import granted_options
 
 # What a streamed copy holds in memory at a time.
 COPY_CHUNK_BYTES = 8 << 20
-# A private copy of at most this many bytes stays in memory (:func:`private_copy`): a LoRA update, read back
-# tensor by tensor from a temporary file, cost the aggregate step more than reading and hashing it did.
-MEMORY_COPY_BYTES = 64 << 20
 
 
 def _is_local(uri: str) -> bool:
@@ -80,15 +76,12 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
 def private_copy(uri: str | os.PathLike, limit: int | None = None, *,
                  file_sha256: bool = False) -> tuple[BinaryIO, str | None]:
     """A copy of ``uri`` in an unnamed temporary file of this process's (no path leads to it, so no one else
-    can replace or change it once it is made), and with ``file_sha256`` the sha256 of its bytes. A file of at
-    most ``MEMORY_COPY_BYTES`` (a LoRA update) is copied into memory, an ``io.BytesIO``, just as private and
-    not written to disk and read back; a larger one is streamed in chunks, so memory holds one chunk
-    whatever the file's size (the copy goes to the temporary directory, which should be disk: on a
-    memory-backed one it costs memory again). More than ``limit`` bytes (the file grew since its size was
-    checked) is a StorageError. The copy is deleted when the returned file is closed."""
+    can replace or change it once it is made), and with ``file_sha256`` the sha256 of its bytes; streamed in
+    chunks, so memory holds one chunk whatever the file's size (the copy goes to the temporary directory,
+    which should be disk: on a memory-backed one it costs memory again). More than ``limit`` bytes (the file
+    grew since its size was checked) is a StorageError. The copy is deleted when the returned file is closed."""
     uri = os.fspath(uri)
-    chunks: list[bytes] | None = []  # a file up to MEMORY_COPY_BYTES: kept in memory, no less private
-    copy: BinaryIO | None = None
+    copy = tempfile.TemporaryFile(prefix="fedfm-copy-")
     digest, copied = hashlib.sha256() if file_sha256 else None, 0
     try:
         with _at(uri, "read", lambda path: path.open("rb"), lambda fs, path: fs.open(path, "rb")) as source:
@@ -98,34 +91,20 @@ def private_copy(uri: str | os.PathLike, limit: int | None = None, *,
                     raise StorageError(f"{uri} holds more than the {limit} bytes it may")
                 if digest is not None:
                     digest.update(chunk)
-                if chunks is not None and copied > MEMORY_COPY_BYTES:  # larger: to disk after all
-                    copy = tempfile.TemporaryFile(prefix="fedfm-copy-")
-                    copy.writelines(chunks)
-                    chunks = None
-                if chunks is not None:
-                    chunks.append(chunk)
-                else:
-                    copy.write(chunk)
-        if chunks is not None:  # BytesIO shares the joined bytes (getvalue() returns them, uncopied)
-            copy = io.BytesIO(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                copy.write(chunk)
         copy.flush()
     except StorageError:
-        _close(copy)
+        copy.close()
         raise
     except OSError as exc:
-        _close(copy)
+        copy.close()
         raise StorageError(f"cannot read {uri}: {exc}") from None
     except Exception as exc:  # fsspec implementations raise what they like while reading
-        _close(copy)
+        copy.close()
         if _is_local(uri):
             raise
         raise StorageError(f"cannot read {uri}: {_reason(exc)}") from None
     return copy, None if digest is None else digest.hexdigest()
-
-
-def _close(copy: BinaryIO | None) -> None:
-    if copy is not None:
-        copy.close()
 
 
 def exists(uri: str | os.PathLike) -> bool:

@@ -62,26 +62,3 @@ def test_events_reach_a_reader_in_order(tmp_path, monkeypatch):
     monkeypatch.delenv(events.ENV)
     events.emit("ignored")  # no file configured: nothing happens
     assert events.read(path, offset) == ([], offset)
-
-
-def test_a_private_copy_is_kept_in_memory_up_to_a_size_and_on_an_unnamed_disk_file_beyond(tmp_path, monkeypatch):
-    import hashlib
-    import io
-    import tempfile
-
-    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 4)
-    monkeypatch.setattr(storage, "MEMORY_COPY_BYTES", 10)
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    for data, in_memory in ((b"0123456789", True), (b"0123456789abcdefghij!", False)):
-        (tmp_path / "source").write_bytes(data)
-        copy, digest = storage.private_copy(tmp_path / "source", file_sha256=True)
-        (tmp_path / "source").write_bytes(b"changed")  # the copy is what was read, whatever happens to the file
-        assert isinstance(copy, io.BytesIO) is in_memory
-        assert not list((tmp_path / "tmp").iterdir())  # no name leads to either copy
-        copy.seek(0)
-        assert copy.read() == data and digest == hashlib.sha256(data).hexdigest()
-        copy.close()
-    with pytest.raises(StorageError, match="more than the 12 bytes"):
-        (tmp_path / "source").write_bytes(b"0123456789abcdefghij!")
-        storage.private_copy(tmp_path / "source", 12)
