@@ -206,7 +206,7 @@ def test_the_trainjobs_conditions_are_the_rounds_phases(monkeypatch):
     assert phase_after(train_job())["phase"] == PENDING  # created, no node runs yet
     assert phase_after(train_job(active=1))["phase"] == RUNNING
     assert phase_after(train_job([{"type": "Complete", "status": "True"}]))["completed"] == ["fed-r1-train-a"]
-    failed = phase_after(train_job([{"type": "Failed", "status": "True", "reason": "JobsFailed",
+    failed = phase_after(train_job([{"type": "Failed", "status": "True", "reason": "FailedJobs",
                                      "message": "node 1 exited with 1"}]))
     assert (failed["phase"], failed["reason"]) == (FAILED, "TrainJobFailed") and "node 1 exited" in failed["message"]
     late = phase_after(train_job([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]))
