@@ -39,7 +39,11 @@ from fedfm.trust import grants
 from fedfm.trust.secure_round import check_secure_output
 
 JOB, TRAIN_JOB = "Job", "TrainJob"  # what runs a round (ClientRound status.jobKind)
-STATUS_INTERVAL = 2.0  # seconds between derivations of FederatedClient and Federation status
+STATUS_INTERVAL = 2.0  # seconds between derivations of a Federation's status and its members'
+# A FederatedClient's own timer: its Federation's timer derives a member's status every STATUS_INTERVAL from one
+# list of the federation's rounds; a timer per client as often would cost the apiserver two reads per client every
+# 2 s (bench/scale.py: at 500 tenants, ClientRounds waited minutes for their Jobs behind them).
+CLIENT_STATUS_INTERVAL = 30.0
 DEADLINE_INTERVAL = 1.0
 STORAGE_RETRY_INTERVAL = 5.0  # seconds between tries to read a finished round's files from a failing storage
 # On a Federation, ``quarantine-lifted.fedfm.dev/CLIENT: TIME`` (RFC 3339) lifts CLIENT's quarantine: invalid
@@ -117,7 +121,8 @@ def start_client_round(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, na
                                              f"{spec['round']} for client {spec['client']}")
     except ApiException as exc:
         if kind == TRAIN_JOB and exc.status == 404:  # Trainer's CRDs went away since the check
-            _finish(client_round, FAILED, "TrainerNotInstalled", f"the cluster serves no TrainJobs: {exc.reason}")
+            _finish(client_round, FAILED, "TrainerNotInstalled",
+                    f"the cluster serves no TrainJobs (Kubeflow Trainer's CRDs): {exc.reason}")
             return
         if exc.status != 409:  # 409: it exists already (an operator restart): adopt it
             raise
@@ -345,14 +350,27 @@ def _before(finished: str | None, lifted: str) -> bool:
 
 @kopf.on.resume(GROUP, VERSION, FEDERATED_CLIENTS)
 @kopf.on.create(GROUP, VERSION, FEDERATED_CLIENTS)
-@kopf.timer(GROUP, VERSION, FEDERATED_CLIENTS, interval=STATUS_INTERVAL)
+@kopf.timer(GROUP, VERSION, FEDERATED_CLIENTS, interval=CLIENT_STATUS_INTERVAL)
 def client_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str,
                   labels: kopf.Labels, patch: kopf.Patch, **_: Any) -> None:
-    """Derive the client's status from its Federation and ClientRounds."""
+    """Derive the client's status from its Federation and ClientRounds: when it appears, and now and then
+    for a client whose Federation does not exist (yet). A member's status follows its rounds through its
+    Federation's timer (:func:`federation_status`), which reads every member's rounds in one list."""
     reference = spec["federationRef"]
     rounds = kube.list_objects(CLIENT_ROUNDS, namespace, f"{LABEL_CLIENT}={name}")
     rounds = [r for r in rounds if r["spec"]["federation"]["name"] == reference["name"]]
     federation = kube.get_federation(reference["namespace"], reference["name"])
+    new = _client_fields(dict(spec), dict(labels), dict(status), name, rounds, federation)
+    changed = {key: value for key, value in new.items() if status.get(key) != value}
+    if changed:
+        patch.status.update(changed)
+    _client_changed(body, name, namespace, reference["name"], new["phase"], new["reason"], "phase" in changed)
+
+
+def _client_fields(spec: dict, labels: dict, status: dict, name: str, rounds: list[dict],
+                   federation: dict | None) -> dict:
+    """A FederatedClient's status from its Federation and its rounds (``rounds``: those of that federation)."""
+    reference = spec["federationRef"]
     lifted = ((federation or {}).get("metadata", {}).get("annotations") or {}).get(f"{QUARANTINE_LIFTED}{name}")
     bad = [r for r in rounds if (r.get("status") or {}).get("reason") == INVALID_UPDATE
            and not (lifted and _before(r["status"].get("finishedAt"), lifted))]
@@ -360,7 +378,7 @@ def client_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: s
         phase, reason = QUARANTINED, f"round {bad[-1]['spec']['round']}: {bad[-1]['status'].get('message', '')}"
     elif federation is None:
         phase, reason = PENDING, f"federation {reference['namespace']}/{reference['name']} does not exist"
-    elif not kube.selector_matches(federation["spec"].get("clientSelector"), dict(labels)):
+    elif not kube.selector_matches(federation["spec"].get("clientSelector"), labels):
         phase, reason = EVICTED, f"federation {reference['name']}'s clientSelector does not select this client"
     elif any((r.get("status") or {}).get("phase") not in FINAL_PHASES for r in rounds):
         phase, reason = TRAINING, f"working on a round of {reference['namespace']}/{reference['name']}"
@@ -377,16 +395,18 @@ def client_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: s
                              "samples": last["status"].get("samples", 0)}
     if times:
         new["lastHeartbeat"] = max(times)
-    enrolled = phase in (READY, TRAINING)
-    new["conditions"] = set_condition(status.get("conditions"), condition("Enrolled", enrolled, phase, reason,
-                                                                          kube.now()))
-    new["conditions"] = _multi_node_condition(new["conditions"], {"spec": dict(spec)})
-    changed = {key: value for key, value in new.items() if status.get(key) != value}
-    if changed:
-        patch.status.update(changed)
-        if "phase" in changed:
-            _event(body, enrolled, phase, reason)
-    metrics.client_phase(namespace, name, reference["name"], phase)
+    conditions = set_condition(status.get("conditions"), condition("Enrolled", phase in (READY, TRAINING), phase,
+                                                                   reason, kube.now()))
+    new["conditions"] = _multi_node_condition(conditions, {"spec": spec})
+    return new
+
+
+def _client_changed(body: dict, name: str, namespace: str, federation: str, phase: str, reason: str,
+                    moved: bool) -> None:
+    """What follows a client's status: an Event when its phase ``moved``, and the phase metric."""
+    if moved:
+        _event(body, phase in (READY, TRAINING), phase, reason)
+    metrics.client_phase(namespace, name, federation, phase)
 
 
 def _multi_node_condition(conditions: list[dict], federated_client: dict) -> list[dict]:
@@ -427,11 +447,11 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
     conditions = set_condition(conditions, condition("ConfigValid", problem is None, "Invalid" if problem else "Valid",
                                                      problem or "spec.config is a valid FederationConfig", now))
     enrolled = _enrolled(name, namespace)
-    members = [{"name": c["metadata"]["name"], "namespace": c["metadata"]["namespace"],
-                "phase": (c.get("status") or {}).get("phase", PENDING)} for c in enrolled]
-    ready = sum(member["phase"] in (READY, TRAINING) for member in members)
     rounds = [r for r in kube.list_objects(CLIENT_ROUNDS, None, f"{LABEL_FEDERATION}={name}")
               if r["spec"]["federation"]["namespace"] == namespace]
+    members = [{"name": c["metadata"]["name"], "namespace": c["metadata"]["namespace"],
+                "phase": _member_status(c, dict(body), rounds)} for c in enrolled]
+    ready = sum(member["phase"] in (READY, TRAINING) for member in members)
     running = any((r.get("status") or {}).get("phase") not in FINAL_PHASES for r in rounds)
     failure, aggregate = status.get("lastFailure") or {}, status.get("lastAggregate") or {}
     failed = bool(failure) and failure.get("time", "") >= aggregate.get("time", "")
@@ -465,6 +485,26 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
         patch.status.update(changed)
         if "phase" in changed and phase in ("Invalid", "Failed"):
             _event(body, False, phase, problem or failure.get("message", ""))
+
+
+def _member_status(member: dict, federation: dict, rounds: list[dict]) -> str:
+    """Derive a member's status from its Federation and the federation's rounds (no read of its own), patch
+    what changed; its phase."""
+    meta, status = member["metadata"], member.get("status") or {}
+    own = [r for r in rounds if r["metadata"]["namespace"] == meta["namespace"]
+           and (r["metadata"].get("labels") or {}).get(LABEL_CLIENT) == meta["name"]]
+    new = _client_fields(member["spec"], meta.get("labels") or {}, status, meta["name"], own, federation)
+    changed = {key: value for key, value in new.items() if status.get(key) != value}
+    if changed:
+        try:
+            kube.patch_status(FEDERATED_CLIENTS, meta["namespace"], meta["name"], changed)
+        except ApiException as exc:
+            if exc.status != 404:  # 404: it was just withdrawn
+                raise
+            return new["phase"]
+    _client_changed(member, meta["name"], meta["namespace"], member["spec"]["federationRef"]["name"], new["phase"],
+                    new["reason"], "phase" in changed)
+    return new["phase"]
 
 
 @kopf.on.delete(GROUP, VERSION, FEDERATIONS, optional=True)

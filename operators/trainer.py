@@ -10,6 +10,7 @@ on the FederatedClient and a refused round, never a crash.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -31,16 +32,25 @@ def runtime() -> str | None:
     return _runtime[0] if _runtime else None
 
 
+_DISCOVERY_SECONDS = 10.0  # how long an answer of the API discovery holds: it is asked for every multi-node member
+_discovered: dict[str, tuple[float, bool]] = {}
+
+
 def installed() -> bool:
     """Whether the cluster serves TrainJobs (Trainer's CRDs are installed): API discovery, which every
-    authenticated account may read."""
+    authenticated account may read (asked at most every few seconds)."""
+    asked, answer = _discovered.get(TRAIN_JOBS, (float("-inf"), False))
+    if time.monotonic() - asked < _DISCOVERY_SECONDS:
+        return answer
     try:
         found = kube.custom().get_api_resources(TRAINER_GROUP, TRAINER_VERSION)
+        answer = any(resource.name == TRAIN_JOBS for resource in found.resources or [])
     except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return any(resource.name == TRAIN_JOBS for resource in found.resources or [])
+        if exc.status != 404:
+            raise
+        answer = False
+    _discovered[TRAIN_JOBS] = (time.monotonic(), answer)
+    return answer
 
 
 def unavailable() -> tuple[str, str] | None:
