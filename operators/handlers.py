@@ -4,8 +4,8 @@
   fine-tune, ``fedfm.operators.trainer``); its outcome → the round's final phase. A
   training round's update is validated (fingerprint, keys, shapes, finite) before it counts; a bad one
   fails the round with reason ``InvalidUpdate``, which quarantines the client. Deadlines are enforced.
-- ``FederatedClient`` status is derived from its ClientRounds and its Federation every few seconds:
-  phase, rounds completed, last update, heartbeat.
+- ``FederatedClient`` status is derived from its ClientRounds and its Federation every few seconds, by its
+  Federation's timer for all its members at once: phase, rounds completed, last update, heartbeat.
 - ``Federation`` status is derived from its members, its ClientRounds and what the pipeline reported
   (``status.lastAggregate`` / ``status.lastFailure``): phase, current round, members, conditions.
 
