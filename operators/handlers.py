@@ -449,8 +449,14 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
     enrolled = _enrolled(name, namespace)
     rounds = [r for r in kube.list_objects(CLIENT_ROUNDS, None, f"{LABEL_FEDERATION}={name}")
               if r["spec"]["federation"]["namespace"] == namespace]
+    by_member: dict[tuple[str, str], list[dict]] = {}
+    for r in rounds:
+        by_member.setdefault((r["metadata"]["namespace"], (r["metadata"].get("labels") or {}).get(LABEL_CLIENT, "")),
+                             []).append(r)
     members = [{"name": c["metadata"]["name"], "namespace": c["metadata"]["namespace"],
-                "phase": _member_status(c, dict(body), rounds)} for c in enrolled]
+                "phase": _member_status(c, dict(body), by_member.get((c["metadata"]["namespace"],
+                                                                      c["metadata"]["name"]), []))}
+               for c in enrolled]
     ready = sum(member["phase"] in (READY, TRAINING) for member in members)
     running = any((r.get("status") or {}).get("phase") not in FINAL_PHASES for r in rounds)
     failure, aggregate = status.get("lastFailure") or {}, status.get("lastAggregate") or {}
@@ -488,12 +494,10 @@ def federation_status(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, nam
 
 
 def _member_status(member: dict, federation: dict, rounds: list[dict]) -> str:
-    """Derive a member's status from its Federation and the federation's rounds (no read of its own), patch
-    what changed; its phase."""
+    """Derive a member's status from its Federation and its ``rounds`` of the federation (no read of its own),
+    patch what changed; its phase."""
     meta, status = member["metadata"], member.get("status") or {}
-    own = [r for r in rounds if r["metadata"]["namespace"] == meta["namespace"]
-           and (r["metadata"].get("labels") or {}).get(LABEL_CLIENT) == meta["name"]]
-    new = _client_fields(member["spec"], meta.get("labels") or {}, status, meta["name"], own, federation)
+    new = _client_fields(member["spec"], meta.get("labels") or {}, status, meta["name"], rounds, federation)
     changed = {key: value for key, value in new.items() if status.get(key) != value}
     if changed:
         try:

@@ -43,6 +43,9 @@ _lock = threading.Lock()
 def client_phase(namespace: str, name: str, federation: str, phase: str | None) -> None:
     """Record a FederatedClient's phase (None when it is gone) and refresh the gauge."""
     with _lock:
+        recorded = _phases.get((namespace, name))
+        if recorded == (None if phase is None else (federation, phase)):
+            return  # nothing moved: the tally of every client is not taken again (each member, every few seconds)
         if phase is None:
             _phases.pop((namespace, name), None)
         else:
