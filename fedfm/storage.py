@@ -195,3 +195,8 @@ def credentials_from_files(environ: MutableMapping[str, str] = os.environ) -> No
                 found[path.name] = path.read_text()
     for name, value in found.items():
         environ.setdefault(name, value)
+    if environ is os.environ and any(name.startswith("FSSPEC_") for name in found):
+        # fsspec reads its FSSPEC_* settings (an S3 endpoint, say) when it is imported, which was before this
+        import fsspec.config
+
+        fsspec.config.set_conf_env(fsspec.config.conf)

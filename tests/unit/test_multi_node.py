@@ -352,3 +352,18 @@ def test_a_federations_timer_derives_every_members_status_from_one_list_of_round
     assert "conditions" in patched["c"] and "phase" not in patched["c"]  # only what changed: c was Ready
     assert [m["phase"] for m in patch.status["members"]] == ["Training", "Quarantined", "Ready"]
     assert patch.status["membersReady"] == 2
+
+
+def test_an_s3_endpoint_among_the_secrets_files_reaches_fsspec_imported_before(tmp_path, monkeypatch):
+    """A tenant's Secret may carry fsspec's own settings (FSSPEC_S3_ENDPOINT_URL for a MinIO): fsspec reads them
+    when it is imported, before the files are read, so the exported values must reach its config too (the
+    secure train step's parent process reads the tenant's state with them)."""
+    import fsspec.config
+
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "FSSPEC_S3_ENDPOINT_URL").write_text("http://minio.tenant-a:9000")
+    monkeypatch.setenv(storage.CREDENTIAL_DIRS_ENV, str(tmp_path / "0"))
+    monkeypatch.delenv("FSSPEC_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    storage.credentials_from_files()
+    assert fsspec.config.conf["s3"]["endpoint_url"] == "http://minio.tenant-a:9000"
