@@ -33,7 +33,7 @@ from fedfm.operators.api import (CLIENT_ROUNDS, EVALUATE, EVICTED, FAILED, FEDER
                                  LABEL_FEDERATION, PENDING, QUARANTINED, READY, RUNNING, SUCCEEDED, TIMED_OUT,
                                  SECURE, TRAIN, TRAINING, VERSION, condition, set_condition)
 from fedfm.operators import tenant, trainer
-from fedfm.operators.jobs import TRAIN_JOBS, TRAINER_GROUP, TRAINER_VERSION, job_manifest, nodes, \
+from fedfm.operators.jobs import TRAIN_JOBS, TRAINER_GROUP, TRAINER_VERSION, job_manifest, job_outcome, nodes, \
     train_job_manifest, trains_on_nodes
 from fedfm.trust import grants
 from fedfm.trust.secure_round import check_secure_output
@@ -184,46 +184,36 @@ def _refusal(spec: dict, federated_client: dict | None, federation: dict | None,
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_CLIENT_ROUND: kopf.PRESENT})
 def job_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
     """Follow a round's Job: Running while its pod runs, then the round's final phase."""
-    client_round = kube.get_client_round(namespace, body["metadata"]["labels"][LABEL_CLIENT_ROUND])
-    if client_round is None or (client_round.get("status") or {}).get("phase") in FINAL_PHASES:
-        return
-    job_status = body.get("status") or {}
-    failed = next((c for c in job_status.get("conditions") or [] if c.get("type") == "Failed"
-                   and c.get("status") == "True"), {})
-    if job_status.get("succeeded"):
-        _complete(client_round)
-    elif job_status.get("failed") or failed:
-        if failed.get("reason") == "DeadlineExceeded":
-            # The Job carries the round's deadline (activeDeadlineSeconds), so the job controller may
-            # stop it before our own timer does: the same outcome either way.
-            _finish(client_round, TIMED_OUT, "DeadlineExceeded", _deadline_message(client_round["spec"]))
-            return
-        why = failed.get("message") or failed.get("reason", "")
-        _finish(client_round, FAILED, "JobFailed", "the Job's pod failed" + (f": {why}" if why else ""))
-    elif job_status.get("active"):
-        _advance(namespace, client_round["metadata"]["name"], {"phase": RUNNING}, from_phases=(None, PENDING))
+    _follow(namespace, body["metadata"]["labels"][LABEL_CLIENT_ROUND], JOB, job_outcome(body))
 
 
 @kopf.on.event(TRAINER_GROUP, TRAINER_VERSION, TRAIN_JOBS, labels={LABEL_CLIENT_ROUND: kopf.PRESENT})
 def train_job_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
-    """Follow a multi-node round's TrainJob as a Job: Running while its nodes run, then the round's final phase.
-    (Without Trainer's CRDs kopf serves no TrainJobs and this never runs; it starts when they are installed.)"""
-    client_round = kube.get_client_round(namespace, body["metadata"]["labels"][LABEL_CLIENT_ROUND])
-    if client_round is None or (client_round.get("status") or {}).get("phase") in FINAL_PHASES:
+    """Follow a multi-node round's TrainJob as a Job. (Without Trainer's CRDs kopf serves no TrainJobs and this
+    never runs; it starts when they are installed.)"""
+    _follow(namespace, body["metadata"]["labels"][LABEL_CLIENT_ROUND], TRAIN_JOB, trainer.outcome(body))
+
+
+_FAILED = {JOB: "the Job's pod failed", TRAIN_JOB: "the TrainJob failed"}
+
+
+def _follow(namespace: str, name: str, kind: str, outcome: tuple[str, str, str] | None) -> None:
+    """What runs round ``name`` (a ``kind``) says ``outcome`` ((state, reason, why): :func:`job_outcome`,
+    :func:`trainer.outcome`): Running while it runs, then the round's final phase."""
+    client_round = kube.get_client_round(namespace, name)
+    if outcome is None or client_round is None or (client_round.get("status") or {}).get("phase") in FINAL_PHASES:
         return
-    outcome = trainer.outcome(body)
-    if outcome is None:
-        return
-    state, reason, message = outcome
+    state, reason, why = outcome
     if state == "Complete":
         _complete(client_round)
-    elif state == "Failed" and reason == "DeadlineExceeded":  # the TrainJob's activeDeadlineSeconds is the round's
+    elif state == "Failed" and reason == "DeadlineExceeded":
+        # It carries the round's deadline (activeDeadlineSeconds), so its controller may stop it before our own
+        # timer does: the same outcome either way.
         _finish(client_round, TIMED_OUT, "DeadlineExceeded", _deadline_message(client_round["spec"]))
     elif state == "Failed":
-        why = ": ".join(part for part in (reason, message) if part)
-        _finish(client_round, FAILED, "TrainJobFailed", "the TrainJob failed" + (f": {why}" if why else ""))
+        _finish(client_round, FAILED, f"{kind}Failed", _FAILED[kind] + (f": {why}" if why else ""))
     else:
-        _advance(namespace, client_round["metadata"]["name"], {"phase": RUNNING}, from_phases=(None, PENDING))
+        _advance(namespace, name, {"phase": RUNNING}, from_phases=(None, PENDING))
 
 
 @kopf.timer(GROUP, VERSION, CLIENT_ROUNDS, interval=DEADLINE_INTERVAL,

@@ -108,6 +108,21 @@ def job_manifest(client_round: dict, federated_client: dict, signing_keys: dict[
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _owned(client_round, labels), "spec": job_spec}
 
 
+def job_outcome(job: dict) -> tuple[str, str, str] | None:
+    """What a Job's status says of its round: ("Complete" | "Failed" | "Running", reason, why), or None while its
+    Pod does not run yet; a Failed one with reason ``DeadlineExceeded`` ran past ``activeDeadlineSeconds``."""
+    status = job.get("status") or {}
+    failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"
+                   and c.get("status") == "True"), {})
+    if status.get("succeeded"):
+        return "Complete", "", ""
+    if status.get("failed") or failed:
+        return "Failed", failed.get("reason", ""), failed.get("message") or failed.get("reason", "")
+    if status.get("active"):
+        return "Running", "", ""
+    return None
+
+
 # Kubeflow Trainer (v2): the TrainJob a multi-node client's fine-tune becomes.
 TRAINER_GROUP, TRAINER_VERSION, TRAIN_JOBS = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 # The runtime's replicated Job whose Pods train, and their training container: what Trainer's torch plugin

@@ -79,13 +79,15 @@ def delete(namespace: str, name: str) -> None:
 
 
 def outcome(train_job: dict) -> tuple[str, str, str] | None:
-    """What a TrainJob's status says of its round: ("Complete" | "Failed" | "Running", reason, message), or None
-    while no node runs yet. Trainer marks a finished TrainJob with a ``Complete`` or ``Failed`` condition (a
-    Failed one with reason ``DeadlineExceeded`` ran past ``activeDeadlineSeconds``)."""
+    """What a TrainJob's status says of its round, as :func:`fedfm.operators.jobs.job_outcome` says it of a Job:
+    ("Complete" | "Failed" | "Running", reason, why), or None while no node runs yet. Trainer marks a finished
+    TrainJob with a ``Complete`` or ``Failed`` condition (a Failed one with reason ``DeadlineExceeded`` ran past
+    ``activeDeadlineSeconds``); why = its reason and message."""
     status = train_job.get("status") or {}
     for condition in status.get("conditions") or []:
         if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
-            return condition["type"], condition.get("reason", ""), condition.get("message", "")
+            reason = condition.get("reason", "")
+            return condition["type"], reason, ": ".join(part for part in (reason, condition.get("message")) if part)
     if any(job.get("active") for job in status.get("jobsStatus") or []):
         return "Running", "", ""
     return None

@@ -217,6 +217,32 @@ def test_the_trainjobs_conditions_are_the_rounds_phases(monkeypatch):
     assert done["phase"] == "Succeeded" and done["completed"] == []
 
 
+def test_a_jobs_status_is_the_rounds_phase_as_a_trainjobs_is(monkeypatch):
+    """One way to follow what runs a round: a Job's status and a TrainJob's conditions reach the same phases."""
+    def job(**status):
+        return {"metadata": {"labels": {"fedfm.dev/client-round": "fed-r1-train-a"}}, "status": status}
+
+    def phase_after(event: dict) -> dict:
+        client_round = _round(deadlineSeconds=60)
+        client_round["status"] = {"phase": PENDING, "jobKind": "Job"}
+        cluster = Apiserver(monkeypatch, client_round, _client(resources={}), RUNTIME)
+        completed = []
+        monkeypatch.setattr(handlers, "_complete", lambda r: completed.append(r["metadata"]["name"]))
+        handlers.job_changed(body=event, namespace="tenant-a")
+        return {**cluster.round["status"], "completed": completed}
+
+    assert phase_after(job())["phase"] == PENDING
+    assert phase_after(job(active=1))["phase"] == RUNNING
+    assert phase_after(job(succeeded=1))["completed"] == ["fed-r1-train-a"]
+    failed = phase_after(job(failed=1, conditions=[{"type": "Failed", "status": "True",
+                                                    "reason": "BackoffLimitExceeded",
+                                                    "message": "Job has reached the specified backoff limit"}]))
+    assert (failed["phase"], failed["reason"]) == (FAILED, "JobFailed")
+    assert failed["message"] == "the Job's pod failed: Job has reached the specified backoff limit"
+    late = phase_after(job(conditions=[{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]))
+    assert (late["phase"], late["reason"]) == (TIMED_OUT, "DeadlineExceeded")
+
+
 def test_at_its_deadline_a_multi_node_round_times_out_and_its_trainjob_is_deleted(monkeypatch):
     client_round = _round(deadlineSeconds=5)
     client_round["status"] = {"phase": RUNNING, "jobKind": "TrainJob", "deadline": kube.iso(0)}
