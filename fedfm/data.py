@@ -625,7 +625,7 @@ class _Loader:
         self._tables: dict[str, pd.DataFrame] = {}
         self._labels: list[str] | None = cfg.data.labels
         self._simulated: dict[str, ClientData] = {}
-        self._shares: tuple[pd.DataFrame, dict[str, np.ndarray]] | None = None
+        self._shares: dict[str, np.ndarray] | None = None
         self._partition_input: tuple[pd.DataFrame, np.ndarray | None] | None = None
 
     # -- sources --
@@ -724,13 +724,11 @@ class _Loader:
         are cut: a client step reads its own, and cutting every tenant's made each step's cost grow with the
         federation (1,000 tenants: 0.58 s a step, bench/scale.py)."""
         cfg = self.cfg
+        frame, values = self.partition_input()
         if self._shares is None:
-            frame, values = self.partition_input()
-            self._shares = frame, partition_indices(values, len(frame), cfg.partition, self.simulated_clients,
-                                                    cfg.seed)
+            self._shares = partition_indices(values, len(frame), cfg.partition, self.simulated_clients, cfg.seed)
         if client not in self._simulated:
-            frame, shares = self._shares
-            share = frame.iloc[shares[client]].reset_index(drop=True)
+            share = frame.iloc[self._shares[client]].reset_index(drop=True)
             train, evaluation = _split_train_eval(len(share), cfg.data.eval_fraction, cfg.seed, client)
             self._simulated[client] = ClientData(
                 client=client,
