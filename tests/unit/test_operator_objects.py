@@ -113,13 +113,14 @@ def test_a_tenants_own_environment_reaches_its_jobs_but_cannot_replace_fedfms():
     the config the Job runs and its scratch HOME stay the operator's."""
     container = job_manifest(_round(), _client(resources={"cpu": 4}, env=[
         {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}, {"name": "OMP_NUM_THREADS", "value": "1"},
-        {"name": "FEDFM_CONFIG", "value": "{}"}, {"name": "HOME", "value": "/data"}]))["spec"]["template"]["spec"][
-        "containers"][0]
+        {"name": "FEDFM_CONFIG", "value": "{}"}, {"name": "HOME", "value": "/data"},
+        {"name": "FEDFM_CREDENTIAL_DIRS", "value": "/data"}]))["spec"]["template"]["spec"]["containers"][0]
     names = [item["name"] for item in container["env"]]
     assert len(names) == len(set(names))  # one value each: no later entry silently wins
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env["HTTPS_PROXY"] == "http://proxy:3128" and env["OMP_NUM_THREADS"] == "1"
     assert json.loads(env["FEDFM_CONFIG"]) == {"name": "fed"} and env["HOME"] != "/data"
+    assert "FEDFM_CREDENTIAL_DIRS" not in env  # which files become the process's environment is FedFM's to say
 
 
 def test_every_tenant_job_runs_non_root_on_a_read_only_root_with_only_a_scratch_writable():
